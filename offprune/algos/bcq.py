@@ -1,0 +1,158 @@
+"""BCQ: batch-constrained deep Q-learning for continuous actions (Fujimoto et al. 2019).
+
+Follows sfujim/BCQ (continuous_BCQ): a VAE models the data's actions, a perturbation actor nudges
+decoded actions by at most phi * max_action, twin critics with a soft clipped double-Q target.
+Prunable networks: actor, critic (the twin Q2 and the target copies share Q1's mask, as the
+pruning paper's theta2 <- copy(theta1)), vae (encoder + decoder, one global ranking).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from offprune.data import Batch
+from offprune.nets import VAE, mlp, optimizer_step, soft_update
+from offprune.prune import PrunableNetwork
+
+
+@dataclass(frozen=True)
+class Config:
+    actor_hidden: tuple[int, ...] = (400, 300)  # perturbation actor
+    critic_hidden: tuple[int, ...] = (400, 300)  # each of the twin Q networks
+    vae_hidden: tuple[int, ...] = (750, 750)  # encoder and decoder widths
+    phi: float = 0.05  # largest perturbation, as a fraction of max_action
+    lmbda: float = 0.75  # weight of min(Q1, Q2) in the target (1 - lmbda on the max)
+    discount: float = 0.99
+    tau: float = 0.005  # soft target update rate (actor and critic; the VAE has no target)
+    lr: float = 1e-3  # Adam, all three networks
+    batch_size: int = 100
+    target_candidates: int = 10  # decoded actions per next state in the critic target
+    act_candidates: int = 10  # decoded actions per state when acting (pruning paper's fork: 10)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], max_action: float, phi: float):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, hidden, act_dim)
+        self.max_action, self.phi = max_action, phi
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        delta = self.phi * self.max_action * torch.tanh(self.net(torch.cat([obs, action], 1)))
+        return (action + delta).clamp(-self.max_action, self.max_action)
+
+
+class TwinCritic(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, hidden, 1)
+        self.q2 = mlp(obs_dim + act_dim, hidden, 1)
+
+    def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([obs, action], 1)
+        return self.q1(x), self.q2(x)
+
+    def q1_value(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.q1(torch.cat([obs, action], 1))
+
+
+class Agent:
+    def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
+        self.config, self.device = config, device
+        self.actor = Actor(obs_dim, act_dim, config.actor_hidden, max_action, config.phi).to(device)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.critic = TwinCritic(obs_dim, act_dim, config.critic_hidden).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.vae = VAE(obs_dim, act_dim, 2 * act_dim, config.vae_hidden, max_action).to(device)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr)
+        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+
+    # --- what the generic loop uses ---------------------------------------------------------
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {
+            "actor": self.actor,
+            "actor_target": self.actor_target,
+            "critic": self.critic,
+            "critic_target": self.critic_target,
+            "vae": self.vae,
+        }
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor_optimizer, "critic": self.critic_optimizer, "vae": self.vae_optimizer}
+
+    def prunable_networks(self) -> dict[str, PrunableNetwork]:
+        return {
+            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(b)[0], (self.actor_target,)),
+            # Scored on the TD loss; only its Q1 term reaches Q1's weights. Q2 copies Q1's mask.
+            "critic": PrunableNetwork(
+                self.critic.q1,
+                lambda b: self.critic_loss(b)[0],
+                (self.critic.q2, self.critic_target.q1, self.critic_target.q2),
+            ),
+            "vae": PrunableNetwork(self.vae, lambda b: self.vae_loss(b)[0]),
+        }
+
+    # --- losses -----------------------------------------------------------------------------
+    def vae_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        return self.vae.loss(batch.observations, batch.actions)
+
+    def critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        n = self.config.target_candidates
+        with torch.no_grad():
+            next_obs = batch.next_observations.repeat_interleave(n, 0)
+            next_action = self.actor_target(next_obs, self.vae.decode(next_obs))
+            tq1, tq2 = self.critic_target(next_obs, next_action)
+            lm = self.config.lmbda
+            target_q = lm * torch.min(tq1, tq2) + (1.0 - lm) * torch.max(tq1, tq2)
+            target_q = target_q.view(-1, n).max(1, keepdim=True).values
+            target_q = batch.rewards + batch.not_done * self.config.discount * target_q
+        q1, q2 = self.critic(batch.observations, batch.actions)
+        loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        return loss, {"critic_loss": loss.item(), "q1_mean": q1.mean().item()}
+
+    def actor_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad():
+            sampled = self.vae.decode(batch.observations)
+        loss = -self.critic.q1_value(batch.observations, self.actor(batch.observations, sampled)).mean()
+        return loss, {"actor_loss": loss.item()}
+
+    # --- updates ----------------------------------------------------------------------------
+    def update_vae(self, batch: Batch) -> dict[str, float]:
+        loss, info = self.vae_loss(batch)
+        optimizer_step(self.vae_optimizer, loss)
+        return {"vae_loss": loss.item(), **info}
+
+    def update_critic(self, batch: Batch) -> dict[str, float]:
+        loss, info = self.critic_loss(batch)
+        optimizer_step(self.critic_optimizer, loss)
+        return info
+
+    def update_actor(self, batch: Batch) -> dict[str, float]:
+        loss, info = self.actor_loss(batch)
+        optimizer_step(self.actor_optimizer, loss)
+        return info
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        info = self.update_vae(batch)
+        info |= self.update_critic(batch)
+        info |= self.update_actor(batch)
+        soft_update(self.critic_target, self.critic, self.config.tau)
+        soft_update(self.actor_target, self.actor, self.config.tau)
+        return info
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Decode candidates, perturb them, take the one with the highest Q1."""
+        state = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(1, -1)
+        state = state.repeat(self.config.act_candidates, 1)
+        action = self.actor(state, self.vae.decode(state))
+        best = self.critic.q1_value(state, action).argmax(0)
+        return action[best].squeeze(0).cpu().numpy()

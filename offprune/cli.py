@@ -1,0 +1,172 @@
+"""Command line: flags -> configs, nothing else. Every user mistake ends in one line on stderr."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from offprune.algos import ALGOS
+from offprune.config import PROFILES, RunConfig
+from offprune.errors import UserError
+from offprune.prune import METHODS, SCOPES
+
+EXIT_USER_ERROR = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="offprune")
+def cli() -> None:
+    """offprune: prune offline-RL agents at initialisation (SNIP, GraSP, ...), train with frozen
+    masks, evaluate in MuJoCo, and write every result to parquet."""
+
+
+@cli.command()
+@click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True,
+              help="bcq: Fujimoto's BCQ. bc: the paper's BC (BCQ's VAE as policy). bc-mlp: MLP 256-256 + MSE.")
+@click.option("--prune", "prune", type=click.Choice(METHODS), default="snip", show_default=True,
+              help="Pruning criterion, scored on ONE batch per network before training; 'dense' prunes nothing.")
+@click.option("--sparsity", type=float, default=None,
+              help="Fraction of prunable weights removed, in [0, 1).  [default: 0.9; 0 with --prune dense]")
+@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
+              help="global: one threshold per network (the paper). layer: same fraction in every layer.")
+@click.option("--dataset", default=RunConfig.dataset, show_default=True,
+              help="D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path. "
+                   "The default is generated on first use.")
+@click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from the file or dataset name).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True,
+              help="Budget: quick = 5k updates, eval every 1k over 5 episodes; paper = 1M, every 5k over 10.")
+@click.option("--steps", type=int, default=None, help="Gradient updates (overrides the profile).")
+@click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
+@click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
+@click.option("--prune-batch", type=int, default=None,
+              help="Samples in the pruning batch.  [default: 100 for SNIP, 200 for GraSP, as the paper]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None, help="Torch threads (one per process when running several).")
+@click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
+@click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
+@click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
+        prune_batch, device, threads, out, run_id, resume, progress) -> None:
+    """Prune one agent at initialisation, train it with frozen masks, evaluate it.
+
+    \b
+    Example:
+      offprune run --algo bcq --prune snip --sparsity 0.95 --dataset hopper-expert-v2 --steps 1000000
+    """
+    from offprune.data.generate import ensure_default_dataset
+    from offprune.train import run as train_run
+
+    budget = PROFILES[profile]
+    cfg = RunConfig(
+        algo=algo,
+        dataset=dataset,
+        prune=prune,
+        sparsity=(0.0 if prune == "dense" else 0.9) if sparsity is None else sparsity,
+        scope=scope,
+        seed=seed,
+        steps=budget["steps"] if steps is None else steps,
+        eval_every=budget["eval_every"] if eval_every is None else eval_every,
+        eval_episodes=budget["eval_episodes"] if eval_episodes is None else eval_episodes,
+        prune_batch=prune_batch,
+        env=env,
+        device=device,
+        threads=threads,
+        out=out,
+        run_id=run_id,
+        progress=progress,
+    ).validate()
+    if dataset == RunConfig.dataset:
+        ensure_default_dataset(dataset, log=lambda m: click.echo(m, err=True))
+    result = train_run(cfg, resume=resume, log=lambda m: click.echo(m, err=True))
+    click.echo(format_summary(result))
+
+
+def format_summary(result) -> str:
+    rows, layers = result.rows, result.layers
+    lines = [f"run {result.run_dir.name}  ->  {result.run_dir}/results.parquet"]
+    if not rows.empty:
+        first = rows.iloc[0]
+        nets = [c for c in rows.columns if c.startswith("sparsity_")]
+        lines.append(
+            f"realised sparsity: {first['realised_sparsity']:.4f} overall; "
+            + ", ".join(f"{c.removeprefix('sparsity_')} {first[c]:.4f}" for c in nets)
+        )
+        lines.append(f"{'step':>9} {'return':>10} {'± std':>8} {'normalised':>10} {'steps/s':>8}")
+        for r in rows.itertuples():
+            lines.append(
+                f"{r.step:>9} {r.return_mean:>10.1f} {r.return_std:>8.1f} {r.normalized_score:>10.2f} {r.steps_per_s:>8.1f}"
+            )
+    dead = layers[layers.kept == 0]
+    if len(dead):
+        lines.append("collapsed layers: " + ", ".join(f"{r.network}/{r.layer}" for r in dead.itertuples()))
+    return "\n".join(lines)
+
+
+@cli.group()
+def datasets() -> None:
+    """Make and list D4RL-format datasets."""
+
+
+@datasets.command("make")
+@click.argument("env", type=click.Choice(["hopper", "halfcheetah", "walker2d", "ant"]))
+@click.option("--quality", type=click.Choice(["random"]), default="random", show_default=True,
+              help="Behaviour policy. random: uniform random actions (D4RL's -random recipe).")
+@click.option("--transitions", type=int, default=10_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=None, help="Output file (default: $OFFPRUNE_DATASETS or ./datasets / ENV-QUALITY-v5.hdf5).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def datasets_make(env, quality, transitions, seed, out, overwrite) -> None:
+    """Roll out a behaviour policy in a gymnasium v5 env and write a D4RL-format file."""
+    from offprune.data.d4rl import datasets_dir, load_dataset
+    from offprune.data.generate import default_name, generate_random
+
+    path = Path(out) if out else datasets_dir() / f"{default_name(env, quality)}.hdf5"
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
+    generate_random(env, transitions, seed, path, progress=sys.stderr.isatty())
+    d = load_dataset(str(path))
+    click.echo(f"wrote {path}: {len(d)} transitions, {len(d.episode_starts)} episodes, "
+               f"mean return {d.attrs['return_mean']:.1f} (normalised {d.attrs['normalized_score']:.2f})")
+
+
+@datasets.command("list")
+def datasets_list() -> None:
+    """Datasets found under $OFFPRUNE_DATASETS (else ./datasets)."""
+    from offprune.data.d4rl import available_datasets, datasets_dir, load_dataset
+
+    names = available_datasets()
+    if not names:
+        click.echo(f"no datasets in {datasets_dir()}/ (make one with 'offprune datasets make hopper')")
+        return
+    click.echo(f"{'name':<28} {'env':<16} {'transitions':>11} {'episodes':>8}")
+    for name in names:
+        try:
+            d = load_dataset(name)
+            click.echo(f"{name:<28} {d.env_id or '?':<16} {len(d):>11} {len(d.episode_starts):>8}")
+        except UserError as e:
+            click.echo(f"{name:<28} unreadable: {e}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user mistakes print one line and exit 2; Ctrl-C exits 130 (checkpoints stay)."""
+    try:
+        cli.main(args=argv, prog_name="offprune", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"offprune: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"offprune: error: {e}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("offprune: interrupted; finished evaluations and the last checkpoint are kept (--resume)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
