@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from offprune.data import Batch, write_d4rl_file
+from offprune.data.generate import generate_random
+
+
+@pytest.fixture(scope="session")
+def hopper_file(tmp_path_factory):
+    """A small real Hopper-v5 random-policy dataset, written by offprune's generator."""
+    path = tmp_path_factory.mktemp("data") / "hopper-random-v5.hdf5"
+    return generate_random("hopper", 400, seed=0, out=path, progress=False)
+
+
+def random_batch(obs_dim: int, act_dim: int, n: int = 32, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        torch.randn(n, obs_dim, generator=g),
+        torch.rand(n, act_dim, generator=g) * 2 - 1,
+        torch.randn(n, 1, generator=g),
+        torch.randn(n, obs_dim, generator=g),
+        (torch.rand(n, 1, generator=g) > 0.1).float(),
+    )
+
+
+def d4rl_arrays(n: int = 12, obs_dim: int = 11, act_dim: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    """Arrays in D4RL's exact layout: one terminated episode, one cut by a time limit, one unfinished."""
+    rng = np.random.default_rng(seed)
+    terminals = np.zeros(n, bool)
+    timeouts = np.zeros(n, bool)
+    terminals[2] = True  # episode 0: steps 0-2, terminated
+    timeouts[6] = True  # episode 1: steps 3-6, time limit
+    timeouts[n - 1] = True  # episode 2: steps 7..n-1
+    obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
+    return {
+        "observations": obs,
+        "actions": rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32),
+        "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminals": terminals,
+        "timeouts": timeouts,
+        "infos/qpos": rng.normal(size=(n, 6)).astype(np.float32),
+        "infos/qvel": rng.normal(size=(n, 6)).astype(np.float32),
+        "infos/action_log_probs": np.zeros(n, np.float32),
+        "metadata/algorithm": np.array("SAC"),
+    }
+
+
+@pytest.fixture
+def write_d4rl(tmp_path):
+    def write(name: str, arrays: dict, attrs: dict | None = None):
+        return write_d4rl_file(tmp_path / name, arrays, attrs)
+
+    return write

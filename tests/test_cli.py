@@ -1,0 +1,175 @@
+"""`offprune run` end to end on a tiny Hopper-v5 dataset, and every user mistake."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from offprune.cli import main
+from offprune.results import load, load_layers
+
+from conftest import d4rl_arrays
+
+
+def offprune(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def quick(hopper_file, out, *extra):
+    return ("run", "--dataset", str(hopper_file), "--out", str(out), "--eval-episodes", "1", "--no-progress", *extra)
+
+
+def test_bcq_snip_run_writes_rows_masks_and_resumes_without_duplicates(capsys, tmp_path, hopper_file):
+    args = quick(hopper_file, tmp_path, "--algo", "bcq", "--sparsity", "0.95", "--steps", "4", "--eval-every", "2")
+    code, out, err = offprune(capsys, *args)
+    assert code == 0, err
+    assert "realised sparsity: 0.9500 overall; actor 0.9500, critic 0.9500, vae 0.9500" in out
+    run_dir = tmp_path / "bcq_hopper-random-v5_snip_s0.95_seed0"
+    for f in ("config.json", "masks.pt", "checkpoint.pt", "results.parquet", "layers.parquet"):
+        assert (run_dir / f).exists(), f
+    rows = load(tmp_path)
+    assert rows.step.tolist() == [2, 4]
+    assert set(rows.run_id) == {run_dir.name}
+    assert (rows.realised_sparsity == 0.95).all() and (rows.sparsity_vae == 0.95).all()
+    for col in ("algo", "dataset", "env_id", "prune", "target_sparsity", "seed", "return_mean", "normalized_score",
+                "loss_critic_loss", "loss_actor_loss", "loss_vae_loss", "steps_per_s", "train_seconds",
+                "torch_version", "gymnasium_version", "mujoco_version", "offprune_version", "device"):
+        assert col in rows.columns, col
+    assert np.isfinite(rows.normalized_score).all()
+    layers = load_layers(run_dir)
+    assert layers.kept.sum() == rows.kept_weights.iloc[0]
+    assert int(layers[layers.network == "critic"].total.sum()) == 400 * 14 + 400 * 300 + 300
+
+    # resume to more steps: new rows only; resuming a finished run adds nothing
+    assert offprune(capsys, *args[:-4], "--steps", "6", "--eval-every", "2", "--resume")[0] == 0
+    assert offprune(capsys, *args[:-4], "--steps", "6", "--eval-every", "2", "--resume")[0] == 0
+    assert load(tmp_path).step.tolist() == [2, 4, 6]
+
+
+def test_resumed_run_continues_exactly(capsys, tmp_path, hopper_file):
+    base = quick(hopper_file, tmp_path, "--algo", "bcq", "--prune", "grasp", "--sparsity", "0.9", "--eval-every", "3")
+    assert offprune(capsys, *base, "--steps", "6", "--run-id", "straight")[0] == 0
+    assert offprune(capsys, *base, "--steps", "3", "--run-id", "split")[0] == 0
+    assert offprune(capsys, *base, "--steps", "6", "--run-id", "split", "--resume")[0] == 0
+    rows = load(tmp_path).set_index(["run_id", "step"])
+    for col in ("loss_critic_loss", "loss_actor_loss", "loss_vae_loss", "return_mean"):
+        assert rows.loc[("split", 6), col] == pytest.approx(rows.loc[("straight", 6), col], rel=1e-6), col
+
+
+@pytest.mark.parametrize("algo, prune", [("bc", "snip"), ("bc-mlp", "grasp"), ("bc", "dense")])
+def test_bc_runs(capsys, tmp_path, hopper_file, algo, prune):
+    sparsity = ["--sparsity", "0"] if prune == "dense" else ["--sparsity", "0.9"]
+    code, out, err = offprune(capsys, *quick(hopper_file, tmp_path, "--algo", algo, "--prune", prune, *sparsity,
+                                             "--steps", "3"))
+    assert code == 0, err
+    rows = load(tmp_path)
+    assert len(rows) == 1 and rows.step.iloc[0] == 3
+    assert rows.realised_sparsity.iloc[0] == pytest.approx(0.0 if prune == "dense" else 0.9, abs=1e-6)
+
+
+def test_layer_collapse_is_warned(capsys, tmp_path):
+    # Magnitude at init with one global threshold empties BCQ actor's 2nd and 3rd layers at 95% for
+    # 17-dim states and 6-dim actions (HalfCheetah), as the reference facts record.
+    from offprune.data import write_d4rl_file
+
+    path = write_d4rl_file(tmp_path / "halfcheetah-synthetic.hdf5", d4rl_arrays(n=50, obs_dim=17, act_dim=6))
+    code, out, err = offprune(capsys, *quick(path, tmp_path, "--algo", "bcq", "--prune", "magnitude",
+                                             "--sparsity", "0.95", "--steps", "1"))
+    assert code == 0, err
+    assert "warning: layer collapse: actor net.2.weight keeps 0 of 120000 weights" in err
+    assert "warning: layer collapse: actor net.4.weight keeps 0 of 1800 weights" in err
+    assert "collapsed layers: actor/net.2.weight, actor/net.4.weight" in out
+
+
+def bad_file(tmp_path, name, mutate):
+    from offprune.data import write_d4rl_file
+
+    arrays = d4rl_arrays(n=20)
+    mutate(arrays)
+    return str(write_d4rl_file(tmp_path / name, arrays))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--algo", "sac"], "Invalid value for '--algo': 'sac' is not one of"),
+        (["--prune", "obd"], "Invalid value for '--prune': 'obd' is not one of"),
+        (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.2"], "--sparsity must be in [0, 1)"),
+        (["--sparsity", "nan"], "--sparsity must be in [0, 1)"),
+        (["--sparsity", "lots"], "'lots' is not a valid float"),
+        (["--prune", "dense", "--sparsity", "0.5"], "--prune dense removes no weights"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--dataset", "hopper-nope-v2"], "dataset 'hopper-nope-v2' not found"),
+        (["--env", "NotAnEnv-v9"], "cannot make environment 'NotAnEnv-v9'"),
+        (["--env", "Walker2d-v5"], "pass --env with the matching environment"),
+        (["--device", "cuda:7"], "device 'cuda:7' requested but torch sees no CUDA GPU"),
+    ],
+)
+def test_bad_flags_end_in_one_line(capsys, tmp_path, hopper_file, args, message):
+    code, out, err = offprune(capsys, *quick(hopper_file, tmp_path, "--steps", "1", *args))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("offprune: error:") and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "bcq_hopper-random-v5_snip_s0.9_seed0" / "results.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.pop("terminals"), "missing required D4RL keys: terminals"),
+        (lambda a: a.__setitem__("rewards", a["rewards"][:5]), "'observations' has 20 rows but 'rewards' has 5"),
+        (lambda a: a["actions"].__setitem__((3, 1), np.nan), "'actions' contains NaN or inf"),
+    ],
+)
+def test_bad_dataset_files_end_in_one_line(capsys, tmp_path, mutate, message):
+    path = bad_file(tmp_path, "hopper-bad.hdf5", mutate)
+    code, _, err = offprune(capsys, "run", "--dataset", path, "--out", str(tmp_path / "runs"), "--steps", "1")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_not_hdf5_and_unwritable_out(capsys, tmp_path, hopper_file):
+    junk = tmp_path / "hopper-junk.hdf5"
+    junk.write_bytes(b"\x00garbage" * 100)
+    code, _, err = offprune(capsys, "run", "--dataset", str(junk), "--steps", "1", "--out", str(tmp_path))
+    assert code == 2 and "not a readable HDF5 file" in err and err.count("\n") == 1
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, _, err = offprune(capsys, *quick(hopper_file, blocker, "--steps", "1"))
+    assert code == 2 and f"results folder {blocker} is not writable" in err and err.count("\n") == 1
+
+
+def test_existing_run_is_never_clobbered(capsys, tmp_path, hopper_file):
+    args = quick(hopper_file, tmp_path, "--algo", "bc-mlp", "--steps", "2")
+    assert offprune(capsys, *args)[0] == 0
+    results = tmp_path / "bc-mlp_hopper-random-v5_snip_s0.9_seed0" / "results.parquet"
+    before = results.read_bytes()
+
+    code, _, err = offprune(capsys, *args)
+    assert code == 2 and "already exists" in err and "--resume" in err
+    code, _, err = offprune(capsys, *args, "--prune-batch", "7", "--resume")
+    assert code == 2 and "config differs (prune_batch: None -> 7)" in err and err.count("\n") == 1
+    assert results.read_bytes() == before
+    assert len(pd.read_parquet(results)) == 1
+
+
+def test_console_script_prints_one_line_on_error():
+    proc = subprocess.run([sys.executable, "-m", "offprune.cli", "run", "--sparsity", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["offprune: error: --sparsity must be in [0, 1) "
+                                                "(the fraction of weights removed), got 2.0"]
+
+
+def test_help_explains_the_flags(capsys):
+    code, out, _ = offprune(capsys, "run", "--help")
+    assert code == 0
+    for flag in ("--algo", "--prune", "--sparsity", "--dataset", "--seed", "--steps", "--eval-every",
+                 "--eval-episodes", "--prune-batch", "--device", "--out", "--resume"):
+        assert flag in out, flag

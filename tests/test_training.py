@@ -1,0 +1,99 @@
+"""Algorithms update with finite losses; pruned weights stay exactly zero everywhere."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from offprune.algos import ALGOS
+from offprune.prune import MaskEnforcer, compute_masks, realised_sparsity
+
+from conftest import random_batch
+
+OBS, ACT = 11, 3
+TINY = {
+    "bcq": dict(actor_hidden=(16, 12), critic_hidden=(16, 12), vae_hidden=(24, 24), batch_size=16),
+    "bc": dict(vae_hidden=(24, 24), batch_size=16),
+    "bc-mlp": dict(hidden=(16, 16), batch_size=16),
+}
+
+
+def tiny_agent(algo, seed=0):
+    torch.manual_seed(seed)
+    module = ALGOS[algo]
+    return module.Agent(OBS, ACT, 1.0, dataclasses.replace(module.Config(), **TINY[algo]), torch.device("cpu"))
+
+
+def test_bcq_sizes_match_the_reference():
+    torch.manual_seed(0)
+    agent = ALGOS["bcq"].Agent(17, 6, 1.0, ALGOS["bcq"].Config(), torch.device("cpu"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(agent.actor), count(agent.critic), count(agent.vae)) == (131_706, 260_402, 1_189_530)
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_one_update_gives_finite_losses_and_valid_actions(algo):
+    agent = tiny_agent(algo)
+    info = agent.update(random_batch(OBS, ACT))
+    assert info and all(np.isfinite(v) for v in info.values())
+    action = agent.act(np.zeros(OBS, np.float32))
+    assert action.shape == (ACT,) and np.all(np.abs(action) <= 1.0)
+
+
+def pruned_values(agent, masks):
+    """Every value at a pruned position: in modules, mask copies (twin, targets), Adam moments."""
+    state_of = {id(p): s for opt in agent.optimizers.values() for p, s in opt.state.items()}
+    out = []
+    for name, net in agent.prunable_networks().items():
+        for module in (net.module, *net.mask_copies):
+            params = dict(module.named_parameters())
+            for pname, mask in masks[name].items():
+                p = params[pname]
+                out.append(p.detach()[~mask])
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if id(p) in state_of:
+                        out.append(state_of[id(p)][key][~mask])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+@pytest.mark.parametrize("method", ["snip", "grasp", "random"])
+def test_pruned_weights_and_adam_moments_stay_zero(algo, method):
+    agent = tiny_agent(algo)
+    networks = agent.prunable_networks()
+    masks = compute_masks(networks, method, 0.8, "global", lambda: random_batch(OBS, ACT, 20, 5),
+                          torch.Generator().manual_seed(0))
+    for name, m in masks.items():
+        assert realised_sparsity(m) == pytest.approx(0.8, abs=1e-2)
+    MaskEnforcer(networks, masks, agent.optimizers.values())
+    kept_before = {n: p.detach().clone() for n, p in networks[next(iter(networks))].module.named_parameters()}
+    for i in range(60):
+        agent.update(random_batch(OBS, ACT, 16, seed=100 + i))
+    values = pruned_values(agent, masks)
+    assert values.numel() > 0 and torch.count_nonzero(values) == 0
+    # training did happen on the kept weights
+    after = dict(networks[next(iter(networks))].module.named_parameters())
+    assert any(not torch.equal(after[n], v) for n, v in kept_before.items())
+
+
+def test_twin_critic_and_targets_share_q1_mask():
+    agent = tiny_agent("bcq")
+    networks = agent.prunable_networks()
+    masks = compute_masks(networks, "snip", 0.7, "global", lambda: random_batch(OBS, ACT), torch.Generator())
+    MaskEnforcer(networks, masks, agent.optimizers.values())
+    for i in range(5):
+        agent.update(random_batch(OBS, ACT, seed=i))
+    for module in (agent.critic.q2, agent.critic_target.q1, agent.critic_target.q2, agent.critic.q1):
+        for pname, mask in masks["critic"].items():
+            w = dict(module.named_parameters())[pname]
+            assert torch.count_nonzero(w[~mask]) == 0
+    assert set(masks) == {"actor", "critic", "vae"}
+
+
+def test_dense_masks_keep_everything_and_add_no_hooks():
+    agent = tiny_agent("bc-mlp")
+    networks = agent.prunable_networks()
+    masks = compute_masks(networks, "dense", 0.0, "global", lambda: None, torch.Generator())
+    assert all(bool(m.all()) for m in masks["policy"].values())
+    assert MaskEnforcer(networks, masks, agent.optimizers.values()).pairs == []
