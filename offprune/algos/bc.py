@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from offprune.data import Batch
-from offprune.nets import VAE, optimizer_step
+from offprune.nets import VAE, adam, optimizer_step
 from offprune.prune import PrunableNetwork
 
 
@@ -31,7 +31,7 @@ class Agent:
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.vae = VAE(obs_dim, act_dim, 2 * act_dim, config.vae_hidden, max_action).to(device)
-        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+        self.vae_optimizer = adam(self.vae.parameters(), config.lr)
 
     @property
     def modules(self) -> dict[str, nn.Module]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offprune.data import Batch
-from offprune.nets import mlp, optimizer_step
+from offprune.nets import adam, mlp, optimizer_step
 from offprune.prune import PrunableNetwork
 
 
@@ -38,7 +38,7 @@ class Agent:
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.policy = Policy(obs_dim, act_dim, config.hidden, max_action).to(device)
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
+        self.policy_optimizer = adam(self.policy.parameters(), config.lr)
 
     @property
     def modules(self) -> dict[str, nn.Module]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offprune.data import Batch
-from offprune.nets import VAE, mlp, optimizer_step, soft_update
+from offprune.nets import VAE, adam, mlp, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -69,9 +69,9 @@ class Agent:
         self.critic = TwinCritic(obs_dim, act_dim, config.critic_hidden).to(device)
         self.critic_target = copy.deepcopy(self.critic)
         self.vae = VAE(obs_dim, act_dim, 2 * act_dim, config.vae_hidden, max_action).to(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr)
-        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+        self.actor_optimizer = adam(self.actor.parameters(), config.lr)
+        self.critic_optimizer = adam(self.critic.parameters(), config.lr)
+        self.vae_optimizer = adam(self.vae.parameters(), config.lr)
 
     # --- what the generic loop uses ---------------------------------------------------------
     @property
