@@ -112,7 +112,7 @@ def datasets() -> None:
 
 
 @datasets.command("make")
-@click.argument("env", type=click.Choice(["hopper", "halfcheetah", "walker2d", "ant"]))
+@click.argument("env", metavar="ENV", type=click.Choice(["hopper", "halfcheetah", "walker2d", "ant"]))
 @click.option("--quality", type=click.Choice(["random"]), default="random", show_default=True,
               help="Behaviour policy. random: uniform random actions (D4RL's -random recipe).")
 @click.option("--transitions", type=int, default=10_000, show_default=True)

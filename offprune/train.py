@@ -210,6 +210,13 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         bar.update(1)
         if step % cfg.eval_every and step != cfg.steps:
             continue
+        mean_losses = {f"loss_{k}": float(np.mean(v)) for k, v in losses.items()}
+        diverged = [k for k, v in mean_losses.items() if not np.isfinite(v)]
+        if diverged:  # stop before a bad state is checkpointed; the last good checkpoint stays
+            raise UserError(
+                f"training diverged before step {step}: {', '.join(diverged)} not finite; "
+                f"results and checkpoint up to step {step - window_steps} are kept"
+            )
         elapsed = time.perf_counter() - window_start
         train_seconds += elapsed
         eval_start = time.perf_counter()
@@ -219,7 +226,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
             "step": step,
             **summarize(returns, dataset.env_id),
             "eval_episodes": cfg.eval_episodes,
-            **{f"loss_{k}": float(np.mean(v)) for k, v in losses.items()},
+            **mean_losses,
             "steps_per_s": window_steps / elapsed if elapsed > 0 else float("nan"),
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - eval_start,

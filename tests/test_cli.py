@@ -173,3 +173,30 @@ def test_help_explains_the_flags(capsys):
     for flag in ("--algo", "--prune", "--sparsity", "--dataset", "--seed", "--steps", "--eval-every",
                  "--eval-episodes", "--prune-batch", "--device", "--out", "--resume"):
         assert flag in out, flag
+
+
+def test_diverged_training_stops_with_one_line_and_keeps_last_checkpoint(capsys, tmp_path, hopper_file, monkeypatch):
+    from offprune.algos import bc_mlp
+
+    args = quick(hopper_file, tmp_path, "--algo", "bc-mlp", "--eval-every", "2")
+    assert offprune(capsys, *args, "--steps", "2")[0] == 0
+    monkeypatch.setattr(bc_mlp.Agent, "update", lambda self, batch: {"policy_loss": float("nan")})
+    code, _, err = offprune(capsys, *args, "--steps", "4", "--resume")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("offprune: error:") and "Traceback" not in err
+    assert "training diverged before step 4: loss_policy_loss not finite" in err
+    assert "up to step 2 are kept" in err
+    assert load(tmp_path).step.tolist() == [2]
+
+
+def test_datasets_make_and_list(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path))
+    code, out, err = offprune(capsys, "datasets", "make", "hopper", "--transitions", "50")
+    assert code == 0, err
+    assert "hopper-random-v5.hdf5: 50 transitions" in out
+    code, _, err = offprune(capsys, "datasets", "make", "hopper", "--transitions", "50")
+    assert code == 2 and "exists; pass --overwrite" in err
+    code, out, _ = offprune(capsys, "datasets", "list")
+    assert code == 0 and "hopper-random-v5" in out and "Hopper-v5" in out and " 50 " in out
+    code, _, err = offprune(capsys, "datasets", "make", "pendulum")
+    assert code == 2 and "Invalid value for 'ENV'" in err
