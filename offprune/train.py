@@ -7,6 +7,7 @@ an interrupted run loses at most `eval_every` updates), results.parquet and laye
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -243,6 +244,14 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
                 "torch_rng": torch.get_rng_state(),
                 "masks": masks,
                 "config": cfg.to_dict(),
+                # what rebuilds the agent without the dataset (storage, export)
+                "agent": {
+                    "algo": cfg.algo,
+                    "obs_dim": dataset.obs_dim,
+                    "act_dim": dataset.act_dim,
+                    "max_action": max_action,
+                    "config": dataclasses.asdict(algo_config),
+                },
             },
             checkpoint_path,
         )
