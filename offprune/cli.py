@@ -151,6 +151,71 @@ def datasets_list() -> None:
             click.echo(f"{name:<28} unreadable: {e}")
 
 
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path())
+@click.option("--table1", is_flag=True, help="Reproduce the paper's Table 1 from fresh BCQ networks (s=17, a=6).")
+@click.option("--latency", is_flag=True, help="Also time inference per network (1 thread, batch 1/10/100) and act().")
+@click.option("--repeats", type=int, default=50, show_default=True, help="Timed calls per measurement (median).")
+def storage(run_dir, table1, latency, repeats) -> None:
+    """Bytes a run's networks take in every format; with --latency, what they cost to run.
+
+    \b
+    Formats: dense torch.save; torch.sparse COO (the paper's way); CSR with int64 / int32
+    indices; bitmap + values; offprune's packed export; the entropy bound of the masks.
+    The table is also written to RUN_DIR/storage.parquet for reports.
+    """
+    import warnings
+
+    import torch
+
+    from offprune import storage as st
+
+    warnings.filterwarnings("ignore", message=".*Sparse.*")  # torch's beta notices for CSR
+    if table1:
+        t = st.table1()
+        click.echo("Table 1 (10^6 bytes): BCQ networks, s=17, a=6; SNIP 95%")
+        click.echo(t.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+        if not run_dir:
+            return
+    if not run_dir:
+        raise UserError("give a RUN_DIR (or a checkpoint path), or --table1")
+    table = st.run_storage(run_dir)
+    total = table.iloc[-1]
+    click.echo(f"bytes per network ({Path(run_dir)}):")
+    click.echo(table.to_string(index=False))
+    click.echo(f"total: packed is {total['dense'] / total['packed']:.2f}x smaller than dense, "
+               f"{total['coo'] / total['packed']:.2f}x smaller than COO; entropy bound "
+               f"{total['dense'] / total['entropy']:.2f}x")
+    if latency:
+        torch.set_num_threads(1)
+        agent, ckpt = st.load_run(run_dir)
+        click.echo("\nlatency, 1 thread, ms per pass through each network's Linear layers (median):")
+        click.echo(st.layer_latency_table(st.stored_networks(agent), repeats=repeats).to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+        batch = st.act_batch_size(agent)
+        engine_dense = st.sparse_inference_agent(agent, batch, "dense", repeats)
+        engine_auto = st.sparse_inference_agent(agent, batch, "auto", repeats)
+        dense_ms, ed_ms, auto_ms = (1e3 * st.act_latency(a, ckpt["agent"]["obs_dim"]) for a in (agent, engine_dense, engine_auto))
+        click.echo(f"\nact() with {batch} row(s) per call: dense modules {dense_ms:.3f} ms; inference path dense "
+                   f"{ed_ms:.3f} ms; inference path auto-sparse {auto_ms:.3f} ms -> {dense_ms / auto_ms:.2f}x vs dense "
+                   f"modules ({ed_ms / auto_ms:.2f}x from sparse kernels alone)")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Packed file to write.")
+def export(run_dir, out) -> None:
+    """Write a run's networks to one compact, lossless, checksummed file (load with
+    offprune.storage.load_packed)."""
+    from offprune import storage as st
+
+    path = st.export_packed(run_dir, out)
+    agent, _ = st.load_run(run_dir)
+    dense = sum(st.saved_size(m.state_dict()) for m in st.stored_networks(agent).values())
+    click.echo(f"wrote {path}: {path.stat().st_size} bytes ({dense / path.stat().st_size:.2f}x smaller than "
+               f"dense torch.save, {dense} bytes)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes print one line and exit 2; Ctrl-C exits 130 (checkpoints stay)."""
     try:

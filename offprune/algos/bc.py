@@ -52,7 +52,7 @@ class Agent:
     def update(self, batch: Batch) -> dict[str, float]:
         return self.update_vae(batch)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: np.ndarray) -> np.ndarray:
         state = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(1, -1)
         return self.vae.decode(state, clip=self.config.act_latent_clip).squeeze(0).cpu().numpy()

@@ -62,7 +62,7 @@ class Agent:
     def update(self, batch: Batch) -> dict[str, float]:
         return self.update_policy(batch)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: np.ndarray) -> np.ndarray:
         state = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(1, -1)
         return self.policy(state).squeeze(0).cpu().numpy()

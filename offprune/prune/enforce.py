@@ -43,8 +43,10 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def zero_pruned_weights(self) -> None:
-        if self.pairs:
-            torch._foreach_mul_([p for p, _ in self.pairs], [m for _, m in self.pairs])
+        # masked_fill gives +0.0; multiplying by the mask would leave -0.0 where weights were
+        # negative. Later updates keep +0.0 (p - lr * 0 = +0.0), so stored zeros are all +0.0.
+        for p, m in self.pairs:
+            p.masked_fill_(m == 0, 0.0)
 
     def remove(self) -> None:
         for h in self._handles:
