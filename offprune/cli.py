@@ -164,13 +164,10 @@ def storage(run_dir, table1, latency, repeats) -> None:
     indices; bitmap + values; offprune's packed export; the entropy bound of the masks.
     The table is also written to RUN_DIR/storage.parquet for reports.
     """
-    import warnings
-
     import torch
 
     from offprune import storage as st
 
-    warnings.filterwarnings("ignore", message=".*Sparse.*")  # torch's beta notices for CSR
     if table1:
         t = st.table1()
         click.echo("Table 1 (10^6 bytes): BCQ networks, s=17, a=6; SNIP 95%")

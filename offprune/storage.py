@@ -26,6 +26,7 @@ import lzma
 import math
 import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +105,13 @@ def saved_size(obj: object) -> int:
 def _csr(t: Tensor, index_dtype: torch.dtype) -> Tensor:
     # Rebuild from cloned parts: to_sparse_csr() can leave indices as views of a bigger buffer,
     # which torch.save would write whole.
-    c = t.detach().to_sparse_csr()
-    return torch.sparse_csr_tensor(
-        c.crow_indices().to(index_dtype).clone(), c.col_indices().to(index_dtype).clone(), c.values().clone(), t.shape
-    )
+    with warnings.catch_warnings():  # torch's notices that sparse CSR support is in beta
+        warnings.simplefilter("ignore", UserWarning)
+        c = t.detach().to_sparse_csr()
+        return torch.sparse_csr_tensor(
+            c.crow_indices().to(index_dtype).clone(), c.col_indices().to(index_dtype).clone(), c.values().clone(),
+            t.shape,
+        )
 
 
 def _nonzero(t: Tensor) -> np.ndarray:
