@@ -44,13 +44,17 @@ def cli() -> None:
 @click.option("--prune-batch", type=int, default=None,
               help="Samples in the pruning batch.  [default: 100 for SNIP, 200 for GraSP, as the paper]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=None, help="Torch threads (one per process when running several).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads (default: torch's; 1 with sparse kernels; 1 per process when running several).")
+@click.option("--kernels", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
+              help="dense: masked dense matrices. sparse: store and train only kept weights (CSR). "
+                   "auto: measure both on the pruned layers and take sparse if >= 1.1x faster.")
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
-        prune_batch, device, threads, out, run_id, resume, progress) -> None:
+        prune_batch, device, threads, kernels, out, run_id, resume, progress) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
     \b
@@ -75,6 +79,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         env=env,
         device=device,
         threads=threads,
+        kernels=kernels,
         out=out,
         run_id=run_id,
         progress=progress,
@@ -211,6 +216,39 @@ def export(run_dir, out) -> None:
     dense = sum(st.saved_size(m.state_dict()) for m in st.stored_networks(agent).values())
     click.echo(f"wrote {path}: {path.stat().st_size} bytes ({dense / path.stat().st_size:.2f}x smaller than "
                f"dense torch.save, {dense} bytes)")
+
+
+@cli.command()
+@click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True)
+@click.option("--sparsity", type=float, default=0.95, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads for all three variants.")
+@click.option("--obs-dim", type=int, default=11, show_default=True, help="11/3: Hopper; 17/6: HalfCheetah, Walker2d.")
+@click.option("--act-dim", type=int, default=3, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds (median reported).")
+@click.option("--steps", type=int, default=30, show_default=True, help="Updates per round.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (steps/s) for scripts and CI.")
+def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, as_json) -> None:
+    """Update steps/s: dense unmasked vs dense masked vs sparse kernels, interleaved in one process."""
+    import json
+
+    import torch
+
+    from offprune.speed import measure
+
+    if not 0 < sparsity < 1:
+        raise UserError(f"--sparsity must be in (0, 1) for a speed comparison, got {sparsity}")
+    for name, value in (("threads", threads), ("repeats", repeats), ("steps", steps)):
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1")
+    torch.set_num_threads(threads)
+    r = measure(algo, sparsity, obs_dim, act_dim, repeats, steps)
+    if as_json:
+        click.echo(json.dumps({"algo": algo, "sparsity": sparsity, "threads": threads, **r}))
+        return
+    click.echo(f"{algo}, SNIP {sparsity}, {threads} thread(s), obs {obs_dim}, act {act_dim}, "
+               f"median of {repeats} interleaved rounds x {steps} updates")
+    for name, value in r.items():
+        click.echo(f"  {name:<15} {value:8.1f} steps/s   {value / r['dense_masked']:5.2f}x dense masked")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,8 @@ class RunConfig:
     prune_batch: int | None = None  # samples in the ONE pruning batch; None: SNIP 100, GraSP 200
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    threads: int | None = None  # torch intra-op threads; None: torch's default
+    threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
+    kernels: str = "auto"  # 'dense' (masked dense matrices), 'sparse' (kept weights only), 'auto' (measured)
     out: str = "runs"  # results folder; this run writes to OUT/RUN_ID/
     run_id: str | None = None  # None: derived from algo, dataset, criterion, sparsity and seed
     progress: bool | None = None  # progress bar; None: only on a terminal
@@ -59,6 +60,10 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.prune_batch is not None and self.prune_batch < 1:
             raise UserError("--prune-batch must be at least 1")
+        if self.kernels not in ("auto", "dense", "sparse"):
+            raise UserError(f"unknown kernels '{self.kernels}' (choose from auto, dense, sparse)")
+        if self.kernels == "sparse" and self.prune == "dense":
+            raise UserError("--kernels sparse needs pruned networks (sparsity > 0); use --kernels dense or auto")
         if self.threads is not None and self.threads < 1:
             raise UserError("--threads must be at least 1")
         return self

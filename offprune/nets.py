@@ -36,7 +36,9 @@ class VAE(nn.Module):
         mean = self.mean(h)
         log_std = self.log_std(h).clamp(-4, 15)  # BCQ's clamp keeps exp() finite
         std = log_std.exp()
-        z = mean + std * torch.randn_like(std)
+        # By shape, not randn_like: the noise must not depend on std's memory layout (sparse
+        # layers return transposed views), or dense and sparse kernels would draw different z.
+        z = mean + std * torch.randn(std.shape, device=std.device, dtype=std.dtype)
         return self.decode(obs, z), mean, std
 
     def decode(self, obs: Tensor, z: Tensor | None = None, clip: float = 0.5) -> Tensor:

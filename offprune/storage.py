@@ -36,6 +36,7 @@ from torch import Tensor, nn
 import offprune
 from offprune.algos import ALGOS
 from offprune.errors import UserError
+from offprune.sparse import convert_to_dense, convert_to_sparse
 
 MAGIC = b"OFFPRUNE-PACK\n"
 FORMAT_VERSION = 1
@@ -88,8 +89,13 @@ def load_run(path: str | Path):
     if not isinstance(ckpt, dict) or "agent" not in ckpt or "modules" not in ckpt:
         raise UserError(f"{ckpt_path}: not an offprune checkpoint (or written before offprune recorded agent specs)")
     agent = build_agent(ckpt["agent"])
+    sparse = ckpt.get("kernels") == "sparse"
+    if sparse:  # trained with sparse kernels: rebuild that layout, load, then turn back to dense
+        convert_to_sparse(agent.prunable_networks(), ckpt["masks"], [])
     for name, module in agent.modules.items():
         module.load_state_dict(ckpt["modules"][name])
+        if sparse:
+            convert_to_dense(module)
     return agent, ckpt
 
 

@@ -34,6 +34,7 @@ from offprune.errors import UserError
 from offprune.evaluate import evaluate, summarize
 from offprune.prune import MaskEnforcer, compute_masks, layer_densities, realised_sparsity
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
+from offprune.sparse import choose_kernels, convert_to_sparse
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MASKS_FILE = "masks.pt"
@@ -134,18 +135,12 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     networks = agent.prunable_networks()
 
     checkpoint_path = run_dir / CHECKPOINT_FILE
-    start_step, train_seconds = 0, 0.0
+    start_step, train_seconds, kernel_speedup = 0, 0.0, float("nan")
+    ckpt = None
     if resume and checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        for name, module in agent.modules.items():
-            module.load_state_dict(ckpt["modules"][name])
-        for name, opt in agent.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        masks = ckpt["masks"]
-        start_step, train_seconds = ckpt["step"], ckpt["train_seconds"]
-        log(f"resuming {cfg.name} from step {start_step}")
+        masks, kernels = ckpt["masks"], ckpt.get("kernels", "dense")
+        kernel_speedup = ckpt.get("kernel_speedup", kernel_speedup)
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
         masks = compute_masks(
@@ -157,7 +152,22 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
             generator,
         )
         save_atomic(masks, run_dir / MASKS_FILE)
-    MaskEnforcer(networks, masks, agent.optimizers.values())
+        kernels, kernel_speedup = resolve_kernels(cfg, networks, masks, algo_config.batch_size, log)
+    if kernels == "sparse":
+        if cfg.threads is None:
+            torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
+        convert_to_sparse(networks, masks, agent.optimizers.values())
+    else:
+        MaskEnforcer(networks, masks, agent.optimizers.values())
+    if ckpt is not None:
+        for name, module in agent.modules.items():
+            module.load_state_dict(ckpt["modules"][name])
+        for name, opt in agent.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_step, train_seconds = ckpt["step"], ckpt["train_seconds"]
+        log(f"resuming {cfg.name} from step {start_step}")
 
     identity = {
         "run_id": cfg.name,
@@ -186,6 +196,9 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         "kept_weights": int(sum(int(m.sum()) for m in all_masks.values())),
         "prunable_weights": int(sum(m.numel() for m in all_masks.values())),
         "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
+        "kernels": kernels,
+        "kernels_requested": cfg.kernels,
+        "sparse_kernel_speedup_measured": kernel_speedup,
         "dataset_transitions": len(dataset),
         "d4rl_refs_approximate": dataset.env_id.endswith("-v5"),
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
@@ -243,6 +256,8 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
                 "sampler": sampler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "masks": masks,
+                "kernels": kernels,
+                "kernel_speedup": kernel_speedup,
                 "config": cfg.to_dict(),
                 # what rebuilds the agent without the dataset (storage, export)
                 "agent": {
@@ -262,6 +277,21 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     env.close()
     rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
     return RunResult(run_dir, rows, layers)
+
+
+def resolve_kernels(cfg: RunConfig, networks, masks, batch_size: int, log) -> tuple[str, float]:
+    """'dense' or 'sparse' for this run, and the measured sparse/dense speed ratio (NaN if not measured)."""
+    if cfg.prune == "dense" or cfg.kernels == "dense":
+        return "dense", float("nan")
+    if cfg.kernels == "sparse":
+        return "sparse", float("nan")
+    threads = torch.get_num_threads()
+    if cfg.threads is None:
+        torch.set_num_threads(1)  # measure as a sparse run would train
+    choice, ratio = choose_kernels(networks, masks, batch_size)
+    torch.set_num_threads(threads)
+    log(f"kernels auto: sparse layers measured {ratio:.2f}x dense -> {choice}")
+    return choice, ratio
 
 
 def _progress_off(cfg: RunConfig) -> bool | None:

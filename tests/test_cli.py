@@ -53,7 +53,8 @@ def test_bcq_snip_run_writes_rows_masks_and_resumes_without_duplicates(capsys, t
 
 
 def test_resumed_run_continues_exactly(capsys, tmp_path, hopper_file):
-    base = quick(hopper_file, tmp_path, "--algo", "bcq", "--prune", "grasp", "--sparsity", "0.9", "--eval-every", "3")
+    base = quick(hopper_file, tmp_path, "--algo", "bcq", "--prune", "grasp", "--sparsity", "0.9", "--eval-every", "3",
+                 "--kernels", "sparse")
     assert offprune(capsys, *base, "--steps", "6", "--run-id", "straight")[0] == 0
     assert offprune(capsys, *base, "--steps", "3", "--run-id", "split")[0] == 0
     assert offprune(capsys, *base, "--steps", "6", "--run-id", "split", "--resume")[0] == 0

@@ -1,0 +1,63 @@
+"""Update throughput of one algorithm: dense unmasked, dense masked and sparse kernels, measured
+interleaved in one process so the machine's noise hits all three alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from offprune.algos import ALGOS
+from offprune.data import Batch
+from offprune.prune import MaskEnforcer, compute_masks
+from offprune.sparse import convert_to_sparse
+
+VARIANTS = ("dense_unmasked", "dense_masked", "sparse")
+
+
+def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Batch(torch.randn(size, obs_dim, generator=g), torch.rand(size, act_dim, generator=g) * 2 - 1,
+              torch.randn(size, 1, generator=g), torch.randn(size, obs_dim, generator=g), torch.ones(size, 1))
+        for _ in range(count)
+    ]
+
+
+def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, seed: int = 0):
+    """An agent at initialisation: unpruned, or SNIP-pruned with dense masked or sparse kernels."""
+    torch.manual_seed(seed)
+    module = ALGOS[algo]
+    agent = module.Agent(obs_dim, act_dim, 1.0, module.Config(), torch.device("cpu"))
+    if variant == "dense_unmasked":
+        return agent
+    networks = agent.prunable_networks()
+    pruning = random_batches(obs_dim, act_dim, 100, 1, seed)[0]
+    masks = compute_masks(networks, "snip", sparsity, "global", lambda: pruning, torch.Generator().manual_seed(seed))
+    MaskEnforcer(networks, masks, agent.optimizers.values() if variant == "dense_masked" else ())
+    if variant == "sparse":
+        convert_to_sparse(networks, masks, agent.optimizers.values())
+    return agent
+
+
+def steps_per_second(agent, batches: list[Batch]) -> float:
+    start = time.perf_counter()
+    for b in batches:
+        agent.update(b)
+    return len(batches) / (time.perf_counter() - start)
+
+
+def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5, steps: int = 30,
+            variants=VARIANTS) -> dict[str, float]:
+    """Median update steps/s of each variant over `repeats` interleaved rounds of `steps` updates."""
+    batch_size = ALGOS[algo].Config().batch_size
+    batches = random_batches(obs_dim, act_dim, batch_size, steps, seed=1)
+    agents = {v: build(algo, v, sparsity, obs_dim, act_dim) for v in variants}
+    for agent in agents.values():  # warm-up: allocator, optimizer state
+        steps_per_second(agent, batches[:3])
+    rounds: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, agent in agents.items():
+            rounds[v].append(steps_per_second(agent, batches))
+    return {v: statistics.median(r) for v, r in rounds.items()}
