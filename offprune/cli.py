@@ -90,6 +90,67 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
     click.echo(format_summary(result))
 
 
+@cli.command()
+@click.option("--algo", "algos", default="bc", show_default=True, help="Comma list, e.g. bc,bcq.")
+@click.option("--prune", "prunes", default="snip,grasp", show_default=True,
+              help="Comma list of criteria; a dense baseline per (algo, dataset, seed) is always added.")
+@click.option("--sparsity", "sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", show_default=True,
+              help="Comma list of fractions removed.")
+@click.option("--dataset", "datasets", default=RunConfig.dataset, show_default=True, help="Comma list of names or paths.")
+@click.option("--seeds", default="0-2", show_default=True, help="Comma list or range, e.g. 0-4 or 0,3,7.")
+@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True)
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True,
+              help="quick = 5k updates, eval every 1k over 5 episodes; paper = 1M, every 5k over 10, as the paper.")
+@click.option("--steps", type=int, default=None, help="Gradient updates per run (overrides the profile).")
+@click.option("--eval-every", type=int, default=None)
+@click.option("--eval-episodes", type=int, default=None)
+@click.option("--prune-batch", type=int, default=None)
+@click.option("--kernels", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--jobs", type=int, default=2, show_default=True, help="Local worker processes, one torch thread each.")
+@click.option("--out", default="runs/sweep", show_default=True, help="Folder of the sweep's runs.")
+@click.option("--status", "show_status", is_flag=True, help="Show done / running / failed / left for the sweep in --out.")
+@click.option("--progress/--no-progress", default=None)
+def sweep(algos, prunes, sparsities, datasets, seeds, scope, profile, steps, eval_every, eval_episodes,
+          prune_batch, kernels, device, jobs, out, show_status, progress) -> None:
+    """Run a grid of runs on local worker processes; rerun it to resume.
+
+    \b
+    Example (the paper's BC study on one dataset, quick budget):
+      offprune sweep --algo bc --prune snip,grasp --sparsity 0.1,0.5,0.9,0.95 --seeds 0-2 --jobs 2
+    """
+    from offprune import sweep as sw
+
+    if show_status:
+        groups = sw.status(out)
+        for state, names in groups.items():
+            click.echo(f"{state:<8} {len(names):>4}" + (f"  {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                                                       if names and state != "done" else ""))
+        return
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    budget = PROFILES[profile]
+    base = RunConfig(
+        scope=scope,
+        steps=budget["steps"] if steps is None else steps,
+        eval_every=budget["eval_every"] if eval_every is None else eval_every,
+        eval_episodes=budget["eval_episodes"] if eval_episodes is None else eval_episodes,
+        prune_batch=prune_batch, kernels=kernels, device=device, out=out, threads=1,
+    )
+    runs = sw.expand_grid(
+        sw.parse_list(algos), sw.parse_list(datasets), sw.parse_list(seeds, int), sw.parse_list(prunes),
+        sw.parse_list(sparsities, float), base,
+    )
+    sw.check_datasets(runs)
+    errors = sw.execute(runs, out, jobs, progress)
+    groups = sw.status(out)
+    click.echo(f"sweep {out}: {len(groups['done'])} done, {len(groups['failed'])} failed, "
+               f"{len(groups['left']) + len(groups['running'])} not finished; results: offprune.results.load('{out}')")
+    failed = [n for n, e in errors.items() if e]
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed (see their log.txt); rerun the sweep to retry them")
+
+
 def format_summary(result) -> str:
     rows, layers = result.rows, result.layers
     lines = [f"run {result.run_dir.name}  ->  {result.run_dir}/results.parquet"]

@@ -1,0 +1,103 @@
+"""Sweeps: grid expansion, local execution, resume without duplicates, failures recorded."""
+
+import json
+
+import pytest
+
+from offprune.cli import main
+from offprune.config import RunConfig
+from offprune.errors import UserError
+from offprune.results import load
+from offprune.sweep import expand_grid, parse_list, status
+
+
+def test_parse_lists_and_ranges():
+    assert parse_list("0-4", int) == [0, 1, 2, 3, 4]
+    assert parse_list("0,3,7", int) == [0, 3, 7]
+    assert parse_list("0.1, 0.95", float) == [0.1, 0.95]
+    assert parse_list("bc,bcq") == ["bc", "bcq"]
+    with pytest.raises(UserError, match="'x' is not a valid float"):
+        parse_list("0.1,x", float)
+
+
+def test_grid_adds_one_dense_baseline_per_algo_dataset_seed():
+    runs = expand_grid(["bc", "bcq"], ["d1", "d2"], [0, 1, 2], ["snip", "grasp", "dense"], [0.0, 0.5, 0.9],
+                       RunConfig(steps=10))
+    assert len(runs) == 2 * 2 * 3 * (1 + 2 * 2)
+    dense = [r for r in runs if r.prune == "dense"]
+    assert len(dense) == 12 and all(r.sparsity == 0 for r in dense)
+    assert {(r.prune, r.sparsity) for r in runs if r.algo == "bc" and r.dataset == "d1" and r.seed == 0} == {
+        ("dense", 0.0), ("snip", 0.5), ("snip", 0.9), ("grasp", 0.5), ("grasp", 0.9)}
+    assert all(r.steps == 10 for r in runs)
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_empty_grid_and_bad_values_are_user_errors():
+    with pytest.raises(UserError, match="grid is empty"):
+        expand_grid(["bc"], ["d"], [0], ["dense"], [0.5], RunConfig())
+    with pytest.raises(UserError, match="unknown algo 'sac'"):
+        expand_grid(["sac"], ["d"], [0], ["snip"], [0.5], RunConfig())
+    with pytest.raises(UserError, match="--sparsity must be in"):
+        expand_grid(["bc"], ["d"], [0], ["snip"], [1.5], RunConfig())
+
+
+def invoke(capsys, *args):
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def sweep_args(tmp_path, dataset, *extra):
+    return ("sweep", "--algo", "bc-mlp", "--prune", "snip", "--sparsity", "0.5,0.9", "--dataset", str(dataset),
+            "--seeds", "0-1", "--steps", "4", "--eval-every", "2", "--eval-episodes", "1", "--kernels", "dense",
+            "--jobs", "2", "--out", str(tmp_path / "sw"), "--no-progress", *extra)
+
+
+def test_missing_dataset_fails_before_any_run(capsys, tmp_path):
+    code, _, err = invoke(capsys, *sweep_args(tmp_path, tmp_path / "nope.hdf5"))
+    assert code == 2 and "dataset file not found" in err and err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
+
+
+def test_sweep_runs_all_resumes_without_duplicates(capsys, tmp_path, hopper_file):
+    # an interrupted run: the dense baseline of seed 0 stopped after its first evaluation
+    first = invoke(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--sparsity", "0", "--kernels", "dense",
+                   "--dataset", str(hopper_file), "--steps", "2", "--eval-every", "2", "--eval-episodes", "1", "--threads", "1",
+                   "--out", str(tmp_path / "sw"), "--no-progress")
+    assert first[0] == 0
+
+    code, out, err = invoke(capsys, *sweep_args(tmp_path, hopper_file))
+    assert code == 0, err
+    assert "6 done, 0 failed" in out
+    rows = load(tmp_path / "sw")
+    assert len(rows) == 6 * 2 and not rows.duplicated(["run_id", "step"]).any()
+    assert set(rows.step) == {2, 4}
+    assert sorted(rows.drop_duplicates("run_id").prune) == ["dense", "dense"] + ["snip"] * 4
+
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "sw").rglob("results.parquet")}
+    code, out, _ = invoke(capsys, *sweep_args(tmp_path, hopper_file))
+    assert code == 0 and "6 done" in out
+    assert {p: p.stat().st_mtime for p in (tmp_path / "sw").rglob("results.parquet")} == mtimes  # skipped
+    assert len(load(tmp_path / "sw")) == 12
+
+    code, out, _ = invoke(capsys, "sweep", "--status", "--out", str(tmp_path / "sw"))
+    assert code == 0 and out.splitlines()[0].split() == ["done", "6"]
+
+
+def test_a_failed_run_is_recorded_and_the_others_finish(capsys, tmp_path, hopper_file):
+    bad = tmp_path / "hopper-broken.hdf5"
+    bad.write_bytes(b"not hdf5 at all")
+    args = list(sweep_args(tmp_path, f"{hopper_file},{bad}"))
+    args[args.index("--seeds") + 1] = "0"
+    code, out, err = invoke(capsys, *args)
+    assert code == 2 and "3 run(s) failed" in err
+    assert "3 done, 3 failed" in out
+    groups = status(str(tmp_path / "sw"))
+    assert len(groups["done"]) == 3 and len(groups["failed"]) == 3
+    failed_dir = tmp_path / "sw" / groups["failed"][0]
+    assert "not a readable HDF5 file" in json.loads((failed_dir / "status.json").read_text())["error"]
+    assert len(load(tmp_path / "sw")) == 3 * 2
