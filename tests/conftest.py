@@ -6,6 +6,19 @@ from offprune.data import Batch, write_d4rl_file
 from offprune.data.generate import generate_random
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `offprune ARGS` run in-process."""
+    from offprune.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def hopper_file(tmp_path_factory):
     """A small real Hopper-v5 random-policy dataset, written by offprune's generator."""

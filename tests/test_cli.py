@@ -7,18 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from offprune.cli import main
 from offprune.results import load, load_layers
 
-from conftest import d4rl_arrays
+from conftest import d4rl_arrays, run_cli
 
 
-def offprune(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+offprune = run_cli
 
 
 def quick(hopper_file, out, *extra):

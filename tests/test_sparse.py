@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from offprune.algos import ALGOS
-from offprune.cli import main
 from offprune.prune import MaskEnforcer, compute_masks
 from offprune.results import load
 from offprune.sparse import SparseLinear, convert_to_dense, convert_to_sparse, has_sparse_layers
 
-from conftest import random_batch
+from conftest import random_batch, run_cli
 
 
 def masked_linear(out_f=30, in_f=40, density=0.1, seed=0):
@@ -96,20 +95,10 @@ def test_sparse_and_dense_kernels_learn_the_same_for_300_bcq_updates():
                     assert torch.count_nonzero(params[pname][mask]) > 0.99 * int(mask.sum())
 
 
-def invoke(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_run_records_kernels_and_storage_reads_sparse_runs(capsys, tmp_path, hopper_file):
     from offprune import storage as st
 
-    code, out, err = invoke(capsys, "run", "--algo", "bcq", "--sparsity", "0.95", "--kernels", "sparse",
+    code, out, err = run_cli(capsys, "run", "--algo", "bcq", "--sparsity", "0.95", "--kernels", "sparse",
                             "--dataset", str(hopper_file), "--out", str(tmp_path), "--steps", "4",
                             "--eval-every", "2", "--eval-episodes", "1", "--no-progress")
     assert code == 0, err
@@ -125,7 +114,7 @@ def test_run_records_kernels_and_storage_reads_sparse_runs(capsys, tmp_path, hop
 
 
 def test_auto_kernels_record_their_measurement(capsys, tmp_path, hopper_file):
-    code, _, err = invoke(capsys, "run", "--algo", "bc-mlp", "--sparsity", "0.9", "--dataset", str(hopper_file),
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--sparsity", "0.9", "--dataset", str(hopper_file),
                           "--out", str(tmp_path), "--steps", "2", "--eval-episodes", "1", "--no-progress")
     assert code == 0
     assert "kernels auto: sparse layers measured" in err
@@ -136,17 +125,17 @@ def test_auto_kernels_record_their_measurement(capsys, tmp_path, hopper_file):
 
 
 def test_sparse_kernels_without_pruning_is_a_one_line_error(capsys, tmp_path, hopper_file):
-    code, _, err = invoke(capsys, "run", "--prune", "dense", "--kernels", "sparse", "--dataset", str(hopper_file),
+    code, _, err = run_cli(capsys, "run", "--prune", "dense", "--kernels", "sparse", "--dataset", str(hopper_file),
                           "--out", str(tmp_path), "--steps", "1")
     assert code == 2 and err.count("\n") == 1 and "--kernels sparse needs pruned networks" in err
 
 
 def test_speed_json(capsys):
-    code, out, err = invoke(capsys, "speed", "--algo", "bc-mlp", "--sparsity", "0.9", "--repeats", "1",
+    code, out, err = run_cli(capsys, "speed", "--algo", "bc-mlp", "--sparsity", "0.9", "--repeats", "1",
                             "--steps", "2", "--json")
     assert code == 0, err
     figures = json.loads(out)
     assert {"dense_unmasked", "dense_masked", "sparse"} <= set(figures)
     assert all(figures[k] > 0 for k in ("dense_unmasked", "dense_masked", "sparse"))
-    code, _, err = invoke(capsys, "speed", "--sparsity", "0")
+    code, _, err = run_cli(capsys, "speed", "--sparsity", "0")
     assert code == 2 and "--sparsity must be in (0, 1)" in err

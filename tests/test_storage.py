@@ -8,16 +8,10 @@ import torch
 from torch import nn
 
 from offprune import storage as st
-from offprune.cli import main
 from offprune.errors import UserError
 
-def invoke(*args) -> int:
-    """Exit code of `offprune ARGS` run in-process."""
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return e.code
-    return 0
+from conftest import run_cli
+
 
 
 def known_layer(kept=6000, shape=(300, 400), seed=0):
@@ -87,17 +81,16 @@ def test_packed_round_trip_is_bit_exact(tmp_path, sparsity):
     assert encodings["steps"] == "raw"
 
 
-def run_bcq(tmp_path, hopper_file, sparsity="0.95"):
-    assert invoke("run", "--algo", "bcq", "--sparsity", sparsity, "--dataset", str(hopper_file), "--out",
-                  str(tmp_path), "--steps", "3", "--eval-episodes", "1", "--no-progress") == 0
+def run_bcq(capsys, tmp_path, hopper_file, sparsity="0.95"):
+    assert run_cli(capsys, "run", "--algo", "bcq", "--sparsity", sparsity, "--dataset", str(hopper_file), "--out",
+                   str(tmp_path), "--steps", "3", "--eval-episodes", "1", "--no-progress")[0] == 0
     return tmp_path / f"bcq_hopper-random-v5_snip_s{sparsity}_seed0"
 
 
 def test_export_and_load_give_identical_weights_and_actions(tmp_path, hopper_file, capsys):
-    run_dir = run_bcq(tmp_path, hopper_file)
-    capsys.readouterr()
-    assert invoke("export", str(run_dir), "--out", str(tmp_path / "agent.pack")) == 0
-    assert "smaller than dense torch.save" in capsys.readouterr().out
+    run_dir = run_bcq(capsys, tmp_path, hopper_file)
+    code, out, _ = run_cli(capsys, "export", str(run_dir), "--out", str(tmp_path / "agent.pack"))
+    assert code == 0 and "smaller than dense torch.save" in out
 
     original, _ = st.load_run(run_dir)
     loaded = st.load_packed(tmp_path / "agent.pack")
@@ -116,10 +109,9 @@ def test_export_and_load_give_identical_weights_and_actions(tmp_path, hopper_fil
 
 
 def test_storage_command_writes_table_and_parquet(tmp_path, hopper_file, capsys):
-    run_dir = run_bcq(tmp_path, hopper_file)
-    capsys.readouterr()
-    assert invoke("storage", str(run_dir)) == 0
-    out = capsys.readouterr().out
+    run_dir = run_bcq(capsys, tmp_path, hopper_file)
+    code, out, _ = run_cli(capsys, "storage", str(run_dir))
+    assert code == 0
     assert "packed is" in out and "smaller than dense" in out
     import pandas as pd
 
@@ -175,8 +167,7 @@ def test_bad_packed_files_raise_clear_errors(tmp_path, case):
 
 def test_run_dir_without_checkpoint_is_a_user_error(tmp_path, capsys):
     (tmp_path / "empty_run").mkdir()
-    assert invoke("storage", str(tmp_path / "empty_run")) == 2
-    err = capsys.readouterr().err
-    assert "no checkpoint at" in err and err.count("\n") == 1
-    assert invoke("export", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x.pack")) == 2
+    code, _, err = run_cli(capsys, "storage", str(tmp_path / "empty_run"))
+    assert code == 2 and "no checkpoint at" in err and err.count("\n") == 1
+    assert run_cli(capsys, "export", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x.pack"))[0] == 2
     assert not (tmp_path / "x.pack").exists()

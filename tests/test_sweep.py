@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from offprune.cli import main
 from offprune.config import RunConfig
 from offprune.errors import UserError
 from offprune.results import load
 from offprune.sweep import expand_grid, parse_list, status
+
+from conftest import run_cli
 
 
 def test_parse_lists_and_ranges():
@@ -41,16 +42,6 @@ def test_empty_grid_and_bad_values_are_user_errors():
         expand_grid(["bc"], ["d"], [0], ["snip"], [1.5], RunConfig())
 
 
-def invoke(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def sweep_args(tmp_path, dataset, *extra):
     return ("sweep", "--algo", "bc-mlp", "--prune", "snip", "--sparsity", "0.5,0.9", "--dataset", str(dataset),
             "--seeds", "0-1", "--steps", "4", "--eval-every", "2", "--eval-episodes", "1", "--kernels", "dense",
@@ -58,19 +49,19 @@ def sweep_args(tmp_path, dataset, *extra):
 
 
 def test_missing_dataset_fails_before_any_run(capsys, tmp_path):
-    code, _, err = invoke(capsys, *sweep_args(tmp_path, tmp_path / "nope.hdf5"))
+    code, _, err = run_cli(capsys, *sweep_args(tmp_path, tmp_path / "nope.hdf5"))
     assert code == 2 and "dataset file not found" in err and err.count("\n") == 1
     assert not (tmp_path / "sw").exists()
 
 
 def test_sweep_runs_all_resumes_without_duplicates(capsys, tmp_path, hopper_file):
     # an interrupted run: the dense baseline of seed 0 stopped after its first evaluation
-    first = invoke(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--sparsity", "0", "--kernels", "dense",
+    first = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--sparsity", "0", "--kernels", "dense",
                    "--dataset", str(hopper_file), "--steps", "2", "--eval-every", "2", "--eval-episodes", "1", "--threads", "1",
                    "--out", str(tmp_path / "sw"), "--no-progress")
     assert first[0] == 0
 
-    code, out, err = invoke(capsys, *sweep_args(tmp_path, hopper_file))
+    code, out, err = run_cli(capsys, *sweep_args(tmp_path, hopper_file))
     assert code == 0, err
     assert "6 done, 0 failed" in out
     rows = load(tmp_path / "sw")
@@ -79,12 +70,12 @@ def test_sweep_runs_all_resumes_without_duplicates(capsys, tmp_path, hopper_file
     assert sorted(rows.drop_duplicates("run_id").prune) == ["dense", "dense"] + ["snip"] * 4
 
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "sw").rglob("results.parquet")}
-    code, out, _ = invoke(capsys, *sweep_args(tmp_path, hopper_file))
+    code, out, _ = run_cli(capsys, *sweep_args(tmp_path, hopper_file))
     assert code == 0 and "6 done" in out
     assert {p: p.stat().st_mtime for p in (tmp_path / "sw").rglob("results.parquet")} == mtimes  # skipped
     assert len(load(tmp_path / "sw")) == 12
 
-    code, out, _ = invoke(capsys, "sweep", "--status", "--out", str(tmp_path / "sw"))
+    code, out, _ = run_cli(capsys, "sweep", "--status", "--out", str(tmp_path / "sw"))
     assert code == 0 and out.splitlines()[0].split() == ["done", "6"]
 
 
@@ -93,7 +84,7 @@ def test_a_failed_run_is_recorded_and_the_others_finish(capsys, tmp_path, hopper
     bad.write_bytes(b"not hdf5 at all")
     args = list(sweep_args(tmp_path, f"{hopper_file},{bad}"))
     args[args.index("--seeds") + 1] = "0"
-    code, out, err = invoke(capsys, *args)
+    code, out, err = run_cli(capsys, *args)
     assert code == 2 and "3 run(s) failed" in err
     assert "3 done, 3 failed" in out
     groups = status(str(tmp_path / "sw"))
