@@ -242,7 +242,8 @@ def storage(run_dir, table1, latency, repeats) -> None:
             return
     if not run_dir:
         raise UserError("give a RUN_DIR (or a checkpoint path), or --table1")
-    table = st.run_storage(run_dir)
+    agent, ckpt = st.load_run(run_dir)
+    table = st.run_storage(run_dir, (agent, ckpt))
     total = table.iloc[-1]
     click.echo(f"bytes per network ({Path(run_dir)}):")
     click.echo(table.to_string(index=False))
@@ -251,7 +252,6 @@ def storage(run_dir, table1, latency, repeats) -> None:
                f"{total['dense'] / total['entropy']:.2f}x")
     if latency:
         torch.set_num_threads(1)
-        agent, ckpt = st.load_run(run_dir)
         click.echo("\nlatency, 1 thread, ms per pass through each network's Linear layers (median):")
         click.echo(st.layer_latency_table(st.stored_networks(agent), repeats=repeats).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
@@ -272,8 +272,8 @@ def export(run_dir, out) -> None:
     offprune.storage.load_packed)."""
     from offprune import storage as st
 
-    path = st.export_packed(run_dir, out)
-    agent, _ = st.load_run(run_dir)
+    agent, ckpt = st.load_run(run_dir)
+    path = st.write_packed(agent, ckpt, out)
     dense = sum(st.saved_size(m.state_dict()) for m in st.stored_networks(agent).values())
     click.echo(f"wrote {path}: {path.stat().st_size} bytes ({dense / path.stat().st_size:.2f}x smaller than "
                f"dense torch.save, {dense} bytes)")

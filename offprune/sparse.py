@@ -32,7 +32,8 @@ from offprune.prune.networks import PrunableNetwork
 KERNELS = ("auto", "dense", "sparse")
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix from its parts, without torch's beta notice on every call."""
     with warnings.catch_warnings():  # torch's notice that sparse CSR support is in beta
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
@@ -52,7 +53,7 @@ def _feature_major(t: Tensor) -> Tensor:
 class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, layer):
-        weight = _csr(layer.crow, layer.col, values, (layer.out_features, layer.in_features))
+        weight = csr_tensor(layer.crow, layer.col, values, (layer.out_features, layer.in_features))
         x_t = _feature_major(x)
         ctx.save_for_backward(x_t, values)
         ctx.layer = layer
@@ -65,10 +66,10 @@ class _SparseLinearFunction(torch.autograd.Function):
         grad_t = _feature_major(grad_out)  # [out, batch], shared by both products below
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight_t = _csr(layer.crow_t, layer.col_t, values[layer.perm_t], (layer.in_features, layer.out_features))
+            weight_t = csr_tensor(layer.crow_t, layer.col_t, values[layer.perm_t], (layer.in_features, layer.out_features))
             grad_x = torch.mm(weight_t, grad_t).T
         if ctx.needs_input_grad[1]:
-            pattern = _csr(layer.crow, layer.col, torch.zeros_like(values), (layer.out_features, layer.in_features))
+            pattern = csr_tensor(layer.crow, layer.col, torch.zeros_like(values), (layer.out_features, layer.in_features))
             grad_values = torch.sparse.sampled_addmm(pattern, grad_t, x_t.T, beta=0.0).values()
         if ctx.needs_input_grad[2]:
             grad_bias = grad_t.sum(1)

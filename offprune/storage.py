@@ -36,7 +36,7 @@ from torch import Tensor, nn
 import offprune
 from offprune.algos import ALGOS
 from offprune.errors import UserError
-from offprune.sparse import convert_to_dense, convert_to_sparse
+from offprune.sparse import convert_to_dense, convert_to_sparse, csr_tensor
 
 MAGIC = b"OFFPRUNE-PACK\n"
 FORMAT_VERSION = 1
@@ -108,16 +108,14 @@ def saved_size(obj: object) -> int:
     return buffer.tell()
 
 
-def _csr(t: Tensor, index_dtype: torch.dtype) -> Tensor:
+def dense_to_csr(t: Tensor, index_dtype: torch.dtype) -> Tensor:
     # Rebuild from cloned parts: to_sparse_csr() can leave indices as views of a bigger buffer,
     # which torch.save would write whole.
-    with warnings.catch_warnings():  # torch's notices that sparse CSR support is in beta
+    with warnings.catch_warnings():  # torch's notice that sparse CSR support is in beta
         warnings.simplefilter("ignore", UserWarning)
         c = t.detach().to_sparse_csr()
-        return torch.sparse_csr_tensor(
-            c.crow_indices().to(index_dtype).clone(), c.col_indices().to(index_dtype).clone(), c.values().clone(),
-            t.shape,
-        )
+    return csr_tensor(c.crow_indices().to(index_dtype).clone(), c.col_indices().to(index_dtype).clone(),
+                      c.values().clone(), tuple(t.shape))
 
 
 def _nonzero(t: Tensor) -> np.ndarray:
@@ -160,8 +158,8 @@ def network_bytes(module: nn.Module) -> dict[str, int]:
     return {
         "dense": saved_size(state),
         "coo": saved_size({k: v.to_sparse() for k, v in state.items()}),
-        "csr_int64": saved_size({k: _csr(v, torch.int64) if v.ndim == 2 else v for k, v in state.items()}),
-        "csr_int32": saved_size({k: _csr(v, torch.int32) if v.ndim == 2 else v for k, v in state.items()}),
+        "csr_int64": saved_size({k: dense_to_csr(v, torch.int64) if v.ndim == 2 else v for k, v in state.items()}),
+        "csr_int32": saved_size({k: dense_to_csr(v, torch.int32) if v.ndim == 2 else v for k, v in state.items()}),
         "bitmap": sum(p["bitmap"] for p in payload),
         "packed": len(pack_networks({"net": module})),
         "entropy": sum(p["entropy"] for p in payload),
@@ -284,7 +282,11 @@ def pack_networks(networks: dict[str, nn.Module], agent_spec: dict | None = None
 
 def export_packed(run: str | Path, out: str | Path) -> Path:
     """Write every stored network of a run (or checkpoint) to `out` in the packed format, atomically."""
-    agent, ckpt = load_run(run)
+    return write_packed(*load_run(run), out)
+
+
+def write_packed(agent, ckpt: dict, out: str | Path) -> Path:
+    """Write an agent loaded by load_run to `out` in the packed format, atomically."""
     data = pack_networks(stored_networks(agent), ckpt["agent"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +352,9 @@ def load_packed(path: str | Path) -> dict[str, nn.Module]:
 # --------------------------------------------------------------------------------------------
 # Sparse inference
 # --------------------------------------------------------------------------------------------
-class SparseLinear(nn.Module):
-    """Inference-only Linear whose weight is a CSR matrix (int32 indices).
+class CSRLinear(nn.Module):
+    """Inference-only Linear whose weight is a CSR matrix (int32 indices); for training see
+    offprune.sparse.SparseLinear.
 
     y = (b + W x^T)^T through torch.addmm, which takes a CSR weight under inference_mode where
     F.linear with a CSR weight fails.
@@ -360,7 +363,7 @@ class SparseLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_csr = _csr(linear.weight, torch.int32)
+        self.weight_csr = dense_to_csr(linear.weight, torch.int32)
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(self.out_features)
         self.bias_column = bias.clone().unsqueeze(1)
 
@@ -382,6 +385,18 @@ def _time_call(fn, x: Tensor, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _faster_csr(layer: nn.Linear, batch_size: int, kernels: str, repeats: int) -> CSRLinear | None:
+    """The CSR version of `layer` if it should replace it: always ('sparse'), never ('dense'), or
+    when it measures at least 5% faster for `batch_size` rows ('auto')."""
+    if kernels == "dense":
+        return None
+    sparse = CSRLinear(layer)
+    if kernels == "sparse":
+        return sparse
+    x = torch.randn(batch_size, layer.in_features)
+    return sparse if _time_call(layer, x, repeats) > 1.05 * _time_call(sparse, x, repeats) else None
+
+
 _ACTIVATIONS = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.ELU: torch.nn.functional.elu_}
 
 
@@ -398,13 +413,8 @@ class InferenceMLP(nn.Module):
         self.steps: list[tuple[str, Tensor | None, Tensor | None]] = []
         for layer in seq:
             if isinstance(layer, nn.Linear):
-                sparse = SparseLinear(layer)
-                if kernels == "auto":
-                    x = torch.randn(batch_size, layer.in_features)
-                    use_sparse = _time_call(layer, x, repeats) > 1.05 * _time_call(sparse, x, repeats)
-                else:
-                    use_sparse = kernels == "sparse"
-                if use_sparse:
+                sparse = _faster_csr(layer, batch_size, kernels, repeats)
+                if sparse is not None:
                     self.steps.append(("csr", sparse.weight_csr, sparse.bias_column))
                 else:
                     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
@@ -435,17 +445,15 @@ class InferenceMLP(nn.Module):
 
 def sparsify_for_inference(module: nn.Module, batch_size: int, kernels: str = "auto", repeats: int = 30) -> nn.Module:
     """A copy of `module` for inference: every Linear/activation nn.Sequential becomes an
-    InferenceMLP and every other Linear a SparseLinear where that is faster (kernels='auto')."""
+    InferenceMLP and every other Linear a CSRLinear where that is faster (kernels='auto')."""
     module = copy.deepcopy(module)
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
             if InferenceMLP.supports(child):
                 setattr(parent, child_name, InferenceMLP(child, batch_size, kernels, repeats))
             elif isinstance(child, nn.Linear):
-                sparse = SparseLinear(child)
-                x = torch.randn(batch_size, child.in_features)
-                faster = _time_call(child, x, repeats) > 1.05 * _time_call(sparse, x, repeats)
-                if kernels == "sparse" or (kernels == "auto" and faster):
+                sparse = _faster_csr(child, batch_size, kernels, repeats)
+                if sparse is not None:
                     setattr(parent, child_name, sparse)
     return module
 
@@ -479,7 +487,7 @@ def layer_latency_table(networks: dict[str, nn.Module], batch_sizes=(1, 10, 100)
             dense = sparse = auto = 0.0
             for layer in linears:
                 x = torch.randn(batch, layer.in_features)
-                d, s = _time_call(layer, x, repeats), _time_call(SparseLinear(layer), x, repeats)
+                d, s = _time_call(layer, x, repeats), _time_call(CSRLinear(layer), x, repeats)
                 dense, sparse, auto = dense + d, sparse + s, auto + min(d, s)
             rows.append({"network": name, "batch": batch, "dense_ms": 1e3 * dense, "csr_ms": 1e3 * sparse,
                          "auto_ms": 1e3 * auto, "speedup_auto": dense / auto if auto else float("nan")})
@@ -508,14 +516,15 @@ STORAGE_FILE = "storage.parquet"
 PAPER_TABLE1 = {"actor": (0.5287, 0.14297), "critic": (1.04492, 0.2824), "vae": (4.7621, 1.2303)}
 
 
-def run_storage(run: str | Path):
+def run_storage(run: str | Path, loaded: tuple | None = None):
     """Storage table of a run's stored networks, also written as RUN_DIR/storage.parquet in long
-    form (one row per network and format, with the run's identity) for reports."""
+    form (one row per network and format, with the run's identity) for reports. `loaded` is the
+    (agent, checkpoint) of load_run(run) when the caller has it already."""
     import pandas as pd
 
     from offprune.results import write_parquet_atomic
 
-    agent, ckpt = load_run(run)
+    agent, ckpt = loaded or load_run(run)
     table = storage_table(stored_networks(agent))
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     cfg = ckpt.get("config", {})

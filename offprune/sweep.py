@@ -30,19 +30,19 @@ STATUS_FILE = "status.json"
 
 
 def parse_list(text: str, kind=str) -> list:
-    """'a,b,c' -> [a, b, c] converted by `kind`; '0-4' expands to 0..4 when kind is int."""
+    """'a,b,c' -> [a, b, c] converted by `kind`; 'LO-HI' expands to LO..HI when kind is int."""
     items = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if kind is int and "-" in part[1:]:
-            lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-            items.extend(range(int(lo), int(hi) + 1))
-        else:
-            try:
+        try:
+            if kind is int and "-" in part:
+                lo, hi = part.split("-", 1)
+                items.extend(range(int(lo), int(hi) + 1))
+            else:
                 items.append(kind(part))
-            except ValueError:
-                raise UserError(f"'{part}' is not a valid {kind.__name__}") from None
+        except ValueError:
+            raise UserError(f"'{part}' is not a valid {kind.__name__}{' or range' if kind is int else ''}") from None
     return items
 
 

@@ -137,7 +137,7 @@ def test_inference_path_matches_dense_outputs():
             assert len(fast.kernels) == 3
             torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
         assert st.InferenceMLP(seq, 10, "sparse").kernels == ["csr"] * 3
-        torch.testing.assert_close(st.SparseLinear(seq[2])(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
+        torch.testing.assert_close(st.CSRLinear(seq[2])(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
 
 
 def corrupt_variants(data: bytes):
