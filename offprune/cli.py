@@ -91,64 +91,141 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 
 
 @cli.command()
-@click.option("--algo", "algos", default="bc", show_default=True, help="Comma list, e.g. bc,bcq.")
-@click.option("--prune", "prunes", default="snip,grasp", show_default=True,
-              help="Comma list of criteria; a dense baseline per (algo, dataset, seed) is always added.")
-@click.option("--sparsity", "sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", show_default=True,
-              help="Comma list of fractions removed.")
-@click.option("--dataset", "datasets", default=RunConfig.dataset, show_default=True, help="Comma list of names or paths.")
-@click.option("--seeds", default="0-2", show_default=True, help="Comma list or range, e.g. 0-4 or 0,3,7.")
-@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True)
-@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True,
-              help="quick = 5k updates, eval every 1k over 5 episodes; paper = 1M, every 5k over 10, as the paper.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file with any of these options as keys (algo = ['bc', 'bcq'], seeds = '0-4', ...); "
+                   "flags given here override it.")
+@click.option("--algo", default=None, help="Comma list, e.g. bc,bcq.  [default: bc]")
+@click.option("--prune", default=None,
+              help="Comma list of criteria; a dense baseline per (algo, dataset, seed) is always added.  "
+                   "[default: snip,grasp]")
+@click.option("--sparsity", default=None,
+              help="Comma list of fractions removed.  [default: 0.1,0.2,...,0.9,0.95]")
+@click.option("--dataset", default=None, help=f"Comma list of names or paths.  [default: {RunConfig.dataset}]")
+@click.option("--seeds", default=None, help="Comma list or range, e.g. 0-4 or 0,3,7.  [default: 0-2]")
+@click.option("--scope", type=click.Choice(SCOPES), default=None, help="[default: global]")
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None,
+              help="quick = 5k updates, eval every 1k over 5 episodes; paper = 1M, every 5k over 10, as the "
+                   "paper (use --seeds 0-4 for its five seeds).  [default: quick]")
 @click.option("--steps", type=int, default=None, help="Gradient updates per run (overrides the profile).")
-@click.option("--eval-every", type=int, default=None)
-@click.option("--eval-episodes", type=int, default=None)
-@click.option("--prune-batch", type=int, default=None)
-@click.option("--kernels", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--jobs", type=int, default=2, show_default=True, help="Local worker processes, one torch thread each.")
-@click.option("--out", default="runs/sweep", show_default=True, help="Folder of the sweep's runs.")
+@click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
+@click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
+@click.option("--prune-batch", type=int, default=None, help="[default: 100 for SNIP, 200 for GraSP]")
+@click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from each dataset).")
+@click.option("--kernels", type=click.Choice(["auto", "dense", "sparse"]), default=None, help="[default: auto]")
+@click.option("--device", default=None, help="[default: cpu]")
+@click.option("--threads", type=int, default=None, help="Torch threads per run.  [default: 1]")
+@click.option("--jobs", type=int, default=None, help="Runs at a time (local processes or local Ray CPUs).  [default: 2]")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="local: worker processes on this machine. ray: Ray tasks (needs `pip install ray`).  [default: local]")
+@click.option("--ray-address", default=None,
+              help="Existing Ray cluster ('auto' or HOST:PORT; OUT must be on a shared filesystem). "
+                   "Without it --executor ray starts a local Ray instance.")
+@click.option("--out", default=None, help="Folder of the sweep's runs.  [default: runs/sweep]")
 @click.option("--status", "show_status", is_flag=True, help="Show done / running / failed / left for the sweep in --out.")
-@click.option("--progress/--no-progress", default=None)
-def sweep(algos, prunes, sparsities, datasets, seeds, scope, profile, steps, eval_every, eval_episodes,
-          prune_batch, kernels, device, jobs, out, show_status, progress) -> None:
-    """Run a grid of runs on local worker processes; rerun it to resume.
+@click.option("--progress/--no-progress", default=None, help="Sweep progress bar (default: on a terminal only).")
+def sweep(config_file, show_status, progress, **flags) -> None:
+    """Run a grid of runs (dense baselines added); rerun the same command to resume it.
 
     \b
-    Example (the paper's BC study on one dataset, quick budget):
+    Examples:
       offprune sweep --algo bc --prune snip,grasp --sparsity 0.1,0.5,0.9,0.95 --seeds 0-2 --jobs 2
+      offprune sweep --config sweeps/paper-bc.toml --executor ray --ray-address auto
+      offprune sweep --status --out runs/sweep
     """
     from offprune import sweep as sw
+    from offprune.config import SweepConfig
 
+    cfg = SweepConfig.build(config_file, **flags)
     if show_status:
-        groups = sw.status(out)
+        groups = sw.status(cfg.out)
         for state, names in groups.items():
             click.echo(f"{state:<8} {len(names):>4}" + (f"  {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
                                                        if names and state != "done" else ""))
         return
-    if jobs < 1:
-        raise UserError("--jobs must be at least 1")
-    budget = PROFILES[profile]
-    base = RunConfig(
-        scope=scope,
-        steps=budget["steps"] if steps is None else steps,
-        eval_every=budget["eval_every"] if eval_every is None else eval_every,
-        eval_episodes=budget["eval_episodes"] if eval_episodes is None else eval_episodes,
-        prune_batch=prune_batch, kernels=kernels, device=device, out=out, threads=1,
-    )
-    runs = sw.expand_grid(
-        sw.parse_list(algos), sw.parse_list(datasets), sw.parse_list(seeds, int), sw.parse_list(prunes),
-        sw.parse_list(sparsities, float), base,
-    )
+    runs = sw.grid(cfg)
     sw.check_datasets(runs)
-    errors = sw.execute(runs, out, jobs, progress)
-    groups = sw.status(out)
-    click.echo(f"sweep {out}: {len(groups['done'])} done, {len(groups['failed'])} failed, "
-               f"{len(groups['left']) + len(groups['running'])} not finished; results: offprune.results.load('{out}')")
+    errors = sw.execute(runs, cfg.out, cfg.jobs, progress, cfg.executor, cfg.ray_address)
+    groups = sw.status(cfg.out)
+    click.echo(f"sweep {cfg.out}: {len(groups['done'])} done, {len(groups['failed'])} failed, "
+               f"{len(groups['left']) + len(groups['running'])} not finished; "
+               f"report: offprune report {cfg.out}")
     failed = [n for n, e in errors.items() if e]
     if failed:
         raise UserError(f"{len(failed)} run(s) failed (see their log.txt); rerun the sweep to retry them")
+
+
+@cli.command()
+@click.argument("results", metavar="RESULTS")
+@click.option("--out", default=None, help="Report folder.  [default: reports/NAME, NAME = RESULTS' folder name]")
+@click.option("--layer-sparsity", type=float, default=None,
+              help="Sparsity of the per-layer figure (the paper's Figure 3).  [default: the highest in RESULTS]")
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="Fraction of the dense score a sparsity must keep to count in the table.")
+@click.option("--bootstrap", "reps", type=int, default=2000, show_default=True, help="Bootstrap resamples per CI.")
+def report(results, out, layer_sparsity, threshold, reps) -> None:
+    """Figures (PNG), one self-contained HTML page and a markdown summary from results.
+
+    \b
+    RESULTS is a run or sweep folder, a results.parquet file, or a quoted glob.
+    Writes: fig1_curves_CRITERION.png (score over training, per sparsity), fig2_score_vs_sparsity.png
+    (final score vs sparsity, bootstrap CIs, dense band, IQM over datasets), fig3_layers.png (weights
+    kept per layer), fig5_storage.png (bytes per format, when `offprune storage` was run),
+    summary.md + report.html with the table of the highest sparsity keeping >= 90% of dense.
+
+    \b
+    Example:
+      offprune report runs/sweep --out reports/bc-hopper
+    """
+    from offprune.report import make_report, markdown_table, retention_display
+
+    if reps < 100:
+        raise UserError("--bootstrap must be at least 100 resamples")
+    name = Path(results.rstrip("/")).name.replace("*", "all") or "results"
+    rep = make_report(results, out or Path("reports") / name, layer_sparsity, threshold, reps,
+                      log=lambda m: click.echo(m, err=True))
+    click.echo(markdown_table(retention_display(rep.retention, threshold)))
+    for note in rep.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {rep.out}/report.html, summary.md and {sum(p.suffix == '.png' for p in rep.files)} figure(s)")
+
+
+@cli.command("bench")
+@click.option("--baseline", default="benchmarks/bench_baseline.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Stored baseline (JSON; its 'tolerances' set how far results may move).")
+@click.option("--update-baseline", is_flag=True, help="Rewrite the baseline with this machine's results.")
+@click.option("--algo", "algos", default="bc,bcq", show_default=True, help="Comma list of algos in the suite.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Updates per run.")
+def bench_command(baseline, update_baseline, algos, steps) -> None:
+    """Regression benchmark for CI: a fixed suite (dense, SNIP, GraSP at 0.9 and 0.95 per algo, seed 0,
+    a tiny generated Hopper dataset) compared with a stored baseline; exits 1 on a regression.
+
+    \b
+    Checks: kept counts, realised sparsity and mask hashes exactly; final losses and normalised
+    scores within the baseline's tolerances; masked/dense time per update within its tolerance.
+    """
+    from offprune.bench import bench
+    from offprune.config import parse_list
+
+    names = parse_list(algos)
+    unknown = [a for a in names if a not in ALGOS]
+    if unknown or not names:
+        raise UserError(f"unknown algo '{unknown[0] if unknown else algos}' (choose from {', '.join(ALGOS)})")
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
+    checks, current = bench(names, steps, baseline, update_baseline, log=lambda m: click.echo(m, err=True))
+    if update_baseline:
+        click.echo(f"wrote {baseline}: {len(current)} cases")
+        return
+    width = max(len(c.case) for c in checks)
+    click.echo(f"{'case':<{width}}  {'metric':<22} {'baseline':>24} {'current':>24}  {'rule':<12} ok")
+    for c in checks:
+        click.echo(f"{c.case:<{width}}  {c.metric:<22} {str(c.baseline):>24} {str(c.current):>24}  {c.rule:<12} "
+                   f"{'ok' if c.ok else 'REGRESSION'}")
+    failed = [c for c in checks if not c.ok]
+    click.echo(f"{len(checks) - len(failed)}/{len(checks)} checks passed")
+    if failed:
+        click.echo(f"offprune: bench: {len(failed)} regression(s) against {baseline}", err=True)
+        sys.exit(1)
 
 
 def format_summary(result) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from offprune.errors import UserError
 from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES
@@ -86,3 +88,109 @@ class RunConfig:
         """Fields (other than RESUMABLE_CHANGES) whose value differs from a saved config."""
         mine = self.to_dict()
         return [k for k in mine if k not in RESUMABLE_CHANGES and other.get(k) != mine[k]]
+
+
+def parse_list(text: str, kind=str) -> list:
+    """'a,b,c' -> [a, b, c] converted by `kind`; 'LO-HI' expands to LO..HI when kind is int."""
+    items = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            if kind is int and "-" in part.lstrip("-"):
+                lo, hi = part.split("-", 1)
+                items.extend(range(int(lo), int(hi) + 1))
+            else:
+                items.append(kind(part))
+        except ValueError:
+            raise UserError(f"'{part}' is not a valid {kind.__name__}{' or range' if kind is int else ''}") from None
+    return items
+
+
+def _as_list(value: Any, kind) -> tuple:
+    """A grid axis from a flag ('a,b', '0-4') or a config file (list, string or single value)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(x for v in value for x in parse_list(str(v), kind))
+    return tuple(parse_list(str(value), kind))
+
+
+SWEEP_EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of runs and how to execute it. Set from `offprune sweep` flags and/or a TOML file
+    with the same keys (flag names with '_' for '-'); a flag given on the command line wins."""
+
+    algo: tuple[str, ...] = ("bc",)  # algorithms
+    prune: tuple[str, ...] = ("snip", "grasp")  # criteria; a dense baseline is always added
+    sparsity: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # fractions removed
+    dataset: tuple[str, ...] = (RunConfig.dataset,)  # names or paths
+    seeds: tuple[int, ...] = (0, 1, 2)
+    scope: str = "global"  # mask scope of every run
+    profile: str = "quick"  # budget profile; steps / eval_every / eval_episodes override it
+    steps: int | None = None
+    eval_every: int | None = None
+    eval_episodes: int | None = None
+    prune_batch: int | None = None  # None: SNIP 100, GraSP 200
+    env: str | None = None  # gymnasium id to evaluate in; None: from each dataset
+    kernels: str = "auto"  # 'auto', 'dense' or 'sparse'
+    device: str = "cpu"
+    threads: int = 1  # torch threads per run (two 2-thread processes slow a 2-core machine ~10x)
+    jobs: int = 2  # runs at a time (local worker processes, or Ray CPUs of a local Ray instance)
+    executor: str = "local"  # 'local' processes or 'ray'
+    ray_address: str | None = None  # existing Ray cluster ('auto' or host:port); None: a local instance
+    out: str = "runs/sweep"  # folder of the sweep's runs
+
+    _LISTS = {"algo": str, "prune": str, "sparsity": float, "dataset": str, "seeds": int}
+
+    @classmethod
+    def build(cls, file: str | Path | None = None, **flags: Any) -> "SweepConfig":
+        """Defaults, overlaid by the TOML `file`, overlaid by `flags` (None values are ignored)."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            values.update(cls.read_file(file))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        for key, kind in cls._LISTS.items():
+            if key in values:
+                values[key] = _as_list(values[key], kind)
+        return cls(**values).validate()
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"sweep config {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"sweep config {path} is not valid TOML: {e}") from None
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key.replace("-", "_") not in known:
+                raise UserError(f"unknown key '{key}' in {path} (known keys: {', '.join(known)})")
+        return {k.replace("-", "_"): v for k, v in data.items()}
+
+    def validate(self) -> "SweepConfig":
+        if self.profile not in PROFILES:
+            raise UserError(f"unknown profile '{self.profile}' (choose from {', '.join(PROFILES)})")
+        if self.executor not in SWEEP_EXECUTORS:
+            raise UserError(f"unknown executor '{self.executor}' (choose from {', '.join(SWEEP_EXECUTORS)})")
+        if self.ray_address and self.executor != "ray":
+            raise UserError("--ray-address needs --executor ray")
+        for name in ("jobs", "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"--{name} must be a whole number of at least 1")
+        return self
+
+    def base_run(self) -> RunConfig:
+        """The RunConfig every grid point starts from."""
+        budget = PROFILES[self.profile]
+        return RunConfig(
+            scope=self.scope,
+            steps=budget["steps"] if self.steps is None else self.steps,
+            eval_every=budget["eval_every"] if self.eval_every is None else self.eval_every,
+            eval_episodes=budget["eval_episodes"] if self.eval_episodes is None else self.eval_episodes,
+            prune_batch=self.prune_batch, env=self.env, kernels=self.kernels, device=self.device,
+            threads=self.threads, out=self.out,
+        )

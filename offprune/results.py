@@ -18,6 +18,7 @@ from offprune.errors import UserError
 
 RESULTS_FILE = "results.parquet"
 LAYERS_FILE = "layers.parquet"
+STORAGE_FILE = "storage.parquet"  # written by `offprune storage`
 ROW_KEY = ("run_id", "step")
 
 
@@ -45,21 +46,32 @@ def append_rows(path: str | Path, rows: Iterable[dict], key: Sequence[str] = ROW
     return new
 
 
-def _files(path: str | Path, filename: str) -> list[str]:
+def _results_files(path: str | Path) -> list[Path]:
+    """results.parquet files at `path`: a run or sweep folder (searched recursively), a parquet
+    file, or a glob matching either."""
     p = Path(path)
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob(filename))
-    if p.is_file():
-        return [str(p)]
-    return sorted(glob.glob(str(path), recursive=True))
+    matches = [p] if p.exists() else [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+    files: list[Path] = []
+    for m in matches:
+        files.extend(sorted(m.rglob(RESULTS_FILE)) if m.is_dir() else [m] if m.suffix == ".parquet" else [])
+    return sorted(set(files))
 
 
 def load(path: str | Path, filename: str = RESULTS_FILE) -> pd.DataFrame:
-    """All result rows under `path` (run folder, sweep folder, parquet file or glob) in one frame."""
-    files = _files(path, filename)
+    """All result rows under `path` (run folder, sweep folder, parquet file or glob) in one frame.
+    With another `filename` (layers.parquet, storage.parquet): that file of every run found."""
+    files = _results_files(path)
+    if filename != RESULTS_FILE:
+        files = [f.with_name(filename) for f in files if f.with_name(filename).is_file()]
     if not files:
         raise UserError(f"no results ({filename}) found at {path}")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except Exception as e:  # a foreign or damaged file: name it instead of a traceback
+            raise UserError(f"cannot read {f} as parquet: {e}") from None
+    return pd.concat(frames, ignore_index=True)
 
 
 def load_layers(path: str | Path) -> pd.DataFrame:

@@ -510,7 +510,6 @@ def act_latency(agent, obs_dim: int, rounds: int = 5, calls: int = 100, seed: in
 # --------------------------------------------------------------------------------------------
 # Tables for runs and for the paper
 # --------------------------------------------------------------------------------------------
-STORAGE_FILE = "storage.parquet"
 
 # The paper's Table 1 (BCQ, s=17, a=6), 10^6 bytes: dense torch.save and SNIP 95% torch.sparse.
 PAPER_TABLE1 = {"actor": (0.5287, 0.14297), "critic": (1.04492, 0.2824), "vae": (4.7621, 1.2303)}
@@ -522,7 +521,7 @@ def run_storage(run: str | Path, loaded: tuple | None = None):
     (agent, checkpoint) of load_run(run) when the caller has it already."""
     import pandas as pd
 
-    from offprune.results import write_parquet_atomic
+    from offprune.results import STORAGE_FILE, write_parquet_atomic
 
     agent, ckpt = loaded or load_run(run)
     table = storage_table(stored_networks(agent))

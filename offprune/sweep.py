@@ -1,15 +1,18 @@
 """Sweeps: a grid of runs (algos x datasets x seeds x criteria x sparsities, plus one dense
-baseline per algo, dataset and seed), executed by local worker processes, resumable.
+baseline per algo, dataset and seed), executed by local worker processes or on Ray, resumable.
 
 Every run writes to OUT/RUN_ID/ exactly as `offprune run` does, plus `status.json`
-({"state": "running" | "done" | "failed", "error": ...}). OUT/sweep.json lists the grid, so
-`--status` and a rerun know what belongs to the sweep. Rerunning the same sweep skips finished
-runs and continues interrupted ones from their last checkpoint (train.run with resume).
+({"state": "running" | "done" | "failed" | "interrupted", "error": ...}). OUT/sweep.json lists
+the grid, so `--status` and a rerun know what belongs to the sweep. Rerunning the same sweep
+skips finished runs and continues interrupted ones from their last checkpoint (train.run with
+resume). A run holds an exclusive lock on OUT/RUN_ID/.lock while it works, so a worker orphaned
+by a killed sweep and the rerun of that sweep never write the same run at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import sys
@@ -21,29 +24,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from offprune.config import RunConfig
+from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
 
 MANIFEST = "sweep.json"
 STATUS_FILE = "status.json"
-
-
-def parse_list(text: str, kind=str) -> list:
-    """'a,b,c' -> [a, b, c] converted by `kind`; 'LO-HI' expands to LO..HI when kind is int."""
-    items = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            if kind is int and "-" in part:
-                lo, hi = part.split("-", 1)
-                items.extend(range(int(lo), int(hi) + 1))
-            else:
-                items.append(kind(part))
-        except ValueError:
-            raise UserError(f"'{part}' is not a valid {kind.__name__}{' or range' if kind is int else ''}") from None
-    return items
+LOCK_FILE = ".lock"
 
 
 def expand_grid(
@@ -76,6 +63,12 @@ def expand_grid(
     return runs
 
 
+def grid(sweep: SweepConfig) -> list[RunConfig]:
+    """Every run of a sweep config, dense baselines included."""
+    return expand_grid(list(sweep.algo), list(sweep.dataset), list(sweep.seeds), list(sweep.prune),
+                       list(sweep.sparsity), sweep.base_run())
+
+
 def check_datasets(runs: list[RunConfig]) -> None:
     """Fail before any run starts when a dataset does not exist."""
     for dataset in sorted({cfg.dataset for cfg in runs}):
@@ -91,37 +84,67 @@ def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
 
 def read_state(run_dir: Path) -> str:
     try:
-        return json.loads((run_dir / STATUS_FILE).read_text())["state"]
+        state = json.loads((run_dir / STATUS_FILE).read_text())["state"]
     except (OSError, ValueError, KeyError):
         return "left"
+    if state == "running" and not _locked(run_dir):
+        return "left"  # its process died without a word (killed): a rerun continues it
+    return state if state in ("done", "running", "failed") else "left"
 
 
-def _run_one(cfg_dict: dict) -> tuple[str, str | None]:
-    """Worker: one run, one torch thread, resumed if it was interrupted. Never raises."""
+def _locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock."""
+    try:
+        with open(run_dir / LOCK_FILE, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+def _run_one(cfg_dict: dict, cwd: str | None = None) -> tuple[str, str | None]:
+    """Worker: one run, `threads` torch threads, resumed if it was interrupted. Never raises
+    except on Ctrl-C. `cwd`: the sweep's working directory (Ray workers may start elsewhere)."""
     import torch
 
     from offprune.train import run
 
+    if cwd:
+        os.chdir(cwd)
     cfg = RunConfig(**cfg_dict)
     torch.set_num_threads(cfg.threads or 1)
     run_dir = Path(cfg.out) / cfg.name
-    log_path = run_dir / "log.txt"
-    try:
-        write_status(run_dir, "running")
-        with open(log_path, "a") as log_file:
-            run(cfg, resume=True, log=lambda msg: print(msg, file=log_file, flush=True))
-        write_status(run_dir, "done")
-        return cfg.name, None
-    except BaseException as e:  # a failed run is recorded and the sweep goes on
-        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        with open(log_path, "a") as log_file:
-            traceback.print_exc(file=log_file)
-        write_status(run_dir, "failed", message)
-        return cfg.name, message
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for an orphan of a killed sweep to finish this run
+        if read_state(run_dir) == "done":
+            return cfg.name, None
+        log_path = run_dir / "log.txt"
+        try:
+            write_status(run_dir, "running")
+            with open(log_path, "a") as log_file:
+                run(cfg, resume=True, log=lambda msg: print(msg, file=log_file, flush=True))
+            write_status(run_dir, "done")
+            return cfg.name, None
+        except KeyboardInterrupt:
+            write_status(run_dir, "interrupted")
+            raise
+        except BaseException as e:  # a failed run is recorded and the sweep goes on
+            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            with open(log_path, "a") as log_file:
+                traceback.print_exc(file=log_file)
+            write_status(run_dir, "failed", message)
+            return cfg.name, message
 
 
-def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = None) -> dict[str, str | None]:
-    """Run every unfinished run of the grid on `jobs` local processes; returns {run_id: error}."""
+def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = None,
+            executor: str = "local", ray_address: str | None = None) -> dict[str, str | None]:
+    """Run every unfinished run of the grid, `jobs` at a time, on local processes or Ray;
+    returns {run_id: error or None} for the runs it executed."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{MANIFEST}.tmp"
@@ -129,24 +152,90 @@ def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = 
     os.replace(tmp, out_dir / MANIFEST)
 
     todo = [cfg for cfg in runs if read_state(out_dir / cfg.name) != "done"]
-    errors: dict[str, str | None] = {}
     # Workers do not inherit a parent's busy-waiting OpenMP threads; one thread each (two
     # processes with two threads each slow a 2-core machine ~10x).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep", unit="run",
                disable=None if progress is None else not progress)
+    errors: dict[str, str | None] = {}
+
+    def finished(name: str, error: str | None) -> None:
+        errors[name] = error
+        if error:
+            tqdm.write(f"run {name} failed: {error}", file=sys.stderr)
+        bar.update(1)
+        failed = sum(e is not None for e in errors.values())
+        bar.set_postfix(running=min(jobs, len(todo) - len(errors)), failed=failed)
+
+    jobs_list = [{**cfg.to_dict(), "progress": False} for cfg in todo]
+    try:
+        if executor == "ray":
+            _execute_ray(jobs_list, jobs, ray_address, finished)
+        else:
+            _execute_local(jobs_list, jobs, finished)
+    finally:
+        bar.close()
+    return errors
+
+
+def _execute_local(jobs_list: list[dict], jobs: int, finished) -> None:
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(_run_one, {**cfg.to_dict(), "progress": False}) for cfg in todo}
+        pending = {pool.submit(_run_one, cfg) for cfg in jobs_list}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                name, error = future.result()
-                errors[name] = error
-                if error:
-                    tqdm.write(f"run {name} failed: {error}", file=sys.stderr)
-                bar.update(1)
-    bar.close()
-    return errors
+                finished(*future.result())
+
+
+def _execute_ray(jobs_list: list[dict], jobs: int, address: str | None, finished) -> None:
+    """One Ray task per run (1 CPU each). Without an address a local Ray instance with `jobs`
+    CPUs; with one, the cluster decides how many run at a time. Workers write to the same paths
+    as local runs: on a cluster, OUT and the datasets must be on a shared filesystem."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray, which is not installed: pip install 'ray>=2.9' "
+                        "(or pip install -e '.[ray]')") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE",
+                            **({"OFFPRUNE_DATASETS": os.environ["OFFPRUNE_DATASETS"]}
+                               if "OFFPRUNE_DATASETS" in os.environ else {})}}
+        if address and address != "auto":
+            _check_reachable(address)
+        try:
+            if address:
+                ray.init(address=address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(num_cpus=jobs, include_dashboard=False, runtime_env=env, logging_level="ERROR",
+                         log_to_driver=False)
+        except Exception as e:  # ConnectionError, RuntimeError, ... depending on how it failed
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise UserError(f"cannot start or reach {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(_run_one)
+        cwd = os.getcwd()
+        pending = [task.remote(cfg, cwd) for cfg in jobs_list]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            finished(*ray.get(done[0]))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a dead HOST:PORT (ray.init itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except ValueError:
+        raise UserError(f"--ray-address '{address}' is not HOST:PORT or 'auto'") from None
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def status(out: str) -> dict[str, list[str]]:
