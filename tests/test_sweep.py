@@ -94,3 +94,89 @@ def test_a_failed_run_is_recorded_and_the_others_finish(capsys, tmp_path, hopper
     failed_dir = tmp_path / "sw" / groups["failed"][0]
     assert "not a readable HDF5 file" in json.loads((failed_dir / "status.json").read_text())["error"]
     assert len(load(tmp_path / "sw")) == 3 * 2
+
+
+def test_config_file_sets_the_grid_and_flags_override_it(tmp_path):
+    from offprune.config import SweepConfig
+    from offprune.sweep import grid
+
+    path = tmp_path / "sweep.toml"
+    path.write_text('algo = ["bc", "bcq"]\nprune = "snip"\nsparsity = [0.5, 0.9]\nseeds = "0-1"\n'
+                    'dataset = "d1"\nsteps = 7\neval-every = 7\n')
+    cfg = SweepConfig.build(path, steps=3, eval_every=3)
+    assert cfg.algo == ("bc", "bcq") and cfg.sparsity == (0.5, 0.9) and cfg.seeds == (0, 1) and cfg.steps == 3
+    runs = grid(cfg)
+    assert len(runs) == 2 * 2 * (1 + 2) and all(r.steps == 3 and r.threads == 1 for r in runs)
+    assert SweepConfig.build(path, algo="bc").algo == ("bc",)  # a flag replaces the file's list
+    assert SweepConfig.build(None, profile="paper").base_run().steps == 1_000_000
+
+
+@pytest.mark.parametrize("text, message", [
+    ('algo = "bc"\nsparsities = [0.5]\n', "unknown key 'sparsities' in"),
+    ("algo = [bc\n", "is not valid TOML"),
+    ('executor = "slurm"\n', "unknown executor 'slurm'"),
+    ('ray_address = "h:1"\n', "--ray-address needs --executor ray"),
+])
+def test_bad_config_files_are_one_line_errors(capsys, tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    code, _, err = run_cli(capsys, "sweep", "--config", path, "--out", tmp_path / "sw")
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
+
+
+def test_ray_errors_say_what_to_do(capsys, tmp_path, hopper_file, monkeypatch):
+    code, _, err = run_cli(capsys, *sweep_args(tmp_path, hopper_file, "--executor", "ray", "--ray-address", "127.0.0.1:1"))
+    assert code == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in err and err.count("\n") == 1
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
+    code, _, err = run_cli(capsys, *sweep_args(tmp_path, hopper_file, "--executor", "ray"))
+    assert code == 2 and "pip install 'ray>=2.9'" in err
+
+
+def test_ray_executor_on_a_local_instance(capsys, tmp_path, hopper_file):
+    pytest.importorskip("ray")
+    args = list(sweep_args(tmp_path, hopper_file, "--executor", "ray"))
+    args[args.index("--seeds") + 1] = "0"
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "3 done, 0 failed" in out
+    rows = load(tmp_path / "sw")
+    assert len(rows) == 3 * 2 and not rows.duplicated(["run_id", "step"]).any()
+
+
+def test_a_killed_sweep_resumes_from_checkpoints_without_duplicates(capsys, tmp_path, hopper_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = list(sweep_args(tmp_path, hopper_file))
+    args[args.index("--steps") + 1] = "1500"
+    args[args.index("--eval-every") + 1] = "250"
+    args[args.index("--jobs") + 1] = "1"
+    sweep = subprocess.Popen([sys.executable, "-m", "offprune.cli", *args], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+            len(load(p)) >= 2 for p in (tmp_path / "sw").glob("*/results.parquet")):
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
+    sweep.wait()
+    partial = {p.parent.name: load(p) for p in (tmp_path / "sw").glob("*/results.parquet")}
+    unfinished = {name: rows for name, rows in partial.items() if rows.step.max() < 1500}
+    assert unfinished, "the kill came after every run had finished; nothing was tested"
+    deadline = time.time() + 10  # SIGKILLed workers release their run locks once the kernel reaps them
+    while status(str(tmp_path / "sw"))["running"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert status(str(tmp_path / "sw"))["running"] == []  # dead runs are not shown as running
+
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "6 done, 0 failed" in out
+    rows = load(tmp_path / "sw")
+    assert len(rows) == 6 * 6 and not rows.duplicated(["run_id", "step"]).any()
+    for name, before in unfinished.items():  # continued from its checkpoint: the first rows were kept as they were
+        after = rows[rows.run_id == name].set_index("step")
+        assert (after.loc[before.step, "timestamp"].to_numpy() == before.timestamp.to_numpy()).all()

@@ -1,0 +1,131 @@
+"""Reports: statistics equal hand computations; the table's numbers from results with known values."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from offprune import stats
+from offprune.report import final_scores, iqm_table, make_report
+from offprune.results import LAYERS_FILE, RESULTS_FILE, write_parquet_atomic
+
+from conftest import run_cli
+
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    assert stats.iqm([8, 1, 7, 2, 6, 3, 5, 4]) == 4.5  # (3 + 4 + 5 + 6) / 4
+    assert stats.iqm([1, 2, 3, 100]) == 2.5  # int(0.25 * 4) = 1 value cut at each end
+    assert stats.iqm([1, 2, 3]) == 2.0  # int(0.75) = 0: nothing cut
+
+
+def test_bootstrap_ci_brackets_the_statistic_and_collapses_on_constants():
+    assert stats.bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
+    lo, hi = stats.bootstrap_ci([0.0, 10.0], reps=4000)
+    assert lo == 0.0 and hi == 10.0  # resamples of 2 values: means 0, 5, 10; 25% are 0 and 25% are 10
+    lo, hi = stats.bootstrap_ci(np.arange(100.0), reps=2000)
+    assert lo < 49.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.arange(100.0).std() / 10, rel=0.15)
+
+
+def test_stratified_bootstrap_keeps_each_group_apart():
+    # a ratio of means: numerator and denominator resampled on their own, never mixed
+    lo, hi = stats.stratified_bootstrap_ci([[2.0, 2.0], [4.0, 4.0]], lambda g: g[0].mean() / g[1].mean())
+    assert (lo, hi) == (0.5, 0.5)
+
+
+def run_rows(run_id, algo, dataset, prune, sparsity, seed, scores, steps=(500, 1000)):
+    return [dict(run_id=run_id, algo=algo, dataset=dataset, prune=prune, scope="global", target_sparsity=sparsity,
+                 seed=seed, step=step, normalized_score=score) for step, score in zip(steps, scores)]
+
+
+FINAL = {  # (criterion, sparsity) -> final scores of seeds 0, 1, 2
+    ("dense", 0.0): [100.0, 100.0, 100.0],
+    ("snip", 0.5): [95.0, 96.0, 94.0],
+    ("snip", 0.9): [99.0, 80.0, 94.0],  # mean 91: keeps 90%, but its CI dips below
+    ("snip", 0.95): [50.0, 50.0, 50.0],
+    ("grasp", 0.5): [80.0, 80.0, 80.0],
+}
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    root = tmp_path / "sweep"
+    for (prune, sparsity), scores in FINAL.items():
+        for seed, score in enumerate(scores):
+            run_id = f"bc_d_{prune}_s{sparsity:g}_seed{seed}"
+            (root / run_id).mkdir(parents=True)
+            write_parquet_atomic(pd.DataFrame(run_rows(run_id, "bc", "d", prune, sparsity, seed, [1.0, score])),
+                                 root / run_id / RESULTS_FILE)
+            layers = pd.DataFrame([dict(run_id=run_id, algo="bc", dataset="d", prune=prune, target_sparsity=sparsity,
+                                        seed=seed, network="vae", layer=f"l{i}.weight", total=100, kept=kept,
+                                        density=kept / 100) for i, kept in enumerate([20, 5])])
+            write_parquet_atomic(layers, root / run_id / LAYERS_FILE)
+    # an unfinished run: stopped at step 500, must not count
+    (root / "unfinished").mkdir()
+    write_parquet_atomic(pd.DataFrame(run_rows("unfinished", "bc", "d", "snip", 0.95, 3, [99.0], steps=(500,))),
+                         root / "unfinished" / RESULTS_FILE)
+    return root
+
+
+def test_report_table_has_the_known_numbers(results_dir, tmp_path):
+    rep = make_report(results_dir, tmp_path / "rep", reps=1000)
+    t = rep.retention.set_index("criterion")
+    snip = t.loc["snip"]
+    assert snip.seeds == 3 and snip.dense_score == 100.0
+    assert snip.highest_sparsity == 0.9 and snip.ratio == pytest.approx(0.91)
+    assert snip.ratio_ci_lo < 0.9 < snip.ratio_ci_hi and snip.ratio_ci_lo >= 0.80 and snip.ratio_ci_hi <= 0.99
+    assert snip.highest_sparsity_ci == 0.5  # 0.5's CI is within [0.94, 0.96]
+    grasp = t.loc["grasp"]
+    assert math.isnan(grasp.highest_sparsity) and "below 90%" in grasp.note
+
+    scores = rep.scores.set_index(["prune", "sparsity"])
+    assert scores.loc[("snip", 0.5), "mean"] == 95.0
+    assert 94.0 <= scores.loc[("snip", 0.5), "ci_lo"] <= 95.0 <= scores.loc[("snip", 0.5), "ci_hi"] <= 96.0
+    assert scores.loc[("snip", 0.95), "seeds"] == 3  # the unfinished seed 3 is left out
+    assert any("1 unfinished run" in n for n in rep.notes)
+
+    out = tmp_path / "rep"
+    for name in ("fig1_curves_snip.png", "fig1_curves_grasp.png", "fig2_score_vs_sparsity.png", "fig3_layers.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "fig5_storage.png").exists() and any("figure 5 left out" in n for n in rep.notes)
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4 and "http" not in page.split("<body>")[1]
+    assert "<td>0.91 (" in page
+    md = (out / "summary.md").read_text()
+    assert "| bc | d | snip | 3 | 100.00 | 0.9 | 0.91 (" in md and "| 0.5 |" in md
+    assert "approximate on gymnasium v5" in md
+
+
+def test_layer_figure_uses_the_chosen_sparsity(results_dir, tmp_path):
+    rep = make_report(results_dir, tmp_path / "rep", layer_sparsity=0.7, reps=200)
+    assert not (tmp_path / "rep" / "fig3_layers.png").exists()
+    assert any("no per-layer counts at sparsity 0.7" in n for n in rep.notes)
+
+
+def test_iqm_over_datasets():
+    rows = [dict(algo="bc", dataset=d, prune="snip", target_sparsity=0.5, seed=s, normalized_score=v)
+            for d, values in (("a", [1, 2, 3, 4]), ("b", [5, 6, 7, 8])) for s, v in enumerate(values)]
+    t = iqm_table(pd.DataFrame(rows), reps=500)
+    assert len(t) == 1 and t.iqm[0] == 4.5 and t.datasets[0] == 2 and t.runs[0] == 8
+    assert t.ci_lo[0] < 4.5 < t.ci_hi[0]
+    assert iqm_table(pd.DataFrame(rows[:4]), reps=100).empty  # one dataset: nothing to aggregate
+
+
+def test_final_scores_drop_runs_that_stopped_early():
+    df = pd.DataFrame(run_rows("a", "bc", "d", "dense", 0.0, 0, [1.0, 2.0]) +
+                      run_rows("b", "bc", "d", "snip", 0.5, 0, [3.0], steps=(500,)))
+    finals, notes = final_scores(df)
+    assert finals.run_id.tolist() == ["a"] and finals.normalized_score.tolist() == [2.0] and "b" in notes[0]
+
+
+def test_report_cli_prints_the_table_and_rejects_empty_paths(capsys, results_dir, tmp_path):
+    code, out, err = run_cli(capsys, "report", str(results_dir), "--out", tmp_path / "r", "--bootstrap", "200")
+    assert code == 0, err
+    assert "| bc | d | snip | 3 | 100.00 | 0.9 |" in out and "report.html" in out
+    code, out, err = run_cli(capsys, "report", str(results_dir / "*" / "results.parquet"), "--out", tmp_path / "g",
+                             "--bootstrap", "200")
+    assert code == 0 and (tmp_path / "g" / "fig3_layers.png").exists()  # a glob finds the layer files too
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "nothing"), "--out", tmp_path / "r2")
+    assert code == 2 and err.strip() == f"offprune: error: no results (results.parquet) found at {tmp_path / 'nothing'}"
+    code, _, err = run_cli(capsys, "report", str(results_dir), "--threshold", "1.5")
+    assert code == 2 and "--threshold must be in (0, 1]" in err and err.count("\n") == 1
