@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from offprune.algos import ALGOS
 from offprune.config import PROFILES, RunConfig
@@ -305,7 +306,8 @@ def storage(run_dir, table1, latency, repeats) -> None:
     \b
     Formats: dense torch.save; torch.sparse COO (the paper's way); CSR with int64 / int32
     indices; bitmap + values; offprune's packed export; the entropy bound of the masks.
-    The table is also written to RUN_DIR/storage.parquet for reports.
+    The table is also written to RUN_DIR/storage.parquet for reports. RUN_DIR may be a sweep
+    folder: then every run in it gets its storage.parquet (one line each).
     """
     import torch
 
@@ -319,6 +321,14 @@ def storage(run_dir, table1, latency, repeats) -> None:
             return
     if not run_dir:
         raise UserError("give a RUN_DIR (or a checkpoint path), or --table1")
+    runs = sorted(p.parent for p in Path(run_dir).glob("*/checkpoint.pt")) if Path(run_dir).is_dir() else []
+    if runs and not (Path(run_dir) / "checkpoint.pt").exists():  # a sweep folder: every run, one line each
+        for path in tqdm(runs, desc="storage", unit="run", disable=not sys.stderr.isatty()):
+            total = st.run_storage(path).iloc[-1]
+            click.echo(f"{path.name}: packed {int(total['packed'])} bytes ({total['dense'] / total['packed']:.2f}x "
+                       f"smaller than dense, {total['coo'] / total['packed']:.2f}x than COO)")
+        click.echo(f"wrote storage.parquet in {len(runs)} run folders (offprune report {run_dir} plots them)")
+        return
     agent, ckpt = st.load_run(run_dir)
     table = st.run_storage(run_dir, (agent, ckpt))
     total = table.iloc[-1]

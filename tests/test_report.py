@@ -129,3 +129,21 @@ def test_report_cli_prints_the_table_and_rejects_empty_paths(capsys, results_dir
     assert code == 2 and err.strip() == f"offprune: error: no results (results.parquet) found at {tmp_path / 'nothing'}"
     code, _, err = run_cli(capsys, "report", str(results_dir), "--threshold", "1.5")
     assert code == 2 and "--threshold must be in (0, 1]" in err and err.count("\n") == 1
+
+
+def test_sweep_then_storage_then_report_end_to_end(capsys, tmp_path, hopper_file):
+    out = tmp_path / "sw"
+    code, _, err = run_cli(capsys, "sweep", "--algo", "bc-mlp", "--prune", "snip", "--sparsity", "0.5,0.9",
+                           "--dataset", hopper_file, "--seeds", "0", "--steps", "4", "--eval-every", "2",
+                           "--eval-episodes", "1", "--kernels", "dense", "--jobs", "1", "--out", out, "--no-progress")
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "storage", out)
+    assert code == 0, err
+    assert "wrote storage.parquet in 3 run folders" in stdout
+    storage = pd.read_parquet(out / "bc-mlp_hopper-random-v5_snip_s0.9_seed0" / "storage.parquet")
+    prunable = 11 * 256 + 256 * 256 + 256 * 3
+    assert set(storage.nonzero_weights[storage.network == "policy"]) == {round(prunable * 0.1)}
+    rep = make_report(out, tmp_path / "rep", reps=200)
+    assert (tmp_path / "rep" / "fig5_storage.png").exists()
+    assert not any("figure 5" in n for n in rep.notes)
+    assert sorted(rep.scores.sparsity) == [0.0, 0.5, 0.9] and set(rep.scores.seeds) == {1}
