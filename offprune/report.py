@@ -226,6 +226,9 @@ def plot_storage(storage: pd.DataFrame, path: Path) -> Path:
     import seaborn as sns
 
     data = storage.copy()
+    networks = data[data.network != "total"].groupby("algo").network.nunique()
+    single = networks[networks == 1].index  # 'total' repeats the only network
+    data = data[~((data.network == "total") & data.algo.isin(single))]
     data["panel"] = data.algo + " · " + data.network
     panels = sorted(data.panel.unique())
     grid = sns.relplot(data=data, x="target_sparsity", y="bytes", hue="format", col="panel", col_order=panels,
