@@ -1,0 +1,319 @@
+"""Behaviour policies for dataset making, trained online with stable-baselines3 (SAC or PPO).
+
+D4RL's recipe: train an online agent; `expert` data comes from the fully trained policy, `medium`
+from a policy stopped at about a third of the expert's return, `medium-replay` from everything
+the agent saw while training up to that medium policy. So training here keeps, in
+DATASETS/behaviour/ENV-ALGO/:
+  state.json              progress: steps done, seconds, one evaluation per snapshot, finished
+  snapshots/step_N.zip    the policy every `eval_every` steps (SB3 zip), so data can be drawn
+                          later from any stage without retraining
+  replay/upto_N.npz       every transition the agent collected (D4RL layout, incl. qpos/qvel
+                          and the behaviour log-probabilities), one chunk per snapshot
+  checkpoint.zip (+ replay_buffer.pkl, vecnormalize.pkl)   to continue with --resume
+Expert = the snapshot with the highest evaluation return; medium = the earlier snapshot whose
+return is closest to a third of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+
+from offprune.data.d4rl import ENV_OF_FAMILY, datasets_dir
+from offprune.errors import UserError
+
+BEHAVIOUR_ALGOS = ("sac", "ppo")
+DEFAULT_ALGO = {"hopper": "sac", "halfcheetah": "sac", "walker2d": "sac", "ant": "sac"}
+# Budget profiles: env steps of behaviour training, its wall-clock bound, transitions per dataset.
+PROFILES = {
+    "quick": {"sac_steps": 100_000, "ppo_steps": 2_000_000, "minutes": 40, "transitions": 100_000, "eval_every": 10_000},
+    "d4rl": {"sac_steps": 1_000_000, "ppo_steps": 10_000_000, "minutes": None, "transitions": 1_000_000,
+             "eval_every": 50_000},
+}
+EVAL_EPISODES = 5
+SAC_LEARNING_STARTS = 10_000  # uniform random actions first, as the RL zoo does for MuJoCo
+
+
+def behaviour_dir(env: str, algo: str) -> Path:
+    return datasets_dir() / "behaviour" / f"{env}-{algo}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_state(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Policy:
+    """A behaviour policy: stochastic actions and their log-probabilities, as D4RL recorded."""
+
+    model: object
+    obs_normalizer: Callable[[np.ndarray], np.ndarray] | None
+    step: int
+    eval_return: float
+
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, float]:
+        import torch
+
+        x = obs[None] if self.obs_normalizer is None else self.obs_normalizer(obs[None])
+        policy = self.model.policy
+        with torch.no_grad():
+            obs_t = torch.as_tensor(x, dtype=torch.float32)
+            if hasattr(policy, "actor"):  # SAC: tanh-squashed Gaussian
+                mean, log_std, kwargs = policy.actor.get_action_dist_params(obs_t)
+                dist = policy.actor.action_dist.proba_distribution(mean, log_std, **kwargs)
+                action = dist.sample()
+                log_prob = dist.log_prob(action)
+                action = policy.unscale_action(action.numpy())
+            else:  # PPO: Gaussian, clipped to the action box
+                dist = policy.get_distribution(obs_t)
+                action = dist.get_actions(deterministic=False)
+                log_prob = dist.log_prob(action)
+                action = np.clip(action.numpy(), -1.0, 1.0)
+        return action[0].astype(np.float32), float(log_prob.reshape(-1)[0])
+
+
+def _load_model(algo: str, path: Path):
+    from stable_baselines3 import PPO, SAC
+
+    return (SAC if algo == "sac" else PPO).load(path, device="cpu")
+
+
+def _normalizer(folder: Path):
+    """Observation normalisation of a PPO run (VecNormalize statistics), or None."""
+    import pickle
+
+    path = folder / "vecnormalize_stats.pkl"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        mean, var, clip, eps = pickle.load(f)
+    return lambda obs: np.clip((obs - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
+
+
+def pick_snapshots(state: dict) -> dict[str, dict]:
+    """{'expert': evaluation, 'medium': evaluation} from a training run's evaluations."""
+    evals = state["evaluations"]
+    if not evals:
+        raise UserError("the behaviour training has no evaluations yet; continue it with --resume")
+    expert = max(evals, key=lambda e: e["return_mean"])
+    earlier = [e for e in evals if e["step"] < expert["step"]] or [expert]
+    medium = min(earlier, key=lambda e: abs(e["return_mean"] - expert["return_mean"] / 3))
+    return {"expert": expert, "medium": medium}
+
+
+def load_policy(env: str, algo: str, which: str) -> Policy:
+    """The expert or medium policy of a finished behaviour training (UserError says how to make it)."""
+    folder = behaviour_dir(env, algo)
+    state = read_state(folder)
+    if state is None or not state.get("finished"):
+        hint = " (it is unfinished: add --resume)" if state else ""
+        raise UserError(f"no trained {algo} behaviour policy for {env} in {folder}{hint}; make it with "
+                        f"'offprune datasets train {env} --algo {algo}'")
+    chosen = pick_snapshots(state)[which]
+    model = _load_model(algo, folder / "snapshots" / f"step_{chosen['step']}.zip")
+    return Policy(model, _normalizer(folder), chosen["step"], chosen["return_mean"])
+
+
+def evaluate_policy(policy: Policy, env_id: str, episodes: int, seed: int) -> tuple[float, float]:
+    from offprune.envs import make_env
+
+    env = make_env(env_id)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, total = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy.act(obs)[0])
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return float(np.mean(returns)), float(np.std(returns))
+
+
+class TransitionRecorder(gym.Wrapper):
+    """Wraps the training env (inside SB3's vector env) and keeps every transition in D4RL's
+    layout: raw observations and rewards, the qpos/qvel of the observed state, terminals vs time
+    limits. The training callback adds the behaviour log-probabilities."""
+
+    KEYS = ("observations", "actions", "next_observations", "rewards", "terminals", "timeouts", "infos/qpos",
+            "infos/qvel")
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.rows: dict[str, list] = {k: [] for k in self.KEYS}
+        self.log_probs: list[float] = []
+        self.obs = None
+
+    def reset(self, **kwargs):
+        self.obs, info = self.env.reset(**kwargs)
+        return self.obs, info
+
+    def step(self, action):
+        data = self.env.unwrapped.data
+        qpos, qvel = data.qpos.copy(), data.qvel.copy()
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
+        for key, value in zip(self.KEYS, (self.obs, action, next_obs, reward, terminated, truncated and not terminated,
+                                          qpos, qvel)):
+            self.rows[key].append(value)
+        self.obs = next_obs
+        return next_obs, reward, terminated, truncated, info
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The transitions recorded since the last call, as arrays."""
+        out = {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32)
+               for k, v in self.rows.items()}
+        out["infos/action_log_probs"] = np.asarray(self.log_probs, np.float32)
+        for rows in self.rows.values():
+            rows.clear()
+        self.log_probs.clear()
+        return out
+
+
+def train_behaviour(
+    env: str,
+    algo: str,
+    steps: int,
+    minutes: float | None,
+    seed: int = 0,
+    eval_every: int = 10_000,
+    resume: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train (or with `resume`, continue) the behaviour agent for `steps` env steps or `minutes`."""
+    import torch
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from offprune.envs import make_env
+
+    if env not in ENV_OF_FAMILY:
+        raise UserError(f"unknown env '{env}' (choose from {', '.join(ENV_OF_FAMILY)})")
+    if algo not in BEHAVIOUR_ALGOS:
+        raise UserError(f"unknown behaviour algo '{algo}' (choose from {', '.join(BEHAVIOUR_ALGOS)})")
+    if steps < 1 or eval_every < 1:
+        raise UserError("--steps and --eval-every must be at least 1")
+    env_id = ENV_OF_FAMILY[env]
+    folder = behaviour_dir(env, algo)
+    state = read_state(folder)
+    if state and not resume:
+        raise UserError(f"{folder} already holds a behaviour training ({state['steps_done']} steps); "
+                        "continue it with --resume, or delete the folder to start again")
+    if resume and not (state and (folder / "checkpoint.zip").exists()):
+        raise UserError(f"nothing to resume in {folder}; start with 'offprune datasets train {env} --algo {algo}'")
+    (folder / "snapshots").mkdir(parents=True, exist_ok=True)
+    (folder / "replay").mkdir(exist_ok=True)
+    torch.manual_seed(seed)
+
+    recorder_env = TransitionRecorder(make_env(env_id))
+    venv = DummyVecEnv([lambda: recorder_env])
+    venv.seed(seed)
+    if resume:
+        if algo == "ppo":
+            venv = VecNormalize.load(str(folder / "vecnormalize.pkl"), venv)
+        model = (SAC if algo == "sac" else PPO).load(folder / "checkpoint.zip", env=venv, device="cpu")
+        if algo == "sac":
+            model.load_replay_buffer(folder / "replay_buffer.pkl")
+        for chunk in (folder / "replay").glob("upto_*.npz"):  # collected after the checkpoint: redone
+            if int(chunk.stem.split("_")[1]) > state["steps_done"]:
+                chunk.unlink()
+    else:
+        state = {"env": env, "env_id": env_id, "algo": algo, "seed": seed, "steps_done": 0, "seconds": 0.0,
+                 "evaluations": [], "finished": False}
+        if algo == "sac":
+            model = SAC("MlpPolicy", venv, seed=seed, device="cpu", learning_starts=SAC_LEARNING_STARTS, verbose=0)
+        else:
+            venv = VecNormalize(venv, norm_obs=True, norm_reward=True)
+            model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0)
+    state.update(target_steps=steps, finished=False)
+    deadline = None if minutes is None else time.time() + minutes * 60 - state["seconds"]
+    started, seconds_before = time.time(), state["seconds"]
+    uniform_log_prob = -float(np.sum(np.log(venv.action_space.high - venv.action_space.low)))
+
+    class Recorder(BaseCallback):
+        """Adds the behaviour log-probability of every step, snapshots + evaluates the policy."""
+
+        def _on_training_start(self) -> None:
+            self.bar = None
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=steps, initial=self.num_timesteps, desc=f"behaviour {algo} {env_id}", unit="step")
+
+        def _on_step(self) -> bool:
+            if algo == "ppo":
+                log_prob = float(self.locals["log_probs"][0])
+            elif self.num_timesteps <= SAC_LEARNING_STARTS:
+                log_prob = uniform_log_prob
+            else:
+                log_prob = self._sac_log_prob(self.model._last_obs, self.locals["buffer_actions"])
+            recorder_env.log_probs.append(log_prob)
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.num_timesteps % eval_every == 0:
+                self.snapshot()
+            return self.num_timesteps < steps and (deadline is None or time.time() < deadline)
+
+        def _sac_log_prob(self, obs, buffer_actions) -> float:
+            with torch.no_grad():
+                actor = self.model.policy.actor
+                mean, log_std, kwargs = actor.get_action_dist_params(torch.as_tensor(obs, dtype=torch.float32))
+                dist = actor.action_dist.proba_distribution(mean, log_std, **kwargs)
+                return float(dist.log_prob(torch.as_tensor(buffer_actions, dtype=torch.float32)))
+
+        def snapshot(self) -> None:
+            step = self.num_timesteps
+            if step == state["steps_done"]:
+                return
+            self.model.save(folder / "snapshots" / f"step_{step}.zip")
+            if algo == "ppo":
+                self.training_env.save(str(folder / "vecnormalize.pkl"))
+                import pickle
+
+                rms = self.training_env.obs_rms
+                with open(folder / "vecnormalize_stats.pkl", "wb") as f:
+                    pickle.dump((rms.mean, rms.var, self.training_env.clip_obs, self.training_env.epsilon), f)
+            policy = Policy(self.model, _normalizer(folder), step, 0.0)
+            mean, std = evaluate_policy(policy, env_id, EVAL_EPISODES, seed=10_000 + step)
+            arrays = recorder_env.take()
+            with open(folder / "replay" / f".upto_{step}.npz", "wb") as f:
+                np.savez(f, **{k.replace("/", "__"): v for k, v in arrays.items()})
+            os.replace(folder / "replay" / f".upto_{step}.npz", folder / "replay" / f"upto_{step}.npz")
+            self.model.save(folder / "checkpoint.zip")
+            if algo == "sac":
+                self.model.save_replay_buffer(folder / "replay_buffer.pkl")
+            state["evaluations"].append({"step": step, "return_mean": mean, "return_std": std})
+            state.update(steps_done=step, seconds=seconds_before + time.time() - started)
+            _write_json(folder / "state.json", state)
+            log(f"behaviour {algo} {env_id}: step {step}, return {mean:.1f} ± {std:.1f}, "
+                f"{state['seconds'] / 60:.1f} min")
+
+        def _on_training_end(self) -> None:
+            self.snapshot()
+            if self.bar is not None:
+                self.bar.close()
+
+    recorder = Recorder()
+    model.learn(total_timesteps=max(steps - state["steps_done"], 1), callback=recorder,
+                reset_num_timesteps=not resume)
+    state.update(finished=True)
+    _write_json(folder / "state.json", state)
+    return folder
