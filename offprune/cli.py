@@ -255,44 +255,146 @@ def datasets() -> None:
     """Make and list D4RL-format datasets."""
 
 
+ENVS = ["hopper", "halfcheetah", "walker2d", "ant"]
+
+
+@datasets.command("train")
+@click.argument("env", metavar="ENV", type=click.Choice(ENVS))
+@click.option("--algo", type=click.Choice(["sac", "ppo"]), default=None,
+              help="Behaviour learner (stable-baselines3).  [default: sac]")
+@click.option("--profile", type=click.Choice(["quick", "d4rl"]), default="quick", show_default=True,
+              help="quick: SAC 100k / PPO 2M env steps, at most 40 minutes. d4rl: SAC 1M / PPO 10M, no time bound.")
+@click.option("--steps", type=int, default=None, help="Env steps of training (overrides the profile).")
+@click.option("--minutes", type=float, default=None, help="Wall-clock bound (overrides the profile).")
+@click.option("--eval-every", type=int, default=None, help="Env steps between snapshots + evaluations.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted or finished training (e.g. with more --steps).")
+def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume) -> None:
+    """Train the behaviour policy that medium / expert / medium-replay data come from.
+
+    \b
+    Kept in DATASETS/behaviour/ENV-ALGO/: a snapshot + evaluation every --eval-every steps, all
+    collected transitions, and a checkpoint for --resume. Expert = the best snapshot; medium =
+    an earlier snapshot at about a third of its return (D4RL's recipe).
+    """
+    from offprune.data.behaviour import DEFAULT_ALGO, PROFILES, pick_snapshots, read_state, train_behaviour
+
+    algo = algo or DEFAULT_ALGO[env]
+    budget = PROFILES[profile]
+    folder = train_behaviour(env, algo, steps or budget[f"{algo}_steps"],
+                             budget["minutes"] if minutes is None else minutes, seed,
+                             eval_every or budget["eval_every"], resume, progress=sys.stderr.isatty(),
+                             log=lambda m: click.echo(m, err=True))
+    state = read_state(folder)
+    picks = pick_snapshots(state)
+    click.echo(f"{folder}: {state['steps_done']} steps in {state['seconds'] / 60:.1f} min; expert = step "
+               f"{picks['expert']['step']} (return {picks['expert']['return_mean']:.1f}), medium = step "
+               f"{picks['medium']['step']} (return {picks['medium']['return_mean']:.1f})")
+
+
 @datasets.command("make")
-@click.argument("env", metavar="ENV", type=click.Choice(["hopper", "halfcheetah", "walker2d", "ant"]))
-@click.option("--quality", type=click.Choice(["random"]), default="random", show_default=True,
-              help="Behaviour policy. random: uniform random actions (D4RL's -random recipe).")
-@click.option("--transitions", type=int, default=10_000, show_default=True)
+@click.argument("env", metavar="ENV", type=click.Choice(ENVS))
+@click.option("--quality", type=click.Choice(["random", "medium", "expert", "medium-replay", "medium-expert"]),
+              default="random", show_default=True,
+              help="random: uniform actions. medium/expert: the trained behaviour policy's stochastic actions "
+                   "(run 'offprune datasets train ENV' first). medium-replay: its training data up to medium. "
+                   "medium-expert: the medium and expert files joined.")
+@click.option("--algo", type=click.Choice(["sac", "ppo"]), default=None, help="Which behaviour training.  [default: sac]")
+@click.option("--profile", type=click.Choice(["quick", "d4rl"]), default="quick", show_default=True,
+              help="Transitions: quick 100k, d4rl 1M.")
+@click.option("--transitions", type=int, default=None, help="Overrides the profile.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, help="Output file (default: $OFFPRUNE_DATASETS or ./datasets / ENV-QUALITY-v5.hdf5).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-def datasets_make(env, quality, transitions, seed, out, overwrite) -> None:
-    """Roll out a behaviour policy in a gymnasium v5 env and write a D4RL-format file."""
+def datasets_make(env, quality, algo, profile, transitions, seed, out, overwrite) -> None:
+    """Write a D4RL-format dataset rolled out in a gymnasium v5 env (recorded in the folder's manifest)."""
+    from offprune.data.behaviour import DEFAULT_ALGO, PROFILES
     from offprune.data.d4rl import datasets_dir, load_dataset
-    from offprune.data.generate import default_name, generate_random
+    from offprune.data.generate import default_name, make_dataset
 
     path = Path(out) if out else datasets_dir() / f"{default_name(env, quality)}.hdf5"
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; pass --overwrite to replace it")
-    generate_random(env, transitions, seed, path, progress=sys.stderr.isatty())
+    n = transitions if transitions is not None else PROFILES[profile]["transitions"]
+    make_dataset(env, quality, n, seed, path, algo or DEFAULT_ALGO[env], progress=sys.stderr.isatty(),
+                 overwrite=overwrite)
     d = load_dataset(str(path))
-    click.echo(f"wrote {path}: {len(d)} transitions, {len(d.episode_starts)} episodes, "
+    click.echo(f"wrote {path}: {len(d)} transitions, {d.attrs['episodes']} episodes, "
                f"mean return {d.attrs['return_mean']:.1f} (normalised {d.attrs['normalized_score']:.2f})")
+
+
+@datasets.command("import-minari")
+@click.argument("path", type=click.Path())
+@click.option("--out", default=None, help="Output file (default: DATASETS/<minari id with / as ->.hdf5).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def datasets_import_minari(path, out, overwrite) -> None:
+    """Convert a local Minari dataset folder (HDF5 backend) to a D4RL-format file."""
+    from offprune.data.d4rl import datasets_dir, load_dataset
+    from offprune.data.generate import import_minari
+
+    if not Path(path).exists():
+        raise UserError(f"Minari dataset folder not found: {path}")
+    name = "-".join(Path(path).resolve().parts[-2:]) if not out else None
+    target = Path(out) if out else datasets_dir() / f"{name}.hdf5"
+    import_minari(path, target, overwrite)
+    d = load_dataset(str(target))
+    click.echo(f"wrote {target}: {len(d)} transitions, {d.attrs['episodes']} episodes ({d.env_id})")
 
 
 @datasets.command("list")
 def datasets_list() -> None:
     """Datasets found under $OFFPRUNE_DATASETS (else ./datasets)."""
-    from offprune.data.d4rl import available_datasets, datasets_dir, load_dataset
+    import h5py
+
+    from offprune.data.d4rl import available_datasets, datasets_dir, resolve_dataset_path
 
     names = available_datasets()
     if not names:
         click.echo(f"no datasets in {datasets_dir()}/ (make one with 'offprune datasets make hopper')")
         return
-    click.echo(f"{'name':<28} {'env':<16} {'transitions':>11} {'episodes':>8}")
+    click.echo(f"{'name':<30} {'env':<15} {'quality':<14} {'transitions':>11} {'episodes':>8} {'return':>9} {'normalised':>10}")
     for name in names:
         try:
-            d = load_dataset(name)
-            click.echo(f"{name:<28} {d.env_id or '?':<16} {len(d):>11} {len(d.episode_starts):>8}")
-        except UserError as e:
-            click.echo(f"{name:<28} unreadable: {e}")
+            with h5py.File(resolve_dataset_path(name), "r") as f:
+                a = dict(f.attrs)
+                n = len(f["rewards"])
+            click.echo(f"{name:<30} {str(a.get('env_id', '?')):<15} {str(a.get('quality', '?')):<14} {n:>11} "
+                       f"{a.get('episodes', '?'):>8} {float(a.get('return_mean', float('nan'))):>9.1f} "
+                       f"{float(a.get('normalized_score', float('nan'))):>10.2f}")
+        except (OSError, KeyError) as e:
+            click.echo(f"{name:<30} unreadable: {e}")
+
+
+@datasets.command("info")
+@click.argument("name")
+def datasets_info(name) -> None:
+    """Arrays, attributes (provenance) and manifest entry of one dataset (NAME or a path)."""
+    import h5py
+
+    from offprune.data import manifest
+    from offprune.data.d4rl import resolve_dataset_path
+
+    path = resolve_dataset_path(name)
+    try:
+        with h5py.File(path, "r") as f:
+            click.echo(f"{path} ({path.stat().st_size} bytes)")
+            f.visititems(lambda key, obj: click.echo(f"  {key:<26} {str(obj.dtype):<8} {obj.shape}")
+                         if isinstance(obj, h5py.Dataset) else None)
+            for k, v in f.attrs.items():
+                click.echo(f"  @{k}: {v.decode() if isinstance(v, bytes) else v}")
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+    entry = manifest.read(path.parent).get(path.name)
+    click.echo(f"  manifest: {'sha256 ' + entry['sha256'] if entry else 'not recorded'}")
+
+
+@datasets.command("verify")
+@click.argument("name")
+def datasets_verify(name) -> None:
+    """Check the schema, read every array, and compare the sha256 with the manifest."""
+    from offprune.data import manifest
+
+    for line in manifest.verify(name):
+        click.echo(f"ok  {line}")
+    click.echo(f"{name}: verified")
 
 
 @cli.command()

@@ -317,3 +317,17 @@ def train_behaviour(
     state.update(finished=True)
     _write_json(folder / "state.json", state)
     return folder
+
+
+def replay_until(env: str, algo: str, step: int) -> dict[str, np.ndarray]:
+    """Every transition the behaviour agent collected up to `step`, in order (medium-replay)."""
+    folder = behaviour_dir(env, algo) / "replay"
+    chunks = sorted((int(p.stem.split("_")[1]), p) for p in folder.glob("upto_*.npz"))
+    chunks = [p for n, p in chunks if n <= step]
+    if not chunks:
+        raise UserError(f"no recorded training transitions in {folder}")
+    parts = [np.load(p) for p in chunks]
+    data = {k.replace("__", "/"): np.concatenate([z[k] for z in parts]) for k in parts[0].files}
+    if not data["terminals"][-1]:  # the episode running at `step` is cut there
+        data["timeouts"][-1] = True
+    return data

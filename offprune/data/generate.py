@@ -1,22 +1,31 @@
-"""Small D4RL-format datasets rolled out in gymnasium v5 environments.
+"""D4RL-format datasets rolled out in gymnasium v5 environments, D4RL's recipes:
 
-Only the `random` quality lives here (uniform random actions, D4RL's `-random` recipe); it needs
-no trained behaviour policy, so tests and the quick start can make data in seconds.
+- random: uniform random actions (needs nothing trained; tests and the quick start use it)
+- medium / expert: stochastic actions of a behaviour policy trained with stable-baselines3
+  (offprune.data.behaviour): expert = its best snapshot, medium = a snapshot at ~1/3 of that return
+- medium-replay: every transition the behaviour agent collected while training up to medium
+- medium-expert: the medium file's arrays followed by the expert file's, exactly
+
+Every file gets provenance attributes and an entry (sha256, statistics) in the manifest of the
+folder it is written to (offprune.data.manifest).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
 import offprune
-from offprune.data.d4rl import ENV_OF_FAMILY, normalized_score, write_d4rl_file
+from offprune.data.d4rl import ENV_OF_FAMILY, datasets_dir, normalized_score, write_d4rl_file
 from offprune.envs import env_versions, make_env
 from offprune.errors import UserError
 
-QUALITIES = ("random",)
+QUALITIES = ("random", "medium", "expert", "medium-replay", "medium-expert")
+
+ActFn = Callable[[np.ndarray], tuple[np.ndarray, float]]  # obs -> (action, log-probability)
 
 
 def default_name(env: str, quality: str) -> str:
@@ -24,21 +33,14 @@ def default_name(env: str, quality: str) -> str:
     return f"{env}-{quality}-v5"
 
 
-def generate_random(env: str, transitions: int, seed: int, out: str | Path, progress: bool = True) -> Path:
-    """Roll out a uniform random policy for `transitions` steps and write a D4RL-format file."""
-    if env not in ENV_OF_FAMILY:
-        raise UserError(f"unknown env '{env}' (choose from {', '.join(ENV_OF_FAMILY)})")
-    if transitions < 2:
-        raise UserError("--transitions must be at least 2")
+def rollout(env: str, act: ActFn, transitions: int, seed: int, progress: bool = True) -> dict[str, np.ndarray]:
+    """Roll `act` out for `transitions` steps; arrays in D4RL's layout (episodes reset with seed+i)."""
     env_id = ENV_OF_FAMILY[env]
     gym_env = make_env(env_id)
-    space = gym_env.action_space
-    rng = np.random.default_rng(seed)
     obs_dim = gym_env.observation_space.shape[0]
-    act_dim = space.shape[0]
+    act_dim = gym_env.action_space.shape[0]
     unwrapped = gym_env.unwrapped
     nq, nv = unwrapped.data.qpos.shape[0], unwrapped.data.qvel.shape[0]
-
     data = {
         "observations": np.zeros((transitions, obs_dim), np.float32),
         "actions": np.zeros((transitions, act_dim), np.float32),
@@ -50,12 +52,10 @@ def generate_random(env: str, transitions: int, seed: int, out: str | Path, prog
         "infos/qvel": np.zeros((transitions, nv), np.float32),
         "infos/action_log_probs": np.zeros(transitions, np.float32),
     }
-    # Uniform density over the action box, as a behaviour policy's log-probability.
-    log_prob = -float(np.sum(np.log(space.high - space.low)))
-    returns, episode_return, episode = [], 0.0, 0
+    episode = 0
     obs, _ = gym_env.reset(seed=seed)
     for t in tqdm(range(transitions), desc=f"rolling out {env_id}", disable=not progress, unit="step"):
-        action = rng.uniform(space.low, space.high).astype(np.float32)
+        action, log_prob = act(obs)
         data["infos/qpos"][t] = unwrapped.data.qpos
         data["infos/qvel"][t] = unwrapped.data.qvel
         next_obs, reward, terminated, truncated, _ = gym_env.step(action)
@@ -68,32 +68,132 @@ def generate_random(env: str, transitions: int, seed: int, out: str | Path, prog
         # The final, unfinished episode is cut by the dataset's end: a time-limit cut, not terminal.
         data["timeouts"][t] = (truncated or last) and not terminated
         data["infos/action_log_probs"][t] = log_prob
-        episode_return += float(reward)
         if terminated or truncated:
-            returns.append(episode_return)
-            episode_return, episode = 0.0, episode + 1
+            episode += 1
             obs, _ = gym_env.reset(seed=seed + episode)
         else:
             obs = next_obs
     gym_env.close()
-    if not returns:  # one unfinished episode: report its partial return
-        returns.append(episode_return)
+    return data
 
-    mean_return = float(np.mean(returns))
+
+def episode_returns(rewards: np.ndarray, terminals: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
+    """Return of every episode (the last one may be cut by the dataset's end)."""
+    ends = np.flatnonzero(terminals | timeouts)
+    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
+        ends = np.append(ends, len(rewards) - 1)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    sums = np.cumsum(rewards, dtype=np.float64)
+    return sums[ends] - np.where(starts > 0, sums[starts - 1], 0.0)
+
+
+def _write(out: Path, env: str | None, quality: str, data: dict, seed: int | None, provenance: dict) -> Path:
+    from offprune.data.manifest import record
+
+    env_id = ENV_OF_FAMILY[env] if env else provenance.pop("env_id")
+    returns = episode_returns(data["rewards"], data["terminals"], data["timeouts"])
     attrs = {
         "env_id": env_id,
-        "quality": "random",
-        "behaviour_policy": "uniform random",
-        "seed": seed,
+        "quality": quality,
+        **({"seed": seed} if seed is not None else {}),
+        "transitions": len(data["rewards"]),
         "episodes": len(returns),
-        "return_mean": mean_return,
-        "return_std": float(np.std(returns)),
-        "normalized_score": normalized_score(env_id, mean_return),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "normalized_score": normalized_score(env_id, float(returns.mean())),
         "offprune_version": offprune.__version__,
         **{f"{k}_version": v for k, v in env_versions().items()},
+        **provenance,
     }
-    data["metadata/algorithm"] = np.array("random")
-    return write_d4rl_file(out, data, attrs)
+    data["metadata/algorithm"] = np.array(provenance.get("behaviour_algo", "random"))
+    path = write_d4rl_file(out, data, attrs)
+    record(path)
+    return path
+
+
+def generate_random(env: str, transitions: int, seed: int, out: str | Path, progress: bool = True) -> Path:
+    """Roll out a uniform random policy for `transitions` steps and write a D4RL-format file."""
+    _check(env, transitions)
+    space = make_env(ENV_OF_FAMILY[env]).action_space
+    rng = np.random.default_rng(seed)
+    log_prob = -float(np.sum(np.log(space.high - space.low)))  # uniform density over the action box
+
+    def act(obs):
+        return rng.uniform(space.low, space.high).astype(np.float32), log_prob
+
+    data = rollout(env, act, transitions, seed, progress)
+    return _write(Path(out), env, "random", data, seed, {"behaviour_policy": "uniform random"})
+
+
+def _check(env: str, transitions: int) -> None:
+    if env not in ENV_OF_FAMILY:
+        raise UserError(f"unknown env '{env}' (choose from {', '.join(ENV_OF_FAMILY)})")
+    if transitions < 2:
+        raise UserError("--transitions must be at least 2")
+
+
+def make_dataset(env: str, quality: str, transitions: int, seed: int, out: str | Path, algo: str,
+                 progress: bool = True, overwrite: bool = False) -> Path:
+    """Make one dataset of `quality` (see the module docstring) and write it to `out`."""
+    from offprune.data import behaviour
+
+    _check(env, transitions)
+    if quality not in QUALITIES:
+        raise UserError(f"unknown quality '{quality}' (choose from {', '.join(QUALITIES)})")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if quality == "random":
+        return generate_random(env, transitions, seed, out, progress)
+    if quality in ("medium", "expert"):
+        policy = behaviour.load_policy(env, algo, quality)
+        data = rollout(env, policy.act, transitions, seed, progress)
+        return _write(out, env, quality, data, seed, _policy_provenance(env, algo, policy))
+    if quality == "medium-replay":
+        policy = behaviour.load_policy(env, algo, "medium")
+        data = behaviour.replay_until(env, algo, policy.step)
+        return _write(out, env, quality, data, seed, _policy_provenance(env, algo, policy))
+    # medium-expert: the two files, joined; made first when they are not there
+    parts = []
+    for part in ("medium", "expert"):
+        path = out.with_name(f"{default_name(env, part)}.hdf5")
+        if not path.exists():
+            make_dataset(env, part, transitions, seed, path, algo, progress)
+        parts.append(path)
+    return concatenate(parts, out, env, seed)
+
+
+def _policy_provenance(env: str, algo: str, policy) -> dict:
+    from offprune.data import behaviour
+
+    state = behaviour.read_state(behaviour.behaviour_dir(env, algo))
+    return {
+        "behaviour_policy": f"{algo} snapshot at step {policy.step}",
+        "behaviour_algo": algo,
+        "behaviour_policy_step": policy.step,
+        "behaviour_training_steps": state["steps_done"],
+        "behaviour_training_seconds": state["seconds"],
+        "behaviour_eval_return": policy.eval_return,
+        "behaviour_normalized_score": normalized_score(ENV_OF_FAMILY[env], policy.eval_return),
+    }
+
+
+def concatenate(paths: list[Path], out: Path, env: str, seed: int) -> Path:
+    """The arrays of `paths`, in order, in one file (D4RL's medium-expert)."""
+    import h5py
+
+    data: dict[str, list] = {}
+    attrs = []
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: data.setdefault(name, []).append(obj[()])
+                         if isinstance(obj, h5py.Dataset) and not name.startswith("metadata") else None)
+            attrs.append(dict(f.attrs))
+    joined = {k: np.concatenate(v) for k, v in data.items()}
+    provenance = {"behaviour_policy": " + ".join(str(a.get("behaviour_policy")) for a in attrs),
+                  "behaviour_algo": str(attrs[-1].get("behaviour_algo", "")),
+                  "joined_from": " + ".join(p.name for p in paths)}
+    return _write(out, env, "medium-expert", joined, seed, provenance)
 
 
 def ensure_default_dataset(name: str, log=print, transitions: int = 10_000) -> None:
@@ -106,3 +206,20 @@ def ensure_default_dataset(name: str, log=print, transitions: int = 10_000) -> N
         return
     log(f"dataset {name} not found: generating {transitions} random-policy transitions into {path}")
     generate_random(env, transitions, seed=0, out=path, progress=False)
+
+
+def import_minari(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """A local Minari dataset folder -> one D4RL-format file (with manifest entry)."""
+    from offprune.data.minari_import import read_minari
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    arrays, attrs = read_minari(path)
+    if len(arrays["rewards"]) and not arrays["terminals"][-1]:
+        arrays["timeouts"][-1] = True
+    # Minari does not record behaviour log-probabilities: NaN says "unknown", not "probability 1"
+    arrays.setdefault("infos/action_log_probs", np.full(len(arrays["rewards"]), np.nan, np.float32))
+    quality = attrs.pop("quality")
+    return _write(out, None, quality, arrays, None, {"behaviour_policy": attrs.get("minari_algorithm") or "unknown",
+                                                    "behaviour_algo": attrs.get("minari_algorithm") or "unknown", **attrs})
