@@ -1,0 +1,207 @@
+"""Dataset factory: behaviour training (tiny budget), every quality, manifest, verify, Minari import."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from offprune.data import behaviour, load_dataset
+from offprune.data.manifest import MANIFEST, verify
+from offprune.envs import make_env
+from offprune.errors import UserError
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    """A datasets folder with a tiny SAC behaviour training (real updates after step 200) and
+    every quality made from it."""
+    folder = tmp_path_factory.mktemp("datasets")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OFFPRUNE_DATASETS", str(folder))
+    mp.setattr(behaviour, "SAC_LEARNING_STARTS", 200)
+    from offprune.data.generate import make_dataset
+
+    behaviour.train_behaviour("hopper", "sac", 400, None, seed=0, eval_every=100, log=lambda m: None)
+    paths = {q: make_dataset("hopper", q, 300, 0, folder / f"hopper-{q}-v5.hdf5", "sac", progress=False)
+             for q in ("random", "medium", "expert", "medium-replay", "medium-expert")}
+    yield folder, paths
+    mp.undo()
+
+
+def read_all(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, o: out.__setitem__(k, o[()]) if isinstance(o, h5py.Dataset) else None)
+        attrs = dict(f.attrs)
+    return out, attrs
+
+
+def test_files_have_d4rls_layout_dtypes_and_provenance(factory):
+    _, paths = factory
+    for quality, path in paths.items():
+        arrays, attrs = read_all(path)
+        n = len(arrays["rewards"])
+        for key in ("observations", "actions", "next_observations", "rewards", "infos/qpos", "infos/qvel",
+                    "infos/action_log_probs"):
+            assert arrays[key].dtype == np.float32 and len(arrays[key]) == n, (quality, key)
+        assert arrays["terminals"].dtype == bool and arrays["timeouts"].dtype == bool
+        assert arrays["observations"].shape == (n, 11) and arrays["actions"].shape == (n, 3)
+        assert attrs["quality"] == quality and attrs["env_id"] == "Hopper-v5" and "mujoco_version" in attrs
+        assert not (arrays["terminals"] & arrays["timeouts"]).any()
+        assert arrays["terminals"][-1] or arrays["timeouts"][-1]  # the dataset's end closes its last episode
+        if quality != "random":
+            assert attrs["behaviour_algo"] == "sac"
+    _, attrs = read_all(paths["expert"])
+    assert attrs["behaviour_training_steps"] == 400 and attrs["behaviour_policy"].startswith("sac snapshot at step")
+    assert np.isfinite(read_all(paths["expert"])[0]["infos/action_log_probs"]).all()
+
+
+def test_training_picks_expert_and_medium_by_return(factory):
+    folder, _ = factory
+    state = behaviour.read_state(folder / "behaviour" / "hopper-sac")
+    assert [e["step"] for e in state["evaluations"]] == [100, 200, 300, 400] and state["finished"]
+    picks = behaviour.pick_snapshots(state)
+    assert picks["expert"]["return_mean"] == max(e["return_mean"] for e in state["evaluations"])
+    earlier = [e for e in state["evaluations"] if e["step"] < picks["expert"]["step"]] or [picks["expert"]]
+    assert picks["medium"] == min(earlier, key=lambda e: abs(e["return_mean"] - picks["expert"]["return_mean"] / 3))
+
+
+@pytest.mark.parametrize("quality", ["random", "expert", "medium-replay"])
+def test_transitions_and_episode_ends_match_the_environment(factory, quality):
+    """Replay each row from its stored qpos/qvel: same next observation, terminal exactly when
+    the env terminates, timeouts only at time limits or the data's end."""
+    _, paths = factory
+    a, _ = read_all(paths[quality])
+    env = make_env("Hopper-v5")
+    env.reset(seed=0)
+    raw = env.unwrapped
+    ends = 0
+    for t in range(len(a["rewards"])):
+        raw.set_state(a["infos/qpos"][t].astype(np.float64), a["infos/qvel"][t].astype(np.float64))
+        next_obs, reward, terminated, _, _ = env.step(a["actions"][t])
+        np.testing.assert_allclose(next_obs, a["next_observations"][t], rtol=1e-4, atol=1e-4)
+        assert reward == pytest.approx(a["rewards"][t], rel=1e-4, abs=1e-4)
+        assert bool(terminated) == bool(a["terminals"][t]), t
+        if a["timeouts"][t]:
+            assert t == len(a["rewards"]) - 1 or raw.data.time > 0  # only at the cut
+        if not (a["terminals"][t] or a["timeouts"][t]) and t + 1 < len(a["rewards"]):
+            np.testing.assert_array_equal(a["observations"][t + 1], a["next_observations"][t])
+        ends += bool(a["terminals"][t] or a["timeouts"][t])
+    assert ends >= 2  # several episodes were checked
+
+
+def test_medium_replay_is_the_training_data_up_to_medium(factory):
+    folder, paths = factory
+    state = behaviour.read_state(folder / "behaviour" / "hopper-sac")
+    medium_step = behaviour.pick_snapshots(state)["medium"]["step"]
+    arrays, attrs = read_all(paths["medium-replay"])
+    assert len(arrays["rewards"]) == medium_step and attrs["behaviour_policy_step"] == medium_step
+
+
+def test_medium_expert_is_the_exact_concatenation(factory):
+    _, paths = factory
+    joined, _ = read_all(paths["medium-expert"])
+    medium, _ = read_all(paths["medium"])
+    expert, _ = read_all(paths["expert"])
+    assert set(joined) == set(medium)
+    for key in [k for k in medium if not k.startswith("metadata/")]:
+        np.testing.assert_array_equal(joined[key], np.concatenate([medium[key], expert[key]]), err_msg=key)
+
+
+def test_manifest_and_verify_detects_a_flipped_byte(factory, tmp_path):
+    folder, paths = factory
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert set(manifest) == {p.name for p in paths.values()}
+    assert manifest["hopper-expert-v5.hdf5"]["transitions"] == 300
+    assert verify(str(paths["expert"]))[-1].startswith("sha256: matches")
+
+    copy = tmp_path / "hopper-expert-v5.hdf5"
+    data = bytearray(paths["expert"].read_bytes())
+    (tmp_path / MANIFEST).write_text(json.dumps({copy.name: manifest["hopper-expert-v5.hdf5"]}))
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="differs from the manifest|cannot read|not a readable"):
+        verify(str(copy))
+    copy.write_bytes(paths["expert"].read_bytes()[:5000])  # truncated
+    with pytest.raises(UserError, match="not a readable HDF5 file|cannot read"):
+        verify(str(copy))
+
+
+def test_minari_import(tmp_path, monkeypatch):
+    minari_storage = pytest.importorskip("minari.dataset.minari_storage")
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    env = make_env("Hopper-v5")
+    data_path = tmp_path / "minari" / "hopper" / "tiny-v0" / "data"
+    data_path.mkdir(parents=True)
+    storage = minari_storage.MinariStorage.new(data_path, env.observation_space, env.action_space, env.spec)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        ep = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
+        for t in range(30):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            obs, reward, term, trunc, _ = env.step(action)
+            trunc = trunc or t == 29
+            for key, value in (("observations", obs), ("actions", action), ("rewards", reward),
+                               ("terminations", term), ("truncations", trunc)):
+                ep[key].append(value)
+            if term or trunc:
+                break
+        episodes.append(ep)
+    storage.update_episodes([EpisodeBuffer(id=i, seed=i, infos={}, **{k: (np.asarray(v) if k == "observations" else v)
+                                                                          for k, v in ep.items()})
+                             for i, ep in enumerate(episodes)])
+    storage.update_metadata({"dataset_id": "hopper/tiny-v0", "algorithm_name": "random"})
+
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path / "ds"))
+    from offprune.data.generate import import_minari
+
+    path = import_minari(tmp_path / "minari" / "hopper" / "tiny-v0", tmp_path / "ds" / "hopper-tiny.hdf5")
+    d = load_dataset(str(path))
+    n = sum(len(ep["rewards"]) for ep in episodes)
+    assert len(d) == n and d.env_id == "Hopper-v5"
+    np.testing.assert_array_equal(d.observations[: len(episodes[0]["rewards"])],
+                                  np.asarray(episodes[0]["observations"][:-1], np.float32))
+    np.testing.assert_array_equal(d.next_observations[len(episodes[0]["rewards"]) - 1],
+                                  np.float32(episodes[0]["observations"][-1]))
+    ends = np.cumsum([len(ep["rewards"]) for ep in episodes]) - 1
+    assert list(np.flatnonzero(d.terminals | d.timeouts)) == list(ends)
+    assert [bool(d.terminals[e]) for e in ends] == [bool(ep["terminations"][-1]) for ep in episodes]
+    assert verify(str(path))[-1].startswith("sha256: matches")
+
+
+def test_bad_inputs_are_one_line_errors(capsys, tmp_path, monkeypatch, hopper_file):
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path))
+    cases = [
+        (("datasets", "make", "pong"), "Invalid value for 'ENV'"),
+        (("datasets", "make", "hopper", "--quality", "great"), "Invalid value for '--quality'"),
+        (("datasets", "make", "hopper", "--quality", "expert"), "make it with 'offprune datasets train hopper --algo sac'"),
+        (("datasets", "train", "hopper", "--resume"), "nothing to resume"),
+        (("datasets", "verify", "nope"), "dataset 'nope' not found"),
+        (("datasets", "import-minari", tmp_path / "none"), "Minari dataset folder not found"),
+        (("datasets", "import-minari", tmp_path), "is not a Minari dataset folder"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    (tmp_path / "hopper-random-v5.hdf5").write_bytes(b"x")
+    code, _, err = run_cli(capsys, "datasets", "make", "hopper", "--transitions", "20")
+    assert code == 2 and "exists; pass --overwrite" in err
+    assert (tmp_path / "hopper-random-v5.hdf5").read_bytes() == b"x"
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    from offprune.data.generate import generate_random
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
+    with pytest.raises(OSError):
+        generate_random("hopper", 50, 0, tmp_path / "hopper-random-v5.hdf5", progress=False)
+    assert list(tmp_path.iterdir()) == []
