@@ -177,19 +177,19 @@ def plot_score_vs_sparsity(scores: pd.DataFrame, iqms: pd.DataFrame, finals: pd.
     for ax, (kind, algo, dataset) in zip(axes.flat, panels):
         if kind == "panel":
             t = scores[(scores.algo == algo) & (scores.dataset == dataset)]
-            value, title = "mean", f"{algo} · {dataset}"
+            title = f"{algo} · {dataset}"
         else:
             t = iqms[iqms.algo == algo].rename(columns={"iqm": "mean"})
-            value, title = "mean", f"{algo} · IQM over {int(t.datasets.max())} datasets"
+            title = f"{algo} · IQM over {int(t.datasets.max())} datasets"
         dense = t[t.prune == "dense"]
         if len(dense):
             d = dense.iloc[0]
             ax.axhspan(d.ci_lo, d.ci_hi, color="0.85", label="dense (95% CI)")
-            ax.axhline(d[value], color="0.3", lw=1)
+            ax.axhline(d["mean"], color="0.3", lw=1)
         for prune in criteria:
             c = t[t.prune == prune].sort_values("sparsity")
             if len(c):
-                ax.plot(c.sparsity, c[value], marker="o", ms=3, color=colors[prune], label=prune)
+                ax.plot(c.sparsity, c["mean"], marker="o", ms=3, color=colors[prune], label=prune)
                 ax.fill_between(c.sparsity, c.ci_lo, c.ci_hi, color=colors[prune], alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sparsity (fraction of weights removed)")
@@ -202,7 +202,7 @@ def plot_score_vs_sparsity(scores: pd.DataFrame, iqms: pd.DataFrame, finals: pd.
     return _save(fig, path, _caption(finals))
 
 
-def plot_layers(layers: pd.DataFrame, sparsity: float, finals: pd.DataFrame, path: Path) -> Path:
+def plot_layers(layers: pd.DataFrame, sparsity: float, path: Path) -> Path:
     import seaborn as sns
 
     data = layers[np.isclose(layers.target_sparsity, sparsity) & (layers.prune != "dense")].copy()
@@ -327,7 +327,7 @@ def make_report(
         layer_sparsity = float(pruned_levels[-1])
     if layer_sparsity is not None and len(layers) and np.isclose(layers.target_sparsity, layer_sparsity).any():
         log(f"figure: layers at sparsity {layer_sparsity:g}")
-        path = plot_layers(layers, layer_sparsity, finals, out / "fig3_layers.png")
+        path = plot_layers(layers, layer_sparsity, out / "fig3_layers.png")
         figures.append((path, f"Fraction of weights kept per layer at sparsity {layer_sparsity:g}."))
     elif layer_sparsity is not None:
         report.notes.append(f"no per-layer counts at sparsity {layer_sparsity:g}: figure 3 left out")

@@ -27,6 +27,7 @@ import gymnasium as gym
 import numpy as np
 
 from offprune.data.d4rl import ENV_OF_FAMILY, datasets_dir
+from offprune.data.generate import uniform_log_prob
 from offprune.errors import UserError
 
 BEHAVIOUR_ALGOS = ("sac", "ppo")
@@ -75,8 +76,7 @@ class Policy:
         with torch.no_grad():
             obs_t = torch.as_tensor(x, dtype=torch.float32)
             if hasattr(policy, "actor"):  # SAC: tanh-squashed Gaussian
-                mean, log_std, kwargs = policy.actor.get_action_dist_params(obs_t)
-                dist = policy.actor.action_dist.proba_distribution(mean, log_std, **kwargs)
+                dist = sac_distribution(policy.actor, obs_t)
                 action = dist.sample()
                 log_prob = dist.log_prob(action)
                 action = policy.unscale_action(action.numpy())
@@ -86,6 +86,12 @@ class Policy:
                 log_prob = dist.log_prob(action)
                 action = np.clip(action.numpy(), -1.0, 1.0)
         return action[0].astype(np.float32), float(log_prob.reshape(-1)[0])
+
+
+def sac_distribution(actor, obs):
+    """The action distribution of an SB3 SAC actor at `obs` (a batch tensor)."""
+    mean, log_std, kwargs = actor.get_action_dist_params(obs)
+    return actor.action_dist.proba_distribution(mean, log_std, **kwargs)
 
 
 def _load_model(algo: str, path: Path):
@@ -128,23 +134,6 @@ def load_policy(env: str, algo: str, which: str) -> Policy:
     chosen = pick_snapshots(state)[which]
     model = _load_model(algo, folder / "snapshots" / f"step_{chosen['step']}.zip")
     return Policy(model, _normalizer(folder), chosen["step"], chosen["return_mean"])
-
-
-def evaluate_policy(policy: Policy, env_id: str, episodes: int, seed: int) -> tuple[float, float]:
-    from offprune.envs import make_env
-
-    env = make_env(env_id)
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        done, total = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy.act(obs)[0])
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns)), float(np.std(returns))
 
 
 class TransitionRecorder(gym.Wrapper):
@@ -204,6 +193,7 @@ def train_behaviour(
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     from offprune.envs import make_env
+    from offprune.evaluate import evaluate
 
     if env not in ENV_OF_FAMILY:
         raise UserError(f"unknown env '{env}' (choose from {', '.join(ENV_OF_FAMILY)})")
@@ -224,6 +214,7 @@ def train_behaviour(
     torch.manual_seed(seed)
 
     recorder_env = TransitionRecorder(make_env(env_id))
+    eval_env = make_env(env_id)
     venv = DummyVecEnv([lambda: recorder_env])
     venv.seed(seed)
     if resume:
@@ -246,7 +237,7 @@ def train_behaviour(
     state.update(target_steps=steps, finished=False)
     deadline = None if minutes is None else time.time() + minutes * 60 - state["seconds"]
     started, seconds_before = time.time(), state["seconds"]
-    uniform_log_prob = -float(np.sum(np.log(venv.action_space.high - venv.action_space.low)))
+    random_log_prob = uniform_log_prob(venv.action_space)
 
     class Recorder(BaseCallback):
         """Adds the behaviour log-probability of every step, snapshots + evaluates the policy."""
@@ -262,7 +253,7 @@ def train_behaviour(
             if algo == "ppo":
                 log_prob = float(self.locals["log_probs"][0])
             elif self.num_timesteps <= SAC_LEARNING_STARTS:
-                log_prob = uniform_log_prob
+                log_prob = random_log_prob
             else:
                 log_prob = self._sac_log_prob(self.model._last_obs, self.locals["buffer_actions"])
             recorder_env.log_probs.append(log_prob)
@@ -274,9 +265,7 @@ def train_behaviour(
 
         def _sac_log_prob(self, obs, buffer_actions) -> float:
             with torch.no_grad():
-                actor = self.model.policy.actor
-                mean, log_std, kwargs = actor.get_action_dist_params(torch.as_tensor(obs, dtype=torch.float32))
-                dist = actor.action_dist.proba_distribution(mean, log_std, **kwargs)
+                dist = sac_distribution(self.model.policy.actor, torch.as_tensor(obs, dtype=torch.float32))
                 return float(dist.log_prob(torch.as_tensor(buffer_actions, dtype=torch.float32)))
 
         def snapshot(self) -> None:
@@ -292,7 +281,8 @@ def train_behaviour(
                 with open(folder / "vecnormalize_stats.pkl", "wb") as f:
                     pickle.dump((rms.mean, rms.var, self.training_env.clip_obs, self.training_env.epsilon), f)
             policy = Policy(self.model, _normalizer(folder), step, 0.0)
-            mean, std = evaluate_policy(policy, env_id, EVAL_EPISODES, seed=10_000 + step)
+            returns = evaluate(lambda obs: policy.act(obs)[0], eval_env, EVAL_EPISODES, seed=10_000 + step)
+            mean, std = float(returns.mean()), float(returns.std())
             arrays = recorder_env.take()
             with open(folder / "replay" / f".upto_{step}.npz", "wb") as f:
                 np.savez(f, **{k.replace("/", "__"): v for k, v in arrays.items()})
@@ -327,7 +317,4 @@ def replay_until(env: str, algo: str, step: int) -> dict[str, np.ndarray]:
     if not chunks:
         raise UserError(f"no recorded training transitions in {folder}")
     parts = [np.load(p) for p in chunks]
-    data = {k.replace("__", "/"): np.concatenate([z[k] for z in parts]) for k in parts[0].files}
-    if not data["terminals"][-1]:  # the episode running at `step` is cut there
-        data["timeouts"][-1] = True
-    return data
+    return {k.replace("__", "/"): np.concatenate([z[k] for z in parts]) for k in parts[0].files}

@@ -59,14 +59,12 @@ def rollout(env: str, act: ActFn, transitions: int, seed: int, progress: bool = 
         data["infos/qpos"][t] = unwrapped.data.qpos
         data["infos/qvel"][t] = unwrapped.data.qvel
         next_obs, reward, terminated, truncated, _ = gym_env.step(action)
-        last = t == transitions - 1
         data["observations"][t] = obs
         data["actions"][t] = action
         data["next_observations"][t] = next_obs
         data["rewards"][t] = reward
         data["terminals"][t] = terminated
-        # The final, unfinished episode is cut by the dataset's end: a time-limit cut, not terminal.
-        data["timeouts"][t] = (truncated or last) and not terminated
+        data["timeouts"][t] = truncated and not terminated
         data["infos/action_log_probs"][t] = log_prob
         if terminated or truncated:
             episode += 1
@@ -91,6 +89,9 @@ def _write(out: Path, env: str | None, quality: str, data: dict, seed: int | Non
     from offprune.data.manifest import record
 
     env_id = ENV_OF_FAMILY[env] if env else provenance.pop("env_id")
+    if len(data["rewards"]) and not data["terminals"][-1]:
+        # The final, unfinished episode is cut by the dataset's end: a time-limit cut, not terminal.
+        data["timeouts"][-1] = True
     returns = episode_returns(data["rewards"], data["terminals"], data["timeouts"])
     attrs = {
         "env_id": env_id,
@@ -111,12 +112,17 @@ def _write(out: Path, env: str | None, quality: str, data: dict, seed: int | Non
     return path
 
 
+def uniform_log_prob(space) -> float:
+    """Log-density of a uniform random action over a Box: the random policy's log-probability."""
+    return -float(np.sum(np.log(space.high - space.low)))
+
+
 def generate_random(env: str, transitions: int, seed: int, out: str | Path, progress: bool = True) -> Path:
     """Roll out a uniform random policy for `transitions` steps and write a D4RL-format file."""
     _check(env, transitions)
     space = make_env(ENV_OF_FAMILY[env]).action_space
     rng = np.random.default_rng(seed)
-    log_prob = -float(np.sum(np.log(space.high - space.low)))  # uniform density over the action box
+    log_prob = uniform_log_prob(space)
 
     def act(obs):
         return rng.uniform(space.low, space.high).astype(np.float32), log_prob
@@ -132,6 +138,14 @@ def _check(env: str, transitions: int) -> None:
         raise UserError("--transitions must be at least 2")
 
 
+def _writable(out: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work, to replace an existing file unless asked to."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
 def make_dataset(env: str, quality: str, transitions: int, seed: int, out: str | Path, algo: str,
                  progress: bool = True, overwrite: bool = False) -> Path:
     """Make one dataset of `quality` (see the module docstring) and write it to `out`."""
@@ -140,9 +154,7 @@ def make_dataset(env: str, quality: str, transitions: int, seed: int, out: str |
     _check(env, transitions)
     if quality not in QUALITIES:
         raise UserError(f"unknown quality '{quality}' (choose from {', '.join(QUALITIES)})")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    out = _writable(out, overwrite)
     if quality == "random":
         return generate_random(env, transitions, seed, out, progress)
     if quality in ("medium", "expert"):
@@ -212,12 +224,8 @@ def import_minari(path: str | Path, out: str | Path, overwrite: bool = False) ->
     """A local Minari dataset folder -> one D4RL-format file (with manifest entry)."""
     from offprune.data.minari_import import read_minari
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    out = _writable(out, overwrite)
     arrays, attrs = read_minari(path)
-    if len(arrays["rewards"]) and not arrays["terminals"][-1]:
-        arrays["timeouts"][-1] = True
     # Minari does not record behaviour log-probabilities: NaN says "unknown", not "probability 1"
     arrays.setdefault("infos/action_log_probs", np.full(len(arrays["rewards"]), np.nan, np.float32))
     quality = attrs.pop("quality")
