@@ -205,3 +205,23 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         generate_random("hopper", 50, 0, tmp_path / "hopper-random-v5.hdf5", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_medium_replay_ends_an_episode_cut_by_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path))
+    replay = behaviour.behaviour_dir("hopper", "sac") / "replay"
+    replay.mkdir(parents=True)
+
+    def chunk(first_obs, n):
+        obs = first_obs + np.arange(n + 1, dtype=np.float32)[:, None]
+        return {"observations": obs[:-1], "next_observations": obs[1:], "terminals": np.zeros(n, bool),
+                "timeouts": np.zeros(n, bool), "rewards": np.zeros(n, np.float32)}
+
+    a = chunk(np.zeros((1, 2), np.float32), 3)
+    b = chunk(a["next_observations"][-1:], 2)  # continues a's episode
+    c = chunk(np.full((1, 2), 50, np.float32), 2)  # after a resume: a fresh episode
+    for step, part in ((3, a), (5, b), (7, c)):
+        np.savez(replay / f"upto_{step}.npz", **part)
+    data = behaviour.replay_until("hopper", "sac", 7)
+    assert data["timeouts"].tolist() == [False, False, False, False, True, False, False]
+    assert not data["terminals"].any()

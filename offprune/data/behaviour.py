@@ -316,5 +316,11 @@ def replay_until(env: str, algo: str, step: int) -> dict[str, np.ndarray]:
     chunks = [p for n, p in chunks if n <= step]
     if not chunks:
         raise UserError(f"no recorded training transitions in {folder}")
-    parts = [np.load(p) for p in chunks]
-    return {k.replace("__", "/"): np.concatenate([z[k] for z in parts]) for k in parts[0].files}
+    parts = [dict(np.load(p)) for p in chunks]
+    for before, after in zip(parts, parts[1:]):
+        # A resume restarts the env: an episode open at a chunk's end that the next chunk does not
+        # continue was cut there by the interruption (a time-limit cut, not a termination).
+        open_end = not (before["terminals"][-1] or before["timeouts"][-1])
+        if open_end and not np.array_equal(before["next_observations"][-1], after["observations"][0]):
+            before["timeouts"][-1] = True
+    return {k.replace("__", "/"): np.concatenate([z[k] for z in parts]) for k in parts[0]}
