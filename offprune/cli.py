@@ -478,7 +478,11 @@ def export(run_dir, out) -> None:
 @click.option("--steps", type=int, default=30, show_default=True, help="Updates per round.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (steps/s) for scripts and CI.")
 def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, as_json) -> None:
-    """Update steps/s: dense unmasked vs dense masked vs sparse kernels, interleaved in one process."""
+    """Update steps/s of one algorithm's SNIP-pruned agent, interleaved in one process.
+
+    dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
+    sparse: offprune's sparse kernels (--kernels sparse); dense_reparam: torch.nn.utils.prune's
+    weight * mask in every forward, for comparison with the usual pruning code bases."""
     import json
 
     import torch
@@ -498,7 +502,8 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, as_json) ->
     click.echo(f"{algo}, SNIP {sparsity}, {threads} thread(s), obs {obs_dim}, act {act_dim}, "
                f"median of {repeats} interleaved rounds x {steps} updates")
     for name, value in r.items():
-        click.echo(f"  {name:<15} {value:8.1f} steps/s   {value / r['dense_masked']:5.2f}x dense masked")
+        click.echo(f"  {name:<15} {value:8.1f} steps/s   {value / r['dense_masked']:5.2f}x dense masked   "
+                   f"{value / r['dense_reparam']:5.2f}x dense reparam")
 
 
 def main(argv: list[str] | None = None) -> None:

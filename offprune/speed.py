@@ -7,13 +7,17 @@ import statistics
 import time
 
 import torch
+import torch.nn.utils.prune
 
 from offprune.algos import ALGOS
 from offprune.data import Batch
-from offprune.prune import MaskEnforcer, compute_masks
-from offprune.sparse import convert_to_sparse
+from offprune.prune import compute_masks
+from offprune.sparse import apply_masks
 
-VARIANTS = ("dense_unmasked", "dense_masked", "sparse")
+VARIANTS = ("dense_unmasked", "dense_masked", "sparse", "dense_reparam")
+# dense_masked: offprune's dense training (masked gradients, pruned weights zeroed after each step);
+# dense_reparam: torch.nn.utils.prune's way (weight = weight_orig * mask recomputed every forward),
+# what most pruning-at-initialisation code bases do; shown for context, not used by offprune.
 
 
 def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int = 0) -> list[Batch]:
@@ -35,9 +39,14 @@ def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, 
     networks = agent.prunable_networks()
     pruning = random_batches(obs_dim, act_dim, 100, 1, seed)[0]
     masks = compute_masks(networks, "snip", sparsity, "global", lambda: pruning, torch.Generator().manual_seed(seed))
-    MaskEnforcer(networks, masks, agent.optimizers.values() if variant == "dense_masked" else ())
-    if variant == "sparse":
-        convert_to_sparse(networks, masks, agent.optimizers.values())
+    if variant == "dense_reparam":
+        for name, net in networks.items():
+            for module in (net.module, *net.mask_copies):
+                for pname, mask in masks[name].items():
+                    layer = module.get_submodule(pname.rpartition(".")[0])
+                    torch.nn.utils.prune.custom_from_mask(layer, "weight", mask)
+        return agent
+    apply_masks(networks, masks, agent.optimizers.values(), "sparse" if variant == "sparse" else "dense")
     return agent
 
 

@@ -32,9 +32,9 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import evaluate, summarize
-from offprune.prune import MaskEnforcer, compute_masks, layer_densities, realised_sparsity
+from offprune.prune import compute_masks, layer_densities, realised_sparsity
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
-from offprune.sparse import choose_kernels, convert_to_sparse
+from offprune.sparse import apply_masks, choose_kernels
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MASKS_FILE = "masks.pt"
@@ -153,12 +153,9 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         )
         save_atomic(masks, run_dir / MASKS_FILE)
         kernels, kernel_speedup = resolve_kernels(cfg, networks, masks, algo_config.batch_size, log)
-    if kernels == "sparse":
-        if cfg.threads is None:
-            torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
-        convert_to_sparse(networks, masks, agent.optimizers.values())
-    else:
-        MaskEnforcer(networks, masks, agent.optimizers.values())
+    if kernels == "sparse" and cfg.threads is None:
+        torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
+    layer_kernels = apply_masks(networks, masks, agent.optimizers.values(), kernels)
     if ckpt is not None:
         for name, module in agent.modules.items():
             module.load_state_dict(ckpt["modules"][name])
@@ -180,7 +177,8 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         "seed": cfg.seed,
     }
     layers = pd.DataFrame(
-        [{**identity, "network": d.network, "layer": d.layer, "total": d.total, "kept": d.kept, "density": d.density}
+        [{**identity, "network": d.network, "layer": d.layer, "total": d.total, "kept": d.kept, "density": d.density,
+          "kernel": layer_kernels[d.network][d.layer]}
          for d in layer_densities(masks)]
     )
     write_parquet_atomic(layers, run_dir / LAYERS_FILE)

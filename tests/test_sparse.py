@@ -11,7 +11,8 @@ from torch import nn
 from offprune.algos import ALGOS
 from offprune.prune import MaskEnforcer, compute_masks
 from offprune.results import load
-from offprune.sparse import SparseLinear, convert_to_dense, convert_to_sparse, has_sparse_layers
+from offprune import sparse as sparse_module
+from offprune.sparse import SparseLinear, convert_to_dense, convert_to_sparse, has_sparse_layers, product_for
 
 from conftest import random_batch, run_cli
 
@@ -25,10 +26,12 @@ def masked_linear(out_f=30, in_f=40, density=0.1, seed=0):
     return lin, mask
 
 
-@pytest.mark.parametrize("shape", [(16, 40), (2, 5, 40)])
-def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape):
+@pytest.mark.parametrize("product", ["csr", "dense"])
+@pytest.mark.parametrize("shape", [(16, 40), (2, 5, 40), (300, 40)])
+def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape, product, monkeypatch):
+    monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 64)  # batch 300: the blocked csr path
     lin, mask = masked_linear()
-    sparse = SparseLinear(lin, mask)
+    sparse = SparseLinear(lin, mask, product)
     x = torch.randn(*shape, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = lin(x), sparse(x2)
@@ -42,6 +45,40 @@ def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape):
     assert sparse.values.numel() == int(mask.sum())
 
 
+@pytest.mark.parametrize("product", ["csr", "dense"])
+def test_no_grad_forward_equals_the_autograd_forward_and_follows_weight_updates(product):
+    lin, mask = masked_linear(density=0.2)
+    sparse = SparseLinear(lin, mask, product)
+    x = torch.randn(7, 40)
+    with torch.no_grad():
+        before = sparse(x)
+    assert torch.equal(before, sparse(x).detach())
+    with torch.no_grad():  # an in-place update (as Adam's) must not be hidden by the dense-weight cache
+        sparse.values.mul_(2.0)
+        after = sparse(x)
+    torch.testing.assert_close(after - sparse.bias, 2 * (before - sparse.bias))
+
+
+def test_blocked_csr_product_is_bit_identical_to_one_call(monkeypatch):
+    lin, mask = masked_linear(out_f=50, in_f=60, density=0.1)
+    sparse = SparseLinear(lin, mask, "csr")
+    x = torch.randn(1000, 60)
+    with torch.no_grad():
+        whole = sparse(x)
+        monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 128)  # 1000 columns: 8 blocks, the last one short
+        blocked = sparse(x)
+    assert torch.equal(whole, blocked)
+
+
+def test_product_rule_keeps_small_or_dense_layers_on_dense_products():
+    g = torch.Generator().manual_seed(0)
+    assert product_for(torch.rand(750, 750, generator=g) < 0.05) == "csr"
+    assert product_for(torch.rand(300, 400, generator=g) < 0.2) == "csr"
+    assert product_for(torch.rand(750, 750, generator=g) < 0.5) == "dense"  # too dense to pay
+    assert product_for(torch.rand(3, 300, generator=g) < 0.05) == "dense"  # output head: too small
+    assert product_for(torch.rand(400, 14, generator=g) < 0.05) == "dense"  # input layer: too small
+
+
 def test_conversion_back_is_bit_exact_and_keeps_the_mask():
     lin, mask = masked_linear(density=0.3)
     sparse = SparseLinear(lin, mask)
@@ -51,7 +88,7 @@ def test_conversion_back_is_bit_exact_and_keeps_the_mask():
     assert not torch.signbit(back.weight[~mask]).any()  # pruned entries are +0.0
 
 
-def agent_pair(sparsity=0.9):
+def agent_pair(sparsity=0.9, product=None):
     module = ALGOS["bcq"]
     config = dataclasses.replace(module.Config(), actor_hidden=(64, 48), critic_hidden=(64, 48), vae_hidden=(96, 96),
                                  batch_size=32)
@@ -65,13 +102,18 @@ def agent_pair(sparsity=0.9):
         if kernels == "dense":
             MaskEnforcer(nets, masks, agent.optimizers.values())
         else:
-            assert convert_to_sparse(nets, masks, agent.optimizers.values()) == 3 * 2 + 3 * 4 + 7  # actor + target, Q1, Q2 + targets, VAE
+            products = convert_to_sparse(nets, masks, agent.optimizers.values(), product)
+            assert {n: len(p) for n, p in products.items()} == {"actor": 3, "critic": 3, "vae": 7}
+            converted = sum(isinstance(m, SparseLinear) for n in nets.values() for mod in (n.module, *n.mask_copies)
+                            for m in mod.modules())
+            assert converted == 3 * 2 + 3 * 4 + 7  # actor + target, Q1, Q2 + targets, VAE
         agents.append((agent, masks))
     return agents
 
 
-def test_sparse_and_dense_kernels_learn_the_same_for_300_bcq_updates():
-    (dense, masks), (sparse, _) = agent_pair()
+@pytest.mark.parametrize("product", ["csr", "dense"])
+def test_sparse_and_dense_kernels_learn_the_same_for_300_bcq_updates(product):
+    (dense, masks), (sparse, _) = agent_pair(product=product)
     losses = {"dense": [], "sparse": []}
     for step in range(300):
         batch = random_batch(11, 3, 32, seed=1000 + step)
