@@ -137,7 +137,11 @@ def test_inference_path_matches_dense_outputs():
             assert len(fast.kernels) == 3
             torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
         assert st.InferenceMLP(seq, 10, "sparse").kernels == ["csr"] * 3
-        torch.testing.assert_close(st.CSRLinear(seq[2])(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
+        for kernel in ("addmm", "bag"):
+            torch.testing.assert_close(st.CSRLinear(seq[2], kernel)(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
+        bag = st.InferenceMLP(seq, 10, "sparse")  # every layer on the embedding-bag kernel
+        bag.steps = [("bag" if kind == "csr" else kind, a, b) for kind, a, b in bag.steps]
+        torch.testing.assert_close(bag(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def corrupt_variants(data: bytes):
