@@ -261,9 +261,11 @@ ENVS = ["hopper", "halfcheetah", "walker2d", "ant"]
 @datasets.command("train")
 @click.argument("env", metavar="ENV", type=click.Choice(ENVS))
 @click.option("--algo", type=click.Choice(["sac", "ppo"]), default=None,
-              help="Behaviour learner (stable-baselines3).  [default: sac]")
+              help="Behaviour learner (stable-baselines3); PPO uses per-env settings (offprune.data.behaviour"
+                   ".PPO_SETTINGS).  [default: ppo]")
 @click.option("--profile", type=click.Choice(["quick", "d4rl"]), default="quick", show_default=True,
-              help="quick: SAC 100k / PPO 2M env steps, at most 40 minutes. d4rl: SAC 1M / PPO 10M, no time bound.")
+              help="quick: SAC 100k / PPO 2M env steps, at most 40 minutes, a snapshot every 10k / 50k. "
+                   "d4rl: SAC 1M / PPO 10M, no time bound, a snapshot every 50k / 250k.")
 @click.option("--steps", type=int, default=None, help="Env steps of training (overrides the profile).")
 @click.option("--minutes", type=float, default=None, help="Wall-clock bound (overrides the profile).")
 @click.option("--eval-every", type=int, default=None, help="Env steps between snapshots + evaluations.")
@@ -283,7 +285,7 @@ def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume)
     budget = PROFILES[profile]
     folder = train_behaviour(env, algo, steps or budget[f"{algo}_steps"],
                              budget["minutes"] if minutes is None else minutes, seed,
-                             eval_every or budget["eval_every"], resume, progress=sys.stderr.isatty(),
+                             eval_every or budget[f"{algo}_eval_every"], resume, progress=sys.stderr.isatty(),
                              log=lambda m: click.echo(m, err=True))
     state = read_state(folder)
     picks = pick_snapshots(state)

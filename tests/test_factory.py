@@ -180,7 +180,7 @@ def test_bad_inputs_are_one_line_errors(capsys, tmp_path, monkeypatch, hopper_fi
     cases = [
         (("datasets", "make", "pong"), "Invalid value for 'ENV'"),
         (("datasets", "make", "hopper", "--quality", "great"), "Invalid value for '--quality'"),
-        (("datasets", "make", "hopper", "--quality", "expert"), "make it with 'offprune datasets train hopper --algo sac'"),
+        (("datasets", "make", "hopper", "--quality", "expert"), "make it with 'offprune datasets train hopper --algo ppo'"),
         (("datasets", "train", "hopper", "--resume"), "nothing to resume"),
         (("datasets", "verify", "nope"), "dataset 'nope' not found"),
         (("datasets", "import-minari", tmp_path / "none"), "Minari dataset folder not found"),
@@ -225,3 +225,36 @@ def test_medium_replay_ends_an_episode_cut_by_a_resume(tmp_path, monkeypatch):
     data = behaviour.replay_until("hopper", "sac", 7)
     assert data["timeouts"].tolist() == [False, False, False, False, True, False, False]
     assert not data["terminals"].any()
+
+
+def test_ppo_behaviour_uses_the_env_settings_and_records_its_log_probs(tmp_path, monkeypatch):
+    import torch
+
+    from offprune.data.generate import make_dataset
+
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path))
+    folder = behaviour.train_behaviour("halfcheetah", "ppo", 1024, None, seed=0, eval_every=512, log=lambda m: None)
+    state = behaviour.read_state(folder)
+    assert state["steps_done"] == 1024 and [e["step"] for e in state["evaluations"]] == [512, 1024]
+    policy = behaviour.load_policy("halfcheetah", "ppo", "expert")
+    medium = behaviour.load_policy("halfcheetah", "ppo", "medium")
+    if medium.step != policy.step:  # each snapshot keeps the observation statistics it was evaluated with
+        x = np.ones((1, 17), np.float32)
+        assert not np.allclose(policy.obs_normalizer(x), medium.obs_normalizer(x))
+    net = policy.model.policy.mlp_extractor.policy_net
+    assert [m.out_features for m in net if isinstance(m, torch.nn.Linear)] == [256, 256]  # tuned: ReLU 256-256
+    assert any(isinstance(m, torch.nn.ReLU) for m in net)
+    assert policy.model.n_steps == 512 and policy.model.gamma == 0.98 and policy.obs_normalizer is not None
+    path = make_dataset("halfcheetah", "expert", 200, 0, tmp_path / "hc.hdf5", "ppo", progress=False)
+    with h5py.File(path) as f:
+        log_probs = f["infos/action_log_probs"][:]
+        assert f.attrs["behaviour_algo"] == "ppo" and np.isfinite(log_probs).all()
+    # the Gaussian PPO samples from: the log-prob of each stored action (rows where clipping to the
+    # action box did not move it) under the policy at the stored observation
+    data = load_dataset(str(path))
+    rows = np.flatnonzero((np.abs(data.actions) < 1).all(1))[:5]
+    assert len(rows) > 0
+    dist = policy.model.policy.get_distribution(torch.as_tensor(policy.obs_normalizer(data.observations[rows])))
+    np.testing.assert_allclose(dist.log_prob(torch.as_tensor(data.actions[rows])).detach().numpy(), log_probs[rows],
+                               rtol=1e-4, atol=1e-4)
+    assert behaviour.ppo_kwargs("hopper") == {}  # SB3 defaults (the PPO paper's MuJoCo settings)
