@@ -10,13 +10,16 @@ from offprune.data.d4rl import (
     resolve_dataset_path,
     write_d4rl_file,
 )
-from offprune.data.sampler import Batch, TransitionSampler
+from offprune.data.sampler import Batch, SequenceBatch, SequenceSampler, TransitionSampler, episode_ends
 
 __all__ = [
     "REFERENCE_SCORES",
     "Batch",
     "OfflineDataset",
+    "SequenceBatch",
+    "SequenceSampler",
     "TransitionSampler",
+    "episode_ends",
     "available_datasets",
     "datasets_dir",
     "load_dataset",

@@ -49,3 +49,81 @@ class TransitionSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+class SequenceBatch(NamedTuple):
+    """Chunks of consecutive transitions from single episodes, [B, T, ...]; step t of a row is the
+    transition (o_t, a_t, r_t, o_t+1). Rows from episodes shorter than T are padded after their
+    end with zeros and `mask` 0."""
+
+    observations: torch.Tensor  # [B, T, obs_dim]
+    actions: torch.Tensor  # [B, T, act_dim]
+    rewards: torch.Tensor  # [B, T]
+    next_observations: torch.Tensor  # [B, T, obs_dim]
+    terminals: torch.Tensor  # [B, T]: 1 where the episode really ended (not a time limit)
+    mask: torch.Tensor  # [B, T]: 1 for real steps, 0 for padding
+
+
+def episode_ends(dataset: OfflineDataset) -> np.ndarray:
+    """Indices of the last transition of every episode: a termination, a time limit, a transition
+    whose next observation is not the following row's observation (older D4RL files drop the
+    timeout step, so only this shows the cut), and the final row."""
+    cut = dataset.terminals | dataset.timeouts
+    cut[:-1] |= (dataset.next_observations[:-1] != dataset.observations[1:]).any(1)
+    cut[-1] = True
+    return np.flatnonzero(cut)
+
+
+class SequenceSampler:
+    """Uniform over every chunk start that keeps a chunk of `seq_len` inside one episode, plus the
+    first step of every episode shorter than `seq_len` (padded and masked, never dropped), so
+    chunks never cross an episode boundary. The numpy Generator's state goes into checkpoints."""
+
+    def __init__(self, dataset: OfflineDataset, seq_len: int, device: torch.device | str, seed: int):
+        from offprune.errors import UserError
+
+        if seq_len < 1:
+            raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+        ends = episode_ends(dataset)
+        begins = np.concatenate([[0], ends[:-1] + 1])
+        lengths = ends - begins + 1
+        if lengths.max() < seq_len:
+            raise UserError(f"every episode of {dataset.name} is shorter than the sequence length {seq_len} "
+                            f"(longest: {lengths.max()} steps); pass a shorter --seq-len")
+        per_episode = np.maximum(lengths - seq_len + 1, 1)
+        self.starts = np.concatenate([b + np.arange(k) for b, k in zip(begins, per_episode)])
+        # steps available from each start without leaving its episode
+        self.valid = np.minimum(np.repeat(ends + 1, per_episode) - self.starts, seq_len)
+        self.seq_len, self.device = seq_len, torch.device(device)
+        self.episode_lengths = lengths
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=torch.float32, device=device)
+
+        self.observations = put(dataset.observations)
+        self.actions = put(dataset.actions)
+        self.rewards = put(dataset.rewards)
+        self.next_observations = put(dataset.next_observations)
+        self.terminals = put(dataset.terminals.astype(np.float32))
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size: int) -> SequenceBatch:
+        pick = self.rng.integers(0, len(self.starts), size=batch_size)
+        offsets = np.arange(self.seq_len)
+        mask_np = offsets[None, :] < self.valid[pick, None]
+        idx_np = self.starts[pick, None] + np.minimum(offsets[None, :], self.valid[pick, None] - 1)
+        idx = torch.from_numpy(idx_np).to(self.device)
+        mask = torch.from_numpy(mask_np).to(self.device, torch.float32)
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            out = t[idx]
+            return out * mask.view(*mask.shape, *([1] * (out.dim() - 2)))
+
+        return SequenceBatch(take(self.observations), take(self.actions), take(self.rewards),
+                             take(self.next_observations), take(self.terminals), mask)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
