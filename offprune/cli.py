@@ -12,6 +12,7 @@ from offprune.algos import ALGOS
 from offprune.config import PROFILES, RunConfig
 from offprune.errors import UserError
 from offprune.prune import METHODS, SCOPES
+from offprune.sparse import KERNELS
 
 EXIT_USER_ERROR = 2
 
@@ -47,7 +48,7 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads (default: torch's; 1 with sparse kernels; 1 per process when running several).")
-@click.option("--kernels", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
+@click.option("--kernels", type=click.Choice(KERNELS), default="auto", show_default=True,
               help="dense: masked dense matrices. sparse: store and train only kept weights (CSR). "
                    "auto: measure both on the pruned layers and take sparse if >= 1.1x faster.")
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
@@ -112,7 +113,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
 @click.option("--prune-batch", type=int, default=None, help="[default: 100 for SNIP, 200 for GraSP]")
 @click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from each dataset).")
-@click.option("--kernels", type=click.Choice(["auto", "dense", "sparse"]), default=None, help="[default: auto]")
+@click.option("--kernels", type=click.Choice(KERNELS), default=None, help="[default: auto]")
 @click.option("--device", default=None, help="[default: cpu]")
 @click.option("--threads", type=int, default=None, help="Torch threads per run.  [default: 1]")
 @click.option("--jobs", type=int, default=None, help="Runs at a time (local processes or local Ray CPUs).  [default: 2]")

@@ -11,6 +11,7 @@ from typing import Any
 
 from offprune.errors import UserError
 from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES
+from offprune.sparse import KERNELS
 
 # Budget profiles: steps, evaluation cadence and episodes. `paper` is the pruning paper's protocol.
 PROFILES: dict[str, dict[str, int]] = {
@@ -62,8 +63,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.prune_batch is not None and self.prune_batch < 1:
             raise UserError("--prune-batch must be at least 1")
-        if self.kernels not in ("auto", "dense", "sparse"):
-            raise UserError(f"unknown kernels '{self.kernels}' (choose from auto, dense, sparse)")
+        if self.kernels not in KERNELS:
+            raise UserError(f"unknown kernels '{self.kernels}' (choose from {', '.join(KERNELS)})")
         if self.kernels == "sparse" and self.prune == "dense":
             raise UserError("--kernels sparse needs pruned networks (sparsity > 0); use --kernels dense or auto")
         if self.threads is not None and self.threads < 1:

@@ -174,20 +174,14 @@ class SparseLinear(nn.Module):
         return flat.index_copy(0, self.flat_index, values).view(self.out_features, self.in_features)
 
     def mask(self) -> Tensor:
-        m = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.values.device)
-        m[self._rows(), self.col.long()] = True
-        return m
-
-    def _rows(self) -> Tensor:
-        counts = (self.crow[1:] - self.crow[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)
+        flat = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.values.device)
+        return flat.index_fill_(0, self.flat_index, True).view(self.out_features, self.in_features)
 
     def to_linear(self) -> nn.Linear:
         """The dense masked Linear with bit-identical weights (+0.0 where pruned)."""
         linear = nn.Linear(self.in_features, self.out_features, device=self.values.device)
         with torch.no_grad():
-            linear.weight.zero_()
-            linear.weight[self._rows(), self.col.long()] = self.values
+            linear.weight.copy_(self.dense_weight(self.values))
             linear.bias.copy_(self.bias)
         return linear
 

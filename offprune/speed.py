@@ -30,7 +30,7 @@ def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int 
 
 
 def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, seed: int = 0):
-    """An agent at initialisation: unpruned, or SNIP-pruned with dense masked or sparse kernels."""
+    """An agent at initialisation: unpruned, or SNIP-pruned with one of the masked variants."""
     torch.manual_seed(seed)
     module = ALGOS[algo]
     agent = module.Agent(obs_dim, act_dim, 1.0, module.Config(), torch.device("cpu"))

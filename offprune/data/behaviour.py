@@ -65,7 +65,7 @@ def ppo_kwargs(env: str) -> dict:
     """PPO_SETTINGS[env] as stable-baselines3 keyword arguments (activation names -> torch classes)."""
     import torch
 
-    kwargs = {k: v for k, v in PPO_SETTINGS.get(env, {}).items()}
+    kwargs = dict(PPO_SETTINGS.get(env, {}))
     if "policy_kwargs" in kwargs:
         policy = dict(kwargs["policy_kwargs"])
         if "activation" in policy:

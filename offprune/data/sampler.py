@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 from offprune.data.d4rl import OfflineDataset
+from offprune.errors import UserError
+
+
+def _on_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.as_tensor(a, dtype=torch.float32, device=device)
 
 
 class Batch(NamedTuple):
@@ -22,14 +27,11 @@ class TransitionSampler:
     """Samples with replacement from a numpy Generator whose state is saved in checkpoints."""
 
     def __init__(self, dataset: OfflineDataset, device: torch.device | str, seed: int):
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=torch.float32, device=device)
-
-        self.observations = put(dataset.observations)
-        self.actions = put(dataset.actions)
-        self.rewards = put(dataset.rewards).unsqueeze(1)
-        self.next_observations = put(dataset.next_observations)
-        self.not_done = put(1.0 - dataset.terminals.astype(np.float32)).unsqueeze(1)
+        self.observations = _on_device(dataset.observations, device)
+        self.actions = _on_device(dataset.actions, device)
+        self.rewards = _on_device(dataset.rewards, device).unsqueeze(1)
+        self.next_observations = _on_device(dataset.next_observations, device)
+        self.not_done = _on_device(1.0 - dataset.terminals.astype(np.float32), device).unsqueeze(1)
         self.size = len(dataset)
         self.device = torch.device(device)
         self.rng = np.random.default_rng(seed)
@@ -80,8 +82,6 @@ class SequenceSampler:
     chunks never cross an episode boundary. The numpy Generator's state goes into checkpoints."""
 
     def __init__(self, dataset: OfflineDataset, seq_len: int, device: torch.device | str, seed: int):
-        from offprune.errors import UserError
-
         if seq_len < 1:
             raise UserError(f"--seq-len must be at least 1, got {seq_len}")
         ends = episode_ends(dataset)
@@ -95,16 +95,11 @@ class SequenceSampler:
         # steps available from each start without leaving its episode
         self.valid = np.minimum(np.repeat(ends + 1, per_episode) - self.starts, seq_len)
         self.seq_len, self.device = seq_len, torch.device(device)
-        self.episode_lengths = lengths
-
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=torch.float32, device=device)
-
-        self.observations = put(dataset.observations)
-        self.actions = put(dataset.actions)
-        self.rewards = put(dataset.rewards)
-        self.next_observations = put(dataset.next_observations)
-        self.terminals = put(dataset.terminals.astype(np.float32))
+        self.observations = _on_device(dataset.observations, device)
+        self.actions = _on_device(dataset.actions, device)
+        self.rewards = _on_device(dataset.rewards, device)
+        self.next_observations = _on_device(dataset.next_observations, device)
+        self.terminals = _on_device(dataset.terminals.astype(np.float32), device)
         self.rng = np.random.default_rng(seed)
 
     def sample(self, batch_size: int) -> SequenceBatch:
