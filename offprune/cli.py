@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from offprune.algos import ALGOS
-from offprune.config import PROFILES, RunConfig
+from offprune.config import PROFILES, RunConfig, parse_pairs
 from offprune.errors import UserError
 from offprune.prune import METHODS, SCOPES
 from offprune.sparse import KERNELS
@@ -39,7 +40,7 @@ def cli() -> None:
 @click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from the file or dataset name).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--profile", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True,
-              help="Budget: quick = 5k updates, eval every 1k over 5 episodes; paper = 1M, every 5k over 10.")
+              help="Budget: quick = 5k updates, eval every 1k over 5 episodes (dreamer: 2k updates of 8 sequences, eval every 500); paper = 1M, every 5k over 10.")
 @click.option("--steps", type=int, default=None, help="Gradient updates (overrides the profile).")
 @click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
@@ -55,18 +56,32 @@ def cli() -> None:
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.option("--sparsity-of", "sparsity_of", multiple=True, metavar="NETWORK=S",
+              help="Another sparsity for one prunable network, e.g. rssm=0.7 (repeatable; 0 keeps it dense).")
+@click.option("--algo-opt", "algo_opts", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the algorithm's Config, e.g. penalty=0 or actor_hidden=256,256 (repeatable).")
+@click.option("--seq-len", type=int, default=None,
+              help="Sequence length of sequence-based algorithms (dreamer); same as --algo-opt seq_len=N.")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
-        prune_batch, device, threads, kernels, out, run_id, resume, progress) -> None:
+        prune_batch, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts, seq_len) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
     \b
-    Example:
+    Examples:
       offprune run --algo bcq --prune snip --sparsity 0.95 --dataset hopper-expert-v2 --steps 1000000
+      offprune run --algo dreamer --sparsity 0.9 --sparsity-of rssm=0.7 --algo-opt penalty=0
+    The networks each algorithm prunes: bcq actor, critic, vae; bc vae; dreamer encoder, rssm,
+    decoder, reward, actor, value. Config fields: see offprune/algos/ALGO.py.
     """
     from offprune.data.generate import ensure_default_dataset
     from offprune.train import run as train_run
 
-    budget = PROFILES[profile]
+    if seq_len is not None and "seq_len" not in {f.name for f in dataclasses.fields(ALGOS[algo].Config)}:
+        raise UserError(f"--seq-len: {algo} trains on single transitions, not sequences")
+    # an algorithm may refine a profile (its own budget, Config fields); explicit flags still win
+    algo_profile = getattr(ALGOS[algo], "PROFILES", {}).get(profile, {})
+    budget = PROFILES[profile] | algo_profile
+    profile_options = tuple((k, str(v)) for k, v in algo_profile.get("algo_options", {}).items())
     cfg = RunConfig(
         algo=algo,
         dataset=dataset,
@@ -85,6 +100,9 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         out=out,
         run_id=run_id,
         progress=progress,
+        sparsity_of=parse_pairs(sparsity_of, "--sparsity-of", float),
+        algo_options=profile_options + parse_pairs(algo_opts, "--algo-opt")
+        + ((("seq_len", str(seq_len)),) if seq_len is not None else ()),
     ).validate()
     if dataset == RunConfig.dataset:
         ensure_default_dataset(dataset, log=lambda m: click.echo(m, err=True))
@@ -235,7 +253,7 @@ def format_summary(result) -> str:
     lines = [f"run {result.run_dir.name}  ->  {result.run_dir}/results.parquet"]
     if not rows.empty:
         first = rows.iloc[0]
-        nets = [c for c in rows.columns if c.startswith("sparsity_")]
+        nets = [c for c in rows.columns if c.startswith("sparsity_") and c != "sparsity_overrides"]
         lines.append(
             f"realised sparsity: {first['realised_sparsity']:.4f} overall; "
             + ", ".join(f"{c.removeprefix('sparsity_')} {first[c]:.4f}" for c in nets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class RunConfig:
     out: str = "runs"  # results folder; this run writes to OUT/RUN_ID/
     run_id: str | None = None  # None: derived from algo, dataset, criterion, sparsity and seed
     progress: bool | None = None  # progress bar; None: only on a terminal
+    sparsity_of: tuple[tuple[str, float], ...] = ()  # (network, sparsity) overriding `sparsity` for it
+    algo_options: tuple[tuple[str, str], ...] = ()  # (field, value) overriding the algorithm's Config
 
     def validate(self) -> "RunConfig":
         from offprune.algos import ALGOS
@@ -69,7 +72,27 @@ class RunConfig:
             raise UserError("--kernels sparse needs pruned networks (sparsity > 0); use --kernels dense or auto")
         if self.threads is not None and self.threads < 1:
             raise UserError("--threads must be at least 1")
+        for network, value in self.sparsity_of:
+            if not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
+                raise UserError(f"--sparsity-of {network}={value}: sparsity must be in [0, 1)")
+        if self.sparsity_of and self.prune == "dense":
+            raise UserError("--sparsity-of needs a pruning criterion (--prune snip, grasp, ...), not dense")
+        self.algo_config()  # unknown or malformed --algo-opt fails here, before any work
         return self
+
+    def algo_config(self):
+        """The algorithm's Config with `algo_options` applied (values parsed by the field's type)."""
+        from offprune.algos import ALGOS
+
+        config_cls = ALGOS[self.algo].Config
+        defaults = config_cls()
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        values = {}
+        for key, text in self.algo_options:
+            if key not in fields:
+                raise UserError(f"--algo-opt {key}: {self.algo} has no such option (options: {', '.join(sorted(fields))})")
+            values[key] = _parse_option(key, str(text), getattr(defaults, key))
+        return dataclasses.replace(defaults, **values)
 
     @property
     def pruning_batch_size(self) -> int:
@@ -80,15 +103,47 @@ class RunConfig:
         if self.run_id:
             return self.run_id
         scope = "" if self.scope == "global" else f"_{self.scope}"
-        return f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}_seed{self.seed}"
+        overrides = "".join(f"_{net}{value:g}" for net, value in self.sparsity_of)
+        return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}"
+                f"_seed{self.seed}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def differences(self, other: dict) -> list[str]:
         """Fields (other than RESUMABLE_CHANGES) whose value differs from a saved config."""
-        mine = self.to_dict()
+        mine = json.loads(json.dumps(self.to_dict()))  # tuples as the saved JSON has them: lists
         return [k for k in mine if k not in RESUMABLE_CHANGES and other.get(k) != mine[k]]
+
+
+def _parse_option(key: str, text: str, default: Any) -> Any:
+    """An --algo-opt value, typed like the option's default: bool, int, float, str or a tuple of ints."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        return type(default)(text)
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else (
+            "comma list of integers" if isinstance(default, tuple) else type(default).__name__)
+        raise UserError(f"--algo-opt {key}={text}: expected a {kind} (default {default!r})") from None
+
+
+def parse_pairs(items: tuple[str, ...] | list[str], flag: str, kind=str) -> tuple[tuple[str, Any], ...]:
+    """('a=1', 'b=2') -> (('a', kind('1')), ('b', kind('2'))) with a clear error for bad items."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"{flag} expects NAME=VALUE, got '{item}'")
+        try:
+            pairs.append((key.strip(), kind(value.strip())))
+        except ValueError:
+            raise UserError(f"{flag} {item}: '{value}' is not a valid {kind.__name__}") from None
+    return tuple(pairs)
 
 
 def parse_list(text: str, kind=str) -> list:

@@ -10,18 +10,29 @@ import numpy as np
 from offprune.data.d4rl import normalized_score
 
 
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> np.ndarray:
-    """Undiscounted return of each episode. Episode i starts from reset(seed=seed + i), so every
-    evaluation of a run sees the same start states and differences come from the policy alone."""
-    returns = np.zeros(episodes)
+def rollouts(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             reset: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """The reward of every step of each episode. Episode i starts from reset(seed=seed + i), so
+    every evaluation of a run sees the same start states and differences come from the policy
+    alone. `reset` (if given) is called before each episode: recurrent agents clear their state."""
+    episode_rewards = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        done = False
+        if reset is not None:
+            reset()
+        rewards, done = [], False
         while not done:
             obs, reward, terminated, truncated, _ = env.step(act(obs))
-            returns[i] += float(reward)
+            rewards.append(float(reward))
             done = terminated or truncated
-    return returns
+        episode_rewards.append(np.asarray(rewards))
+    return episode_rewards
+
+
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             reset: Callable[[], None] | None = None) -> np.ndarray:
+    """Undiscounted return of each episode (see `rollouts`)."""
+    return np.array([r.sum() for r in rollouts(act, env, episodes, seed, reset)])
 
 
 def summarize(returns: np.ndarray, env_id: str) -> dict[str, float]:

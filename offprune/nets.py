@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,47 @@ def adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-    """zero_grad, backward, step. Masks are enforced by hooks on `optimizer.step` (prune.enforce)."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, clip_norm: float | None = None) -> None:
+    """zero_grad, backward, (clip the global gradient norm), step. Masks are enforced by hooks on
+    `optimizer.step` (prune.enforce); the clip sees gradients before pruned positions are zeroed,
+    so with masked dense layers its norm slightly overcounts (sparse layers have no such entries)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
     optimizer.step()
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Gradients flow through `modules` to their inputs but not into their parameters (cheaper
+    backward, and another network's loss cannot leave gradients in them)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class ObsNormalizer(nn.Module):
+    """Standardises observations with the dataset's mean and std (buffers: saved with the model)."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(obs_dim))
+        self.register_buffer("std", torch.ones(obs_dim))
+
+    @torch.no_grad()
+    def fit(self, observations: Tensor) -> None:
+        self.mean.copy_(observations.mean(0))
+        self.std.copy_(observations.std(0).clamp_min(1e-3))  # constant dimensions stay finite
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return (obs - self.mean) / self.std
 
 
 class RSSM(nn.Module):
@@ -129,17 +166,16 @@ class RSSM(nn.Module):
         episode); state: (h, z) before step 0. Returns h, z and the posterior statistics, each
         [B, T, ...], and the prior statistics [ensemble, B, T, stoch]."""
         h, z = state
-        out: dict[str, list[Tensor]] = {k: [] for k in ("h", "z", "post_mean", "post_std", "prior_mean", "prior_std")}
+        out: dict[str, list[Tensor]] = {k: [] for k in ("h", "z", "post_mean", "post_std")}
         for t in range(embed.shape[1]):
             h = self.img_step(h, z, prev_actions[:, t])
-            prior_mean, prior_std = self.prior_stats(h)
             post_mean, post_std = self.post_stats(h, embed[:, t])
             z = post_mean + post_std * torch.randn(post_std.shape, device=post_std.device)
-            for k, v in (("h", h), ("z", z), ("post_mean", post_mean), ("post_std", post_std),
-                         ("prior_mean", prior_mean), ("prior_std", prior_std)):
+            for k, v in (("h", h), ("z", z), ("post_mean", post_mean), ("post_std", post_std)):
                 out[k].append(v)
-        stacked = {k: torch.stack(v, 1) for k, v in out.items() if not k.startswith("prior")}
-        stacked |= {k: torch.stack(out[k], 2) for k in ("prior_mean", "prior_std")}
+        stacked = {k: torch.stack(v, 1) for k, v in out.items()}
+        # the priors read only h: one call over all steps instead of one per step
+        stacked["prior_mean"], stacked["prior_std"] = self.prior_stats(stacked["h"])
         return stacked
 
 

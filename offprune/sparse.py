@@ -259,12 +259,16 @@ def apply_masks(
     'dense': masked weights stay dense matrices, held at zero by a MaskEnforcer. 'sparse': every
     masked Linear becomes a SparseLinear (its zeros are structural). Returns, per network, each
     masked weight's kernel: 'dense', or the SparseLinear product 'csr' / 'dense-product'."""
+    optimizers = list(optimizers)
+    products: dict[str, dict[str, str]] = {name: {} for name in masks}
     if kernels == "sparse":
         products = convert_to_sparse(networks, masks, optimizers)
-        return {net: {p: "csr" if k == "csr" else "dense-product" for p, k in layer.items()}
-                for net, layer in products.items()}
-    MaskEnforcer(networks, masks, optimizers)
-    return {net: {p: "dense" for p in layer_masks} for net, layer_masks in masks.items()}
+    # what stays dense (all of it, or the weights SparseLinear cannot hold, e.g. a GRU's) is
+    # held at zero by the enforcer
+    rest = {net: {p: m for p, m in layer.items() if p not in products[net]} for net, layer in masks.items()}
+    MaskEnforcer(networks, rest, optimizers)
+    return {net: {p: {"csr": "csr", "dense": "dense-product"}[products[net][p]] if p in products[net] else "dense"
+                  for p in layer_masks} for net, layer_masks in masks.items()}
 
 
 def convert_to_dense(module: nn.Module) -> nn.Module:

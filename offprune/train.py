@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -31,8 +32,8 @@ from offprune.data import TransitionSampler, load_dataset
 from offprune.data.d4rl import OfflineDataset
 from offprune.envs import env_versions, make_env
 from offprune.errors import UserError
-from offprune.evaluate import evaluate, summarize
-from offprune.prune import compute_masks, layer_densities, realised_sparsity
+from offprune.evaluate import rollouts, summarize
+from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
 from offprune.sparse import apply_masks, choose_kernels
 
@@ -125,14 +126,21 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         raise UserError(f"cannot tell which environment {dataset.name} comes from; pass --env (e.g. Hopper-v5)")
     env = make_env(dataset.env_id)
     max_action = check_env_matches(dataset, env)
-    run_dir = prepare_run_dir(cfg, resume)
 
     algo = ALGOS[cfg.algo]
-    algo_config = algo.Config()
+    algo_config = cfg.algo_config()
     seed_everything(cfg.seed)
     agent = algo.Agent(dataset.obs_dim, dataset.act_dim, max_action, algo_config, device)
-    sampler = TransitionSampler(dataset, device, cfg.seed)
+    if hasattr(agent, "prepare"):  # e.g. observation statistics
+        agent.prepare(dataset)
+    if hasattr(algo, "make_sampler"):  # e.g. sequences instead of transitions
+        sampler = algo.make_sampler(dataset, algo_config, device, cfg.seed)
+    else:
+        sampler = TransitionSampler(dataset, device, cfg.seed)
     networks = agent.prunable_networks()
+    sparsity_of = dict(cfg.sparsity_of)
+    check_sparsity_of(networks, sparsity_of)
+    run_dir = prepare_run_dir(cfg, resume)
 
     checkpoint_path = run_dir / CHECKPOINT_FILE
     start_step, train_seconds, kernel_speedup = 0, 0.0, float("nan")
@@ -150,9 +158,12 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
             cfg.scope,
             lambda: sampler.sample(cfg.pruning_batch_size),
             generator,
+            sparsity_of,
         )
         save_atomic(masks, run_dir / MASKS_FILE)
-        kernels, kernel_speedup = resolve_kernels(cfg, networks, masks, algo_config.batch_size, log)
+        # rows a layer sees per update: sequence algorithms run each layer on batch x seq_len
+        rows = algo_config.batch_size * getattr(algo_config, "seq_len", 1)
+        kernels, kernel_speedup = resolve_kernels(cfg, networks, masks, rows, log)
     if kernels == "sparse" and cfg.threads is None:
         torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
     layer_kernels = apply_masks(networks, masks, agent.optimizers.values(), kernels)
@@ -174,6 +185,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         "prune": cfg.prune,
         "scope": cfg.scope,
         "target_sparsity": float(cfg.sparsity),
+        "sparsity_overrides": ",".join(f"{net}={value:g}" for net, value in cfg.sparsity_of),
         "seed": cfg.seed,
     }
     layers = pd.DataFrame(
@@ -198,6 +210,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         "kernels_requested": cfg.kernels,
         "sparse_kernel_speedup_measured": kernel_speedup,
         "dataset_transitions": len(dataset),
+        "algo_options": ",".join(f"{k}={v}" for k, v in cfg.algo_options),
         "d4rl_refs_approximate": dataset.env_id.endswith("-v5"),
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "cpu": platform.processor() or platform.machine(),
@@ -216,6 +229,12 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     )
     for step in range(start_step + 1, cfg.steps + 1):
         info = agent.update(sampler.sample(algo_config.batch_size))
+        diverged = [k for k, v in info.items() if not math.isfinite(v)]
+        if diverged:  # stop before a bad state is checkpointed; the last good checkpoint stays
+            bar.close()
+            last_good = step - window_steps - 1
+            kept = f"results and checkpoint up to step {last_good} are kept" if last_good else "no checkpoint yet"
+            raise UserError(f"training diverged at step {step}: {', '.join(diverged)} not finite; {kept} in {run_dir}")
         for k, v in info.items():
             losses[k].append(v)
         window_steps += 1
@@ -223,22 +242,20 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         if step % cfg.eval_every and step != cfg.steps:
             continue
         mean_losses = {f"loss_{k}": float(np.mean(v)) for k, v in losses.items()}
-        diverged = [k for k, v in mean_losses.items() if not np.isfinite(v)]
-        if diverged:  # stop before a bad state is checkpointed; the last good checkpoint stays
-            raise UserError(
-                f"training diverged before step {step}: {', '.join(diverged)} not finite; "
-                f"results and checkpoint up to step {step - window_steps} are kept"
-            )
         elapsed = time.perf_counter() - window_start
         train_seconds += elapsed
         eval_start = time.perf_counter()
-        returns = evaluate(agent.act, env, cfg.eval_episodes, eval_seed)
+        episode_rewards = rollouts(agent.act, env, cfg.eval_episodes, eval_seed, getattr(agent, "reset", None))
+        returns = np.array([r.sum() for r in episode_rewards])
+        # algorithm-specific measurements, e.g. a world model's prediction errors
+        extra = agent.evaluation_metrics(sampler, episode_rewards) if hasattr(agent, "evaluation_metrics") else {}
         row = {
             **static,
             "step": step,
             **summarize(returns, dataset.env_id),
             "eval_episodes": cfg.eval_episodes,
             **mean_losses,
+            **extra,
             "steps_per_s": window_steps / elapsed if elapsed > 0 else float("nan"),
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - eval_start,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from offprune.data import Batch, write_d4rl_file
+from offprune.data import Batch, SequenceBatch, write_d4rl_file
 from offprune.data.generate import generate_random
 
 
@@ -34,6 +34,24 @@ def random_batch(obs_dim: int, act_dim: int, n: int = 32, seed: int = 0) -> Batc
         torch.randn(n, 1, generator=g),
         torch.randn(n, obs_dim, generator=g),
         (torch.rand(n, 1, generator=g) > 0.1).float(),
+    )
+
+
+def random_sequences(obs_dim: int, act_dim: int, n: int = 4, seq_len: int = 6, seed: int = 0) -> SequenceBatch:
+    """Random chunks; the last row is a 3-step episode end (terminated, then padding)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, seq_len)
+    mask[-1, 3:] = 0
+    terminals = torch.zeros(n, seq_len)
+    terminals[-1, 2] = 1
+    pad = mask.unsqueeze(-1)
+    return SequenceBatch(
+        torch.randn(n, seq_len, obs_dim, generator=g) * pad,
+        (torch.rand(n, seq_len, act_dim, generator=g) * 2 - 1) * pad,
+        torch.randn(n, seq_len, generator=g) * mask,
+        torch.randn(n, seq_len, obs_dim, generator=g) * pad,
+        terminals,
+        mask,
     )
 
 

@@ -179,7 +179,7 @@ def test_diverged_training_stops_with_one_line_and_keeps_last_checkpoint(capsys,
     code, _, err = offprune(capsys, *args, "--steps", "4", "--resume")
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("offprune: error:") and "Traceback" not in err
-    assert "training diverged before step 4: loss_policy_loss not finite" in err
+    assert "training diverged at step 3: policy_loss not finite" in err
     assert "up to step 2 are kept" in err
     assert load(tmp_path).step.tolist() == [2]
 

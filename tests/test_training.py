@@ -9,14 +9,25 @@ import torch
 from offprune.algos import ALGOS
 from offprune.prune import MaskEnforcer, compute_masks, realised_sparsity
 
-from conftest import random_batch
+from conftest import random_batch, random_sequences
 
 OBS, ACT = 11, 3
 TINY = {
     "bcq": dict(actor_hidden=(16, 12), critic_hidden=(16, 12), vae_hidden=(24, 24), batch_size=16),
     "bc": dict(vae_hidden=(24, 24), batch_size=16),
     "bc-mlp": dict(hidden=(16, 16), batch_size=16),
+    "dreamer": dict(deter=16, stoch=4, hidden=12, embed=8, encoder_hidden=(16,), decoder_hidden=(16,),
+                    reward_hidden=(16,), value_hidden=(16,), actor_hidden=(16, 16), ensemble=3, horizon=4,
+                    batch_size=4, seq_len=6),
 }
+SEQUENCE_ALGOS = {"dreamer"}
+
+
+def batch_for(algo, n=32, seed=0):
+    """A random batch of the kind the algorithm trains on: transitions, or sequences of 6 steps."""
+    if algo in SEQUENCE_ALGOS:
+        return random_sequences(OBS, ACT, max(n // 8, 2), 6, seed)
+    return random_batch(OBS, ACT, n, seed)
 
 
 def tiny_agent(algo, seed=0):
@@ -35,7 +46,7 @@ def test_bcq_sizes_match_the_reference():
 @pytest.mark.parametrize("algo", sorted(ALGOS))
 def test_one_update_gives_finite_losses_and_valid_actions(algo):
     agent = tiny_agent(algo)
-    info = agent.update(random_batch(OBS, ACT))
+    info = agent.update(batch_for(algo))
     assert info and all(np.isfinite(v) for v in info.values())
     action = agent.act(np.zeros(OBS, np.float32))
     assert action.shape == (ACT,) and np.all(np.abs(action) <= 1.0)
@@ -62,14 +73,14 @@ def pruned_values(agent, masks):
 def test_pruned_weights_and_adam_moments_stay_zero(algo, method):
     agent = tiny_agent(algo)
     networks = agent.prunable_networks()
-    masks = compute_masks(networks, method, 0.8, "global", lambda: random_batch(OBS, ACT, 20, 5),
+    masks = compute_masks(networks, method, 0.8, "global", lambda: batch_for(algo, 20, 5),
                           torch.Generator().manual_seed(0))
     for name, m in masks.items():
         assert realised_sparsity(m) == pytest.approx(0.8, abs=1e-2)
     MaskEnforcer(networks, masks, agent.optimizers.values())
     kept_before = {n: p.detach().clone() for n, p in networks[next(iter(networks))].module.named_parameters()}
     for i in range(60):
-        agent.update(random_batch(OBS, ACT, 16, seed=100 + i))
+        agent.update(batch_for(algo, 16, seed=100 + i))
     values = pruned_values(agent, masks)
     assert values.numel() > 0 and torch.count_nonzero(values) == 0
     # training did happen on the kept weights

@@ -79,21 +79,27 @@ def episode_ends(dataset: OfflineDataset) -> np.ndarray:
 class SequenceSampler:
     """Uniform over every chunk start that keeps a chunk of `seq_len` inside one episode, plus the
     first step of every episode shorter than `seq_len` (padded and masked, never dropped), so
-    chunks never cross an episode boundary. The numpy Generator's state goes into checkpoints."""
+    chunks never cross an episode boundary. The numpy Generator's state goes into checkpoints.
 
-    def __init__(self, dataset: OfflineDataset, seq_len: int, device: torch.device | str, seed: int):
+    With `holdout_every` = k (and at least k episodes), every k-th episode is held out: never
+    sampled for training, and served by `heldout_batch` for measuring a model on unseen data."""
+
+    def __init__(self, dataset: OfflineDataset, seq_len: int, device: torch.device | str, seed: int,
+                 holdout_every: int = 0):
         if seq_len < 1:
             raise UserError(f"--seq-len must be at least 1, got {seq_len}")
         ends = episode_ends(dataset)
         begins = np.concatenate([[0], ends[:-1] + 1])
+        heldout = np.zeros(len(ends), dtype=bool)
+        if holdout_every > 1 and len(ends) >= holdout_every:
+            heldout[holdout_every - 1::holdout_every] = True
         lengths = ends - begins + 1
-        if lengths.max() < seq_len:
+        if lengths[~heldout].max() < seq_len:
             raise UserError(f"every episode of {dataset.name} is shorter than the sequence length {seq_len} "
                             f"(longest: {lengths.max()} steps); pass a shorter --seq-len")
-        per_episode = np.maximum(lengths - seq_len + 1, 1)
-        self.starts = np.concatenate([b + np.arange(k) for b, k in zip(begins, per_episode)])
-        # steps available from each start without leaving its episode
-        self.valid = np.minimum(np.repeat(ends + 1, per_episode) - self.starts, seq_len)
+        self.starts, self.valid = _chunks(begins[~heldout], ends[~heldout], seq_len)
+        self.heldout_starts, self.heldout_valid = _chunks(begins[heldout], ends[heldout], seq_len)
+        self.heldout_episodes = int(heldout.sum())
         self.seq_len, self.device = seq_len, torch.device(device)
         self.observations = _on_device(dataset.observations, device)
         self.actions = _on_device(dataset.actions, device)
@@ -104,9 +110,19 @@ class SequenceSampler:
 
     def sample(self, batch_size: int) -> SequenceBatch:
         pick = self.rng.integers(0, len(self.starts), size=batch_size)
+        return self._gather(self.starts[pick], self.valid[pick])
+
+    def heldout_batch(self, batch_size: int) -> SequenceBatch | None:
+        """The same chunks at every call (evenly spaced over the held-out episodes); None if none."""
+        if self.heldout_episodes == 0:
+            return None
+        pick = np.unique(np.linspace(0, len(self.heldout_starts) - 1, batch_size).round().astype(int))
+        return self._gather(self.heldout_starts[pick], self.heldout_valid[pick])
+
+    def _gather(self, starts: np.ndarray, valid: np.ndarray) -> SequenceBatch:
         offsets = np.arange(self.seq_len)
-        mask_np = offsets[None, :] < self.valid[pick, None]
-        idx_np = self.starts[pick, None] + np.minimum(offsets[None, :], self.valid[pick, None] - 1)
+        mask_np = offsets[None, :] < valid[:, None]
+        idx_np = starts[:, None] + np.minimum(offsets[None, :], valid[:, None] - 1)
         idx = torch.from_numpy(idx_np).to(self.device)
         mask = torch.from_numpy(mask_np).to(self.device, torch.float32)
 
@@ -122,3 +138,15 @@ class SequenceSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+def _chunks(begins: np.ndarray, ends: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every chunk start inside the episodes [begins, ends] (one per episode shorter than
+    seq_len), and the steps available from each start without leaving its episode."""
+    if len(begins) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    lengths = ends - begins + 1
+    per_episode = np.maximum(lengths - seq_len + 1, 1)
+    starts = np.concatenate([b + np.arange(k) for b, k in zip(begins, per_episode)])
+    valid = np.minimum(np.repeat(ends + 1, per_episode) - starts, seq_len)
+    return starts, valid

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from offprune.errors import UserError
 from offprune.prune.masks import masks_from_scores
 from offprune.prune.scores import prunable_parameters, score
 
@@ -33,17 +34,29 @@ def compute_masks(
     scope: str,
     sample_batch: Callable[[], object],
     generator: torch.Generator,
+    sparsity_of: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Masks per network (True = kept), all scored at initialisation before any mask is applied.
 
     Each network draws its own batch from `sample_batch()`, as in Algorithm 1. 'dense' keeps all.
+    `sparsity_of` sets another sparsity for the networks it names (0 keeps them dense).
     """
+    sparsity_of = sparsity_of or {}
+    check_sparsity_of(networks, sparsity_of)
     masks = {}
     for name, net in networks.items():
-        if method == "dense":
+        net_sparsity = sparsity_of.get(name, sparsity)
+        if method == "dense" or net_sparsity == 0:
             masks[name] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(net.module).items()}
             continue
         batch = sample_batch()
         scores = score(method, net.module, lambda: net.loss(batch), generator=generator)
-        masks[name] = masks_from_scores(scores, sparsity, scope)
+        masks[name] = masks_from_scores(scores, net_sparsity, scope)
     return masks
+
+
+def check_sparsity_of(networks: dict[str, PrunableNetwork], sparsity_of: dict[str, float]) -> None:
+    unknown = sorted(set(sparsity_of) - set(networks))
+    if unknown:
+        raise UserError(f"--sparsity-of names unknown network(s) {', '.join(unknown)} "
+                        f"(this algorithm's prunable networks: {', '.join(networks)})")
