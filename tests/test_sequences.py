@@ -8,9 +8,9 @@ from offprune.data import OfflineDataset, SequenceSampler, episode_ends
 from offprune.errors import UserError
 
 
-def episodes_dataset(lengths, ends_by=None, flag_last=True):
-    """obs = (episode id, step); ends_by[i] in 'terminal' / 'timeout' / 'none' (no flag: only the
-    jump in observations shows the cut, as in older D4RL files)."""
+def episodes_dataset(lengths, ends_by=None, flag_last=True, obs_dim=2, act_dim=1):
+    """obs = (episode id, step, 0, ...); ends_by[i] in 'terminal' / 'timeout' / 'none' (no flag:
+    only the jump in observations shows the cut, as in older D4RL files)."""
     ends_by = ends_by or ["timeout"] * len(lengths)
     obs, nxt, term, tout = [], [], [], []
     for e, (n, how) in enumerate(zip(lengths, ends_by)):
@@ -21,8 +21,9 @@ def episodes_dataset(lengths, ends_by=None, flag_last=True):
             term.append(last and how == "terminal")
             tout.append(last and how == "timeout")
     obs, nxt = np.array(obs, np.float32), np.array(nxt, np.float32)
-    n = len(obs)
-    return OfflineDataset(observations=obs, actions=obs[:, :1] * 0.1, rewards=obs[:, 1].copy(), next_observations=nxt,
+    pad = np.zeros((len(obs), obs_dim - 2), np.float32)
+    obs, nxt = np.concatenate([obs, pad], 1), np.concatenate([nxt, pad], 1)
+    return OfflineDataset(observations=obs, actions=np.repeat(obs[:, :1] * 0.1, act_dim, 1), rewards=obs[:, 1].copy(), next_observations=nxt,
                           terminals=np.array(term), timeouts=np.array(tout), env_id="Hopper-v5", name="toy",
                           path="toy")
 

@@ -71,7 +71,7 @@ class Config:
     batch_size: int = 50  # sequences per update
     seq_len: int = 50  # steps per sequence
     holdout_every: int = 10  # every k-th episode is held out to measure the world model
-    metric_horizon: int = 15  # open-loop steps for the held-out prediction error
+    metric_horizon: int = 15  # open-loop steps for the held-out prediction error (at most seq_len)
 
 
 # What `--profile` sets for this algorithm on top of the generic profile: the paper's batch
@@ -309,13 +309,13 @@ class Agent:
         return action.squeeze(0).cpu().numpy()
 
     # --- measurements -----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluation_metrics(self, sampler: SequenceSampler, episode_rewards: list[np.ndarray]) -> dict[str, float]:
         """World-model errors on held-out episodes, and the imagined-vs-real return gap on the
         evaluation episodes just played (their rewards; their states were recorded by `act`)."""
         states = self.visited[-len(episode_rewards):] if episode_rewards else []
         return self.model_errors(sampler) | self.imagination_gap(episode_rewards, states)
 
+    @torch.no_grad()
     def model_errors(self, sampler: SequenceSampler, chunks: int = 64) -> dict[str, float]:
         """One-step and open-loop (`metric_horizon` steps, real actions, prior means) prediction
         errors of the standardised observation (MSE per dimension) and of the reward, and the
@@ -347,6 +347,7 @@ class Agent:
             out[f"wm_reward_mse_{k}"] = _masked_mean(reward_err, valid).item()
         return out
 
+    @torch.no_grad()
     def imagination_gap(self, episode_rewards: list[np.ndarray],
                         episode_states: list[list[tuple[Tensor, Tensor]]]) -> dict[str, float]:
         """From every state the evaluation visited (at least `horizon` steps before its end), the
