@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from offprune.algos import ALGOS
-from offprune.config import PROFILES, RunConfig, parse_pairs
+from offprune.config import PROFILES, RunConfig, parse_pairs, profile_budget
 from offprune.errors import UserError
 from offprune.prune import METHODS, SCOPES
 from offprune.sparse import KERNELS
@@ -78,10 +78,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 
     if seq_len is not None and "seq_len" not in {f.name for f in dataclasses.fields(ALGOS[algo].Config)}:
         raise UserError(f"--seq-len: {algo} trains on single transitions, not sequences")
-    # an algorithm may refine a profile (its own budget, Config fields); explicit flags still win
-    algo_profile = getattr(ALGOS[algo], "PROFILES", {}).get(profile, {})
-    budget = PROFILES[profile] | algo_profile
-    profile_options = tuple((k, str(v)) for k, v in algo_profile.get("algo_options", {}).items())
+    budget = profile_budget(profile, algo)  # an algorithm may refine a profile; explicit flags win
     cfg = RunConfig(
         algo=algo,
         dataset=dataset,
@@ -101,7 +98,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         run_id=run_id,
         progress=progress,
         sparsity_of=parse_pairs(sparsity_of, "--sparsity-of", float),
-        algo_options=profile_options + parse_pairs(algo_opts, "--algo-opt")
+        algo_options=budget["algo_options"] + parse_pairs(algo_opts, "--algo-opt")
         + ((("seq_len", str(seq_len)),) if seq_len is not None else ()),
     ).validate()
     if dataset == RunConfig.dataset:
@@ -320,7 +317,7 @@ def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume)
               help="random: uniform actions. medium/expert: the trained behaviour policy's stochastic actions "
                    "(run 'offprune datasets train ENV' first). medium-replay: its training data up to medium. "
                    "medium-expert: the medium and expert files joined.")
-@click.option("--algo", type=click.Choice(["sac", "ppo"]), default=None, help="Which behaviour training.  [default: sac]")
+@click.option("--algo", type=click.Choice(["sac", "ppo"]), default=None, help="Which behaviour training.  [default: ppo]")
 @click.option("--profile", type=click.Choice(["quick", "d4rl"]), default="quick", show_default=True,
               help="Transitions: quick 100k, d4rl 1M.")
 @click.option("--transitions", type=int, default=None, help="Overrides the profile.")

@@ -20,6 +20,19 @@ PROFILES: dict[str, dict[str, int]] = {
     "paper": {"steps": 1_000_000, "eval_every": 5_000, "eval_episodes": 10},
 }
 
+def profile_budget(profile: str, algo: str) -> dict[str, Any]:
+    """steps, eval_every, eval_episodes and algo_options (Config fields) of a budget profile for
+    one algorithm: the generic profile, refined by the algorithm's own PROFILES where it has one."""
+    from offprune.algos import ALGOS
+
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile '{profile}' (choose from {', '.join(PROFILES)})")
+    refined = getattr(ALGOS[algo], "PROFILES", {}).get(profile, {}) if algo in ALGOS else {}
+    budget = {**PROFILES[profile], "algo_options": {}} | refined
+    budget["algo_options"] = tuple((k, str(v)) for k, v in budget["algo_options"].items())
+    return budget
+
+
 # Fields a resumed run may change: they extend or relocate the run without changing what it is.
 RESUMABLE_CHANGES = ("steps", "device", "threads", "progress")
 
@@ -239,14 +252,15 @@ class SweepConfig:
                 raise UserError(f"--{name} must be a whole number of at least 1")
         return self
 
-    def base_run(self) -> RunConfig:
-        """The RunConfig every grid point starts from."""
-        budget = PROFILES[self.profile]
+    def base_run(self, algo: str = "bc") -> RunConfig:
+        """The RunConfig every grid point of `algo` starts from."""
+        budget = profile_budget(self.profile, algo)
         return RunConfig(
+            algo=algo,
             scope=self.scope,
             steps=budget["steps"] if self.steps is None else self.steps,
             eval_every=budget["eval_every"] if self.eval_every is None else self.eval_every,
             eval_episodes=budget["eval_episodes"] if self.eval_episodes is None else self.eval_episodes,
             prune_batch=self.prune_batch, env=self.env, kernels=self.kernels, device=self.device,
-            threads=self.threads, out=self.out,
+            threads=self.threads, out=self.out, algo_options=budget["algo_options"],
         )

@@ -21,9 +21,11 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
+from offprune.algos import ALGOS
 from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
@@ -39,22 +41,26 @@ def expand_grid(
     seeds: list[int],
     prunes: list[str],
     sparsities: list[float],
-    base: RunConfig,
+    base: RunConfig | Callable[[str], RunConfig],
 ) -> list[RunConfig]:
-    """One RunConfig per grid point, and one dense baseline per (algo, dataset, seed)."""
+    """One RunConfig per grid point, and one dense baseline per (algo, dataset, seed). `base`:
+    the config every point starts from, or a function giving it per algo (profiles differ)."""
     criteria = [p for p in prunes if p != "dense"]
     levels = [s for s in sparsities if s > 0]
     if not algos or not datasets or not seeds or not (criteria and levels):
         raise UserError("the sweep grid is empty: give at least one algo, dataset, seed, criterion and sparsity > 0")
     runs = []
     for algo in algos:
+        if algo not in ALGOS:  # before a profile of it is looked up
+            raise UserError(f"unknown algo '{algo}' (choose from {', '.join(ALGOS)})")
+        algo_base = base(algo) if callable(base) else base
         for dataset in datasets:
             for seed in seeds:
                 common = dict(algo=algo, dataset=dataset, seed=seed, run_id=None)
-                runs.append(dataclasses.replace(base, prune="dense", sparsity=0.0, **common))
+                runs.append(dataclasses.replace(algo_base, prune="dense", sparsity=0.0, **common))
                 for prune in criteria:
                     for sparsity in levels:
-                        runs.append(dataclasses.replace(base, prune=prune, sparsity=sparsity, **common))
+                        runs.append(dataclasses.replace(algo_base, prune=prune, sparsity=sparsity, **common))
     for cfg in runs:
         cfg.validate()
     names = [cfg.name for cfg in runs]
@@ -66,7 +72,7 @@ def expand_grid(
 def grid(sweep: SweepConfig) -> list[RunConfig]:
     """Every run of a sweep config, dense baselines included."""
     return expand_grid(list(sweep.algo), list(sweep.dataset), list(sweep.seeds), list(sweep.prune),
-                       list(sweep.sparsity), sweep.base_run())
+                       list(sweep.sparsity), sweep.base_run)
 
 
 def check_datasets(runs: list[RunConfig]) -> None:

@@ -98,6 +98,7 @@ def test_a_failed_run_is_recorded_and_the_others_finish(capsys, tmp_path, hopper
 
 def test_config_file_sets_the_grid_and_flags_override_it(tmp_path):
     from offprune.config import SweepConfig
+    from offprune.config import SweepConfig
     from offprune.sweep import grid
 
     path = tmp_path / "sweep.toml"
@@ -180,3 +181,16 @@ def test_a_killed_sweep_resumes_from_checkpoints_without_duplicates(capsys, tmp_
     for name, before in unfinished.items():  # continued from its checkpoint: the first rows were kept as they were
         after = rows[rows.run_id == name].set_index("step")
         assert (after.loc[before.step, "timestamp"].to_numpy() == before.timestamp.to_numpy()).all()
+
+
+def test_an_algorithm_refines_the_profile_of_its_sweep_runs():
+    from offprune.config import SweepConfig
+    from offprune.sweep import grid
+
+    runs = grid(SweepConfig.build(None, algo="dreamer,bc", prune="snip", sparsity="0.9", seeds="0"))
+    by_algo = {(r.algo, r.prune): r for r in runs}
+    dreamer = by_algo[("dreamer", "snip")]
+    assert (dreamer.steps, dreamer.eval_every) == (2_000, 500)
+    assert dreamer.algo_config().batch_size == 8 and dreamer.algo_config().imag_starts == 128
+    assert by_algo[("bc", "snip")].steps == 5_000 and by_algo[("bc", "snip")].algo_options == ()
+    assert SweepConfig.build(None, algo="dreamer", steps=7).base_run("dreamer").steps == 7  # a flag still wins
