@@ -11,6 +11,11 @@ Offline safeguard (as MOPO / LOMPO / v-d4rl's offline DreamerV2): the prior has 
 heads; an imagined step's reward is lowered by `penalty` times their disagreement (the std of
 the heads' means, averaged over the stochastic dimensions). `penalty` 0 gives plain Dreamer.
 
+Past Dreamer v1, for stability without an environment: the lambda-return bootstraps from a slowly
+updated copy of the value (DreamerV2's target critic; with v1's own value as bootstrap a dense run
+on hopper-medium reached values of ~2,800 after 500 updates, where no return exceeds ~540), and
+imagined rewards are clipped to the dataset's reward range.
+
 Choices the paper leaves open (it is pixel-based): observations are standardised with the
 dataset's mean and std and reconstructed with unit-variance Gaussian likelihood; encoder and
 decoder are 2-layer 400-unit ELU MLPs like the heads; each imagined step follows a randomly
@@ -24,6 +29,7 @@ the lambda-return regression.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -34,7 +40,7 @@ from torch import Tensor, nn
 
 from offprune.data import SequenceBatch, SequenceSampler
 from offprune.data.d4rl import OfflineDataset
-from offprune.nets import RSSM, ObsNormalizer, adam, frozen, lambda_return, mlp, optimizer_step
+from offprune.nets import RSSM, ObsNormalizer, adam, frozen, lambda_return, mlp, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -60,6 +66,8 @@ class Config:
     kl_scale: float = 1.0
     horizon: int = 15  # imagination steps
     gamma: float = 0.99
+    value_target_tau: float = 0.01  # the lambda-return bootstraps from a slowly updated value copy
+    clip_imagined_reward: bool = True  # predicted rewards clipped to the dataset's reward range
     lam: float = 0.95  # lambda of the lambda-return
     actor_init_std: float = 5.0  # tanh-Gaussian: softplus-parametrised std starts here
     actor_mean_scale: float = 5.0  # pre-tanh mean squashed to +-this
@@ -125,6 +133,10 @@ class Agent:
         self.cont = mlp(feat, c.reward_hidden, 1, nn.ELU).to(device) if c.continuation else None
         self.actor = TanhGaussianActor(feat, act_dim, c.actor_hidden, c.actor_init_std, c.actor_mean_scale).to(device)
         self.value = mlp(feat, c.value_hidden, 1, nn.ELU).to(device)
+        self.value_target = copy.deepcopy(self.value)
+        # the dataset's reward range (set by `prepare`), kept with the reward head's state
+        self.reward.register_buffer("low", torch.tensor(-math.inf, device=device))
+        self.reward.register_buffer("high", torch.tensor(math.inf, device=device))
         model_params = [p for m in self.world_model for p in m.parameters()]
         self.model_optimizer = adam(model_params, c.model_lr)
         self.actor_optimizer = adam(self.actor.parameters(), c.actor_lr)
@@ -140,7 +152,7 @@ class Agent:
     @property
     def modules(self) -> dict[str, nn.Module]:
         mods = {"normalizer": self.normalizer, "encoder": self.encoder, "rssm": self.rssm, "decoder": self.decoder,
-                "reward": self.reward, "actor": self.actor, "value": self.value}
+                "reward": self.reward, "actor": self.actor, "value": self.value, "value_target": self.value_target}
         return mods | ({"continuation": self.cont} if self.cont is not None else {})
 
     @property
@@ -148,8 +160,10 @@ class Agent:
         return {"model": self.model_optimizer, "actor": self.actor_optimizer, "value": self.value_optimizer}
 
     def prepare(self, dataset: OfflineDataset) -> None:
-        """Observation statistics of the dataset (once, before pruning)."""
+        """Observation statistics and reward range of the dataset (once, before pruning)."""
         self.normalizer.fit(torch.as_tensor(dataset.observations, dtype=torch.float32, device=self.device))
+        self.reward.low.fill_(float(dataset.rewards.min()))
+        self.reward.high.fill_(float(dataset.rewards.max()))
 
     def prunable_networks(self) -> dict[str, PrunableNetwork]:
         def model_loss(batch: SequenceBatch) -> Tensor:
@@ -162,7 +176,7 @@ class Agent:
             groups["continuation"] = self.cont
         networks = {name: PrunableNetwork(module, model_loss) for name, module in groups.items()}
         networks["actor"] = PrunableNetwork(self.actor, lambda b: self.actor_loss(self._starts(b))[0])
-        networks["value"] = PrunableNetwork(self.value, self._value_pruning_loss)
+        networks["value"] = PrunableNetwork(self.value, self._value_pruning_loss, (self.value_target,))
         return networks
 
     def _value_pruning_loss(self, batch: SequenceBatch) -> Tensor:
@@ -244,8 +258,11 @@ class Agent:
             feats.append(torch.cat([h, z], -1))
             penalties.append(disagreement)
         feat = torch.stack(feats)
-        reward = self.reward(feat).squeeze(-1) - c.penalty * torch.stack(penalties)
-        value = self.value(feat).squeeze(-1)
+        reward = self.reward(feat).squeeze(-1)
+        if c.clip_imagined_reward:
+            reward = torch.minimum(torch.maximum(reward, self.reward.low), self.reward.high)
+        reward = reward - c.penalty * torch.stack(penalties)
+        value = self.value_target(feat).squeeze(-1)
         if self.cont is not None:
             discount = c.gamma * torch.sigmoid(self.cont(feat).squeeze(-1))
         else:
@@ -256,7 +273,7 @@ class Agent:
 
     def actor_loss(self, starts: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Maximise the lambda-return through the model's dynamics (model and value frozen)."""
-        with frozen(*self.world_model, self.value):
+        with frozen(*self.world_model, self.value_target):
             feat, returns, weights = self.imagine(starts)
         return -(weights * returns).mean(), feat, returns, weights
 
@@ -282,6 +299,7 @@ class Agent:
     def update_value(self, feat: Tensor, returns: Tensor, weights: Tensor) -> dict[str, float]:
         loss = self.value_loss(feat, returns, weights)
         optimizer_step(self.value_optimizer, loss, self.config.grad_clip)
+        soft_update(self.value_target, self.value, self.config.value_target_tau)
         return {"value_loss": loss.item()}
 
     def update(self, batch: SequenceBatch) -> dict[str, float]:
