@@ -29,10 +29,13 @@ def rollouts(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: in
     return episode_rewards
 
 
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
-             reset: Callable[[], None] | None = None) -> np.ndarray:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> np.ndarray:
     """Undiscounted return of each episode (see `rollouts`)."""
-    return np.array([r.sum() for r in rollouts(act, env, episodes, seed, reset)])
+    return returns_of(rollouts(act, env, episodes, seed))
+
+
+def returns_of(episode_rewards: list[np.ndarray]) -> np.ndarray:
+    return np.array([r.sum() for r in episode_rewards])
 
 
 def summarize(returns: np.ndarray, env_id: str) -> dict[str, float]:

@@ -32,7 +32,7 @@ from offprune.data import TransitionSampler, load_dataset
 from offprune.data.d4rl import OfflineDataset
 from offprune.envs import env_versions, make_env
 from offprune.errors import UserError
-from offprune.evaluate import rollouts, summarize
+from offprune.evaluate import returns_of, rollouts, summarize
 from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
 from offprune.sparse import apply_masks, choose_kernels
@@ -246,7 +246,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         train_seconds += elapsed
         eval_start = time.perf_counter()
         episode_rewards = rollouts(agent.act, env, cfg.eval_episodes, eval_seed, getattr(agent, "reset", None))
-        returns = np.array([r.sum() for r in episode_rewards])
+        returns = returns_of(episode_rewards)
         # algorithm-specific measurements, e.g. a world model's prediction errors
         extra = agent.evaluation_metrics(sampler, episode_rewards) if hasattr(agent, "evaluation_metrics") else {}
         row = {

@@ -224,8 +224,13 @@ class Agent:
         """Posterior states of the batch's real steps, the starts of imagination (no gradient)."""
         with torch.no_grad():
             post, _, mask = self.observe(batch)
+        return self._real_states(post, mask)
+
+    def _real_states(self, post: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(h, z) of every unmasked step, flattened and detached."""
         keep = mask.reshape(-1) > 0
-        return post["h"].reshape(-1, self.config.deter)[keep], post["z"].reshape(-1, self.config.stoch)[keep]
+        return (post["h"].detach().reshape(-1, self.config.deter)[keep],
+                post["z"].detach().reshape(-1, self.config.stoch)[keep])
 
     # --- behaviour --------------------------------------------------------------------------
     def prior_step(self, h: Tensor, z: Tensor, action: Tensor, sample: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,7 +265,7 @@ class Agent:
         feat = torch.stack(feats)
         reward = self.reward(feat).squeeze(-1)
         if c.clip_imagined_reward:
-            reward = torch.minimum(torch.maximum(reward, self.reward.low), self.reward.high)
+            reward = reward.clamp(self.reward.low, self.reward.high)
         reward = reward - c.penalty * torch.stack(penalties)
         value = self.value_target(feat).squeeze(-1)
         if self.cont is not None:
@@ -286,10 +291,7 @@ class Agent:
     def update_world_model(self, batch: SequenceBatch) -> tuple[tuple[Tensor, Tensor], dict[str, float]]:
         loss, post, mask, info = self.world_model_loss(batch)
         optimizer_step(self.model_optimizer, loss, self.config.grad_clip)
-        keep = mask.reshape(-1) > 0
-        starts = (post["h"].detach().reshape(-1, self.config.deter)[keep],
-                  post["z"].detach().reshape(-1, self.config.stoch)[keep])
-        return starts, info
+        return self._real_states(post, mask), info
 
     def update_actor(self, starts: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, float]]:
         loss, feat, returns, weights = self.actor_loss(starts)
