@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offprune.nets import MLP
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
 
@@ -64,14 +65,17 @@ def _feature_major(t: Tensor) -> Tensor:
 # 3 MB) are multiplied in blocks of 128 columns, so the rows a block gathers stay in L2 cache:
 # BCQ's 750x750 layer at 8% density, batch 1000, took 2.2 ms instead of 2.9 ms here. Block
 # widths that are not a multiple of 16 floats measured slower than no blocking at all.
-# Columns are independent, so the result is bit-identical.
+# Columns are independent, so the result is bit-identical. Blocking pays only where each input
+# row is gathered many times (nnz / in_features: 60 for that layer); BCQ's 400x300 layers at 95%
+# (~11 gathers a row) took 310 us in one call and 375 us blocked, so they are not blocked.
 BLOCK_COLUMNS = 128
+BLOCK_MIN_REUSE = 24  # kept weights per input feature from which wide products are blocked
 
 
 def csr_times(crow: Tensor, col: Tensor, values: Tensor, x_t: Tensor) -> Tensor:
     """W @ x_t for a CSR W (crow, col, values) and a row-major [in, batch] x_t: [out, batch]."""
     batch = x_t.shape[1]
-    if batch <= 2 * BLOCK_COLUMNS:
+    if batch <= 2 * BLOCK_COLUMNS or len(col) < BLOCK_MIN_REUSE * x_t.shape[0]:
         return F.embedding_bag(col, x_t, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
     out = x_t.new_empty(len(crow) - 1, batch)
     for start in range(0, batch, BLOCK_COLUMNS):
@@ -107,8 +111,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = csr_times(layer.crow_t, layer.col_t, values[layer.perm_t], grad_t).T
             if ctx.needs_input_grad[1]:
-                pattern = csr_tensor(layer.crow, layer.col, layer.pattern_values, (layer.out_features, layer.in_features))
-                grad_values = torch.sparse.sampled_addmm(pattern, grad_t, x_t.T, beta=0.0).values()
+                grad_values = torch.sparse.sampled_addmm(layer.pattern(), grad_t, x_t.T, beta=0.0).values()
         else:  # small layer: the dense [out, in] products are cheaper than any sparse bookkeeping
             if ctx.needs_input_grad[0]:
                 grad_x = torch.mm(layer.dense_weight(values).T, grad_t).T
@@ -152,14 +155,27 @@ class SparseLinear(nn.Module):
         self.register_buffer("perm_t", perm_t)
         # sampled_addmm needs a CSR pattern; with beta=0 its values are never read
         self.register_buffer("pattern_values", torch.zeros(len(rows), device=weight.device), persistent=False)
+        self._pattern: Tensor | None = None
         self.register_buffer("flat_index", rows * self.in_features + cols, persistent=False)
         self.values = nn.Parameter(weight[rows, cols].clone())
         bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(self.out_features)
         self.bias = nn.Parameter(bias.to(weight.device))
 
+    def pattern(self) -> Tensor:
+        """The mask as a CSR tensor (values unused), for sampled_addmm. Built once per device:
+        constructing a CSR tensor inside backward costs ~25 us (torch raises its 'beta' warning,
+        which the autograd engine replays through Python), a tenth of a small layer's backward."""
+        if self._pattern is None or self._pattern.device != self.crow.device:
+            self._pattern = csr_tensor(self.crow, self.col, self.pattern_values, (self.out_features, self.in_features))
+        return self._pattern
+
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and (flat.requires_grad or self.values.requires_grad or self.bias.requires_grad):
+        if self.product == "dense":
+            # plain autograd ops: the same products as a custom Function would run, without its
+            # Python forward and backward (~40 us a layer, a tenth of a small layer's update)
+            out = torch.addmm(self.bias.unsqueeze(1), self.dense_weight(self.values), flat.T).T
+        elif torch.is_grad_enabled() and (flat.requires_grad or self.values.requires_grad or self.bias.requires_grad):
             out = _SparseLinearFunction.apply(flat, self.values, self.bias, self)
         else:  # no autograd graph to build (targets, acting): skip autograd.Function's overhead (~30 us)
             out = _sparse_linear(flat, self.values.detach(), self.bias.detach(), self)[0]
@@ -188,6 +204,119 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}, "
                 f"product={self.product}")
+
+
+# --- fused chains: a whole Linear-activation-...-Linear stack as one autograd function ---------
+
+# Activations a chain can fuse: applied in place on the layer's output, differentiated from that
+# output (both are exact for these two: relu'(x) = [y > 0], elu'(x) = y + alpha where y <= 0).
+CHAIN_ACTIVATIONS = (nn.ReLU, nn.ELU)
+
+
+def chain_supported(mlp: nn.Sequential) -> bool:
+    """True for Linear-act-...-Linear stacks whose Linears are all SparseLinear and whose
+    activations are all one of CHAIN_ACTIVATIONS (of one kind)."""
+    layers, acts = list(mlp)[0::2], list(mlp)[1::2]
+    return (len(mlp) % 2 == 1 and all(isinstance(m, SparseLinear) for m in layers)
+            and all(type(a) is type(acts[0]) and isinstance(a, CHAIN_ACTIVATIONS) for a in acts))
+
+
+def _chain_parts(mlp: nn.Sequential) -> tuple[list[SparseLinear], nn.Module | None]:
+    """The chain's layers and its activation (slicing the Sequential would build a new module)."""
+    modules = list(mlp._modules.values())
+    return modules[0::2], (modules[1] if len(modules) > 1 else None)
+
+
+def _activate_(y: Tensor, act: nn.Module) -> Tensor:
+    return y.relu_() if isinstance(act, nn.ReLU) else F.elu_(y, act.alpha)
+
+
+def _activation_grad(grad: Tensor, y: Tensor, act: nn.Module) -> Tensor:
+    if isinstance(act, nn.ReLU):
+        return torch.ops.aten.threshold_backward(grad, y, 0)
+    return torch.ops.aten.elu_backward(grad, act.alpha, 1, 1, True, y)
+
+
+def _layer_product(layer: SparseLinear, values: Tensor, bias: Tensor, h_t: Tensor) -> Tensor:
+    """W h_t + b for a feature-major h_t: a row-major [out, batch] tensor."""
+    if layer.product == "csr":
+        return csr_times(layer.crow, layer.col, values, h_t if h_t.is_contiguous() else h_t.contiguous()).add_(
+            bias.unsqueeze(1))
+    return torch.addmm(bias.unsqueeze(1), layer.dense_weight(values), h_t)
+
+
+def _chain_pass(mlp: nn.Sequential, x: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+    """Forward through the chain: the output ([batch, out] view) and each layer's feature-major input."""
+    layers, act = _chain_parts(mlp)
+    h_t, inputs = x.T, []
+    for i, layer in enumerate(layers):
+        inputs.append(h_t)
+        h_t = _layer_product(layer, params[2 * i], params[2 * i + 1], h_t)
+        if i < len(layers) - 1:
+            _activate_(h_t, act)
+    return h_t.T, inputs
+
+
+class _SparseChainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mlp, *params):
+        out, inputs = _chain_pass(mlp, x, params)
+        ctx.mlp = mlp
+        ctx.save_for_backward(*inputs, *params[0::2])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        mlp = ctx.mlp
+        layers, act = _chain_parts(mlp)
+        saved = ctx.saved_tensors
+        inputs, values = saved[:len(layers)], saved[len(layers):]
+        needs = ctx.needs_input_grad
+        # below the lowest layer with a trainable parameter, only the input gradient is left
+        lowest = 0 if needs[0] else min((i for i in range(len(layers)) if needs[2 + 2 * i] or needs[3 + 2 * i]),
+                                        default=len(layers))
+        grads: list[Tensor | None] = [None] * (2 * len(layers))
+        grad_x = None
+        grad_t = _feature_major(grad_out)
+        for i in range(len(layers) - 1, lowest - 1, -1):
+            layer, h_t = layers[i], inputs[i]
+            if needs[2 + 2 * i]:
+                if layer.product == "csr":
+                    grads[2 * i] = torch.sparse.sampled_addmm(layer.pattern(), grad_t, h_t.T, beta=0.0).values()
+                else:
+                    grads[2 * i] = torch.mm(grad_t, h_t.T).view(-1).index_select(0, layer.flat_index)
+            if needs[3 + 2 * i]:
+                grads[2 * i + 1] = grad_t.sum(1)
+            if i == 0 and not needs[0]:
+                break
+            if layer.product == "csr":
+                below = csr_times(layer.crow_t, layer.col_t, values[i].index_select(0, layer.perm_t), grad_t)
+            else:
+                below = torch.mm(layer.dense_weight(values[i]).T, grad_t)
+            if i == 0:
+                grad_x = below.T
+            else:
+                grad_t = _activation_grad(below, h_t, act)
+        return grad_x, None, *grads
+
+
+def chain_forward(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """The chain's output for x [..., in]; one autograd node for the whole stack."""
+    layers = _chain_parts(mlp)[0]
+    flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
+    params = tuple(p for layer in layers for p in (layer.values, layer.bias))
+    if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
+        out = _SparseChainFunction.apply(flat, mlp, *params)
+    else:
+        out = _chain_pass(mlp, flat, tuple(p.detach() for p in params))[0]
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
+
+
+def _mark_chains(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, MLP):
+            m.sparse_chain = chain_supported(m)
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
@@ -240,6 +369,7 @@ def convert_to_sparse(
                 replaced[id(linear.weight)] = sparse.values
                 replaced[id(linear.bias)] = sparse.bias
                 _replace(module, layer_name, sparse)
+            _mark_chains(module)
     for opt in optimizers:
         if opt.state:
             raise RuntimeError("convert_to_sparse must run before the first optimizer step")
@@ -276,6 +406,7 @@ def convert_to_dense(module: nn.Module) -> nn.Module:
     for name, m in list(module.named_modules()):
         if isinstance(m, SparseLinear):
             _replace(module, name, m.to_linear())
+    _mark_chains(module)
     return module
 
 

@@ -30,6 +30,7 @@ def masked_linear(out_f=30, in_f=40, density=0.1, seed=0):
 @pytest.mark.parametrize("shape", [(16, 40), (2, 5, 40), (300, 40)])
 def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape, product, monkeypatch):
     monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 64)  # batch 300: the blocked csr path
+    monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
     lin, mask = masked_linear()
     sparse = SparseLinear(lin, mask, product)
     x = torch.randn(*shape, requires_grad=True)
@@ -64,9 +65,15 @@ def test_blocked_csr_product_is_bit_identical_to_one_call(monkeypatch):
     sparse = SparseLinear(lin, mask, "csr")
     x = torch.randn(1000, 60)
     with torch.no_grad():
+        monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 10**9)  # never blocked
         whole = sparse(x)
+        monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
         monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 128)  # 1000 columns: 8 blocks, the last one short
+        calls = []
+        bag = sparse_module.F.embedding_bag
+        monkeypatch.setattr(sparse_module.F, "embedding_bag", lambda *a, **k: calls.append(1) or bag(*a, **k))
         blocked = sparse(x)
+    assert len(calls) == 8
     assert torch.equal(whole, blocked)
 
 
@@ -77,6 +84,82 @@ def test_product_rule_keeps_small_or_dense_layers_on_dense_products():
     assert product_for(torch.rand(750, 750, generator=g) < 0.5) == "dense"  # too dense to pay
     assert product_for(torch.rand(3, 300, generator=g) < 0.05) == "dense"  # output head: too small
     assert product_for(torch.rand(400, 14, generator=g) < 0.05) == "dense"  # input layer: too small
+
+
+def masked_mlp(activation, seed=0, widths=(14, 200, 150, 3)):
+    """A pruned MLP (hidden layers 5% dense: csr products; input and output layers: dense products)."""
+    from offprune.nets import mlp
+
+    torch.manual_seed(seed)
+    net = mlp(widths[0], widths[1:-1], widths[-1], activation)
+    masks = {}
+    for name, p in net.named_parameters():
+        if name.endswith("weight"):
+            density = 0.05 if min(p.shape) > 100 else 0.5
+            masks[name] = torch.rand(p.shape) < density
+            with torch.no_grad():
+                p.masked_fill_(~masks[name], 0.0)
+    return net, masks
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.ELU])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_fused_chain_matches_the_dense_masked_mlp(activation, x_needs_grad):
+    from offprune.prune import PrunableNetwork
+
+    dense, masks = masked_mlp(activation)
+    fused, _ = masked_mlp(activation)
+    products = convert_to_sparse({"net": PrunableNetwork(fused, lambda b: None)}, {"net": masks}, [])
+    assert products["net"] == {"0.weight": "dense", "2.weight": "csr", "4.weight": "dense"}
+    assert fused.sparse_chain
+    x = torch.randn(64, 14, requires_grad=x_needs_grad)
+    x2 = x.detach().clone().requires_grad_(x_needs_grad)
+    y, y2 = dense(x), fused(x2)
+    assert type(y2.grad_fn).__name__ == "_SparseChainFunctionBackward"  # one node for the stack
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
+    if x_needs_grad:
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+    dense_params = dict(dense.named_parameters())
+    for i in (0, 2, 4):
+        torch.testing.assert_close(fused[i].values.grad, dense_params[f"{i}.weight"].grad[masks[f"{i}.weight"]],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused[i].bias.grad, dense_params[f"{i}.bias"].grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the graph-free pass gives the same output
+        assert torch.equal(fused(x2), y2)
+
+
+def test_fused_chain_with_frozen_layers_leaves_their_gradients_empty():
+    from offprune.nets import frozen
+    from offprune.prune import PrunableNetwork
+
+    net, masks = masked_mlp(nn.ReLU)
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    x = torch.randn(32, 14, requires_grad=True)
+    with frozen(net):  # gradients pass through to the input only, as BCQ's actor update uses its critic
+        net(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())
+    net[4].bias.requires_grad_(False)  # only the lowest layer trains: gradients flow down to it
+    net(x).sum().backward()
+    assert net[0].values.grad is not None and net[2].values.grad is not None and net[4].bias.grad is None
+
+
+def test_chains_are_unfused_by_the_way_back_and_skip_unsupported_stacks():
+    from offprune.prune import PrunableNetwork
+
+    net, masks = masked_mlp(nn.ReLU)
+    tanh_net, tanh_masks = masked_mlp(nn.Tanh)
+    convert_to_sparse({"a": PrunableNetwork(net, lambda b: None), "b": PrunableNetwork(tanh_net, lambda b: None)},
+                      {"a": masks, "b": tanh_masks}, [])
+    assert net.sparse_chain and not tanh_net.sparse_chain  # tanh: per-layer sparse path
+    x = torch.randn(8, 14)
+    before = tanh_net(x)
+    convert_to_dense(net)
+    assert not net.sparse_chain and isinstance(net[2], nn.Linear)
+    assert torch.equal(tanh_net(x), before)
 
 
 def test_conversion_back_is_bit_exact_and_keeps_the_mask():
