@@ -20,9 +20,9 @@ class MLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sparse_chain:
-            from offprune.sparse import chain_forward  # offprune.sparse builds on this module
+            from offprune.sparse import chain_forward, chain_parts  # offprune.sparse builds on this module
 
-            return chain_forward(self, x)
+            return chain_forward(*chain_parts(self), x)
         return super().forward(x)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,47 +80,10 @@ def csr_times(crow: Tensor, col: Tensor, values: Tensor, x_t: Tensor) -> Tensor:
         return F.embedding_bag(col, x_t, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
     out = x_t.new_empty(len(crow) - 1, batch)
     for start in range(0, batch, BLOCK_COLUMNS):
-        block = x_t[:, start:start + BLOCK_COLUMNS].contiguous()
+        block = x_t[:, start:start + BLOCK_COLUMNS]  # a strided view: the kernel reads rows in place
         out[:, start:start + BLOCK_COLUMNS] = F.embedding_bag(col, block, crow, mode="sum", per_sample_weights=values,
                                                               include_last_offset=True)
     return out
-
-
-def _sparse_linear(x: Tensor, values: Tensor, bias: Tensor, layer: "SparseLinear") -> tuple[Tensor, Tensor]:
-    """The forward product: (y as a [batch, out] view of a feature-major buffer, x_t)."""
-    x_t = _feature_major(x)
-    if layer.product == "csr":
-        return csr_times(layer.crow, layer.col, values, x_t).add_(bias.unsqueeze(1)).T, x_t
-    return torch.addmm(bias.unsqueeze(1), layer.dense_weight(values), x_t).T, x_t
-
-
-class _SparseLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, values, bias, layer):
-        out, x_t = _sparse_linear(x, values, bias, layer)
-        ctx.save_for_backward(x_t, values)
-        ctx.layer = layer
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x_t, values = ctx.saved_tensors
-        layer = ctx.layer
-        grad_t = _feature_major(grad_out)  # [out, batch], shared by both products below
-        grad_x = grad_values = grad_bias = None
-        if layer.product == "csr":
-            if ctx.needs_input_grad[0]:
-                grad_x = csr_times(layer.crow_t, layer.col_t, values[layer.perm_t], grad_t).T
-            if ctx.needs_input_grad[1]:
-                grad_values = torch.sparse.sampled_addmm(layer.pattern(), grad_t, x_t.T, beta=0.0).values()
-        else:  # small layer: the dense [out, in] products are cheaper than any sparse bookkeeping
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(layer.dense_weight(values).T, grad_t).T
-            if ctx.needs_input_grad[1]:
-                grad_values = torch.mm(grad_t, x_t.T).view(-1)[layer.flat_index]
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_t.sum(1)
-        return grad_x, grad_values, grad_bias, None
 
 
 class SparseLinear(nn.Module):
@@ -170,16 +134,7 @@ class SparseLinear(nn.Module):
         return self._pattern
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.product == "dense":
-            # plain autograd ops: the same products as a custom Function would run, without its
-            # Python forward and backward (~40 us a layer, a tenth of a small layer's update)
-            out = torch.addmm(self.bias.unsqueeze(1), self.dense_weight(self.values), flat.T).T
-        elif torch.is_grad_enabled() and (flat.requires_grad or self.values.requires_grad or self.bias.requires_grad):
-            out = _SparseLinearFunction.apply(flat, self.values, self.bias, self)
-        else:  # no autograd graph to build (targets, acting): skip autograd.Function's overhead (~30 us)
-            out = _sparse_linear(flat, self.values.detach(), self.bias.detach(), self)[0]
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return chain_forward((self,), None, x)
 
     def dense_weight(self, values: Tensor) -> Tensor:
         """The [out, in] weight with `values` at the kept positions and +0.0 elsewhere.
@@ -221,7 +176,7 @@ def chain_supported(mlp: nn.Sequential) -> bool:
             and all(type(a) is type(acts[0]) and isinstance(a, CHAIN_ACTIVATIONS) for a in acts))
 
 
-def _chain_parts(mlp: nn.Sequential) -> tuple[list[SparseLinear], nn.Module | None]:
+def chain_parts(mlp: nn.Sequential) -> tuple[list[SparseLinear], nn.Module | None]:
     """The chain's layers and its activation (slicing the Sequential would build a new module)."""
     modules = list(mlp._modules.values())
     return modules[0::2], (modules[1] if len(modules) > 1 else None)
@@ -245,9 +200,9 @@ def _layer_product(layer: SparseLinear, values: Tensor, bias: Tensor, h_t: Tenso
     return torch.addmm(bias.unsqueeze(1), layer.dense_weight(values), h_t)
 
 
-def _chain_pass(mlp: nn.Sequential, x: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+def _chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor,
+                params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
     """Forward through the chain: the output ([batch, out] view) and each layer's feature-major input."""
-    layers, act = _chain_parts(mlp)
     h_t, inputs = x.T, []
     for i, layer in enumerate(layers):
         inputs.append(h_t)
@@ -259,20 +214,19 @@ def _chain_pass(mlp: nn.Sequential, x: Tensor, params: tuple[Tensor, ...]) -> tu
 
 class _SparseChainFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mlp, *params):
-        out, inputs = _chain_pass(mlp, x, params)
-        ctx.mlp = mlp
+    def forward(ctx, x, layers, act, *params):
+        out, inputs = _chain_pass(layers, act, x, params)
+        ctx.layers, ctx.act = layers, act
         ctx.save_for_backward(*inputs, *params[0::2])
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        mlp = ctx.mlp
-        layers, act = _chain_parts(mlp)
+        layers, act = ctx.layers, ctx.act
         saved = ctx.saved_tensors
         inputs, values = saved[:len(layers)], saved[len(layers):]
-        needs = ctx.needs_input_grad
+        needs = (ctx.needs_input_grad[0], None, *ctx.needs_input_grad[3:])  # x, then params from index 2
         # below the lowest layer with a trainable parameter, only the input gradient is left
         lowest = 0 if needs[0] else min((i for i in range(len(layers)) if needs[2 + 2 * i] or needs[3 + 2 * i]),
                                         default=len(layers))
@@ -298,18 +252,17 @@ class _SparseChainFunction(torch.autograd.Function):
                 grad_x = below.T
             else:
                 grad_t = _activation_grad(below, h_t, act)
-        return grad_x, None, *grads
+        return grad_x, None, None, *grads
 
 
-def chain_forward(mlp: nn.Sequential, x: Tensor) -> Tensor:
-    """The chain's output for x [..., in]; one autograd node for the whole stack."""
-    layers = _chain_parts(mlp)[0]
+def chain_forward(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor) -> Tensor:
+    """layers[-1](act(...act(layers[0](x)))) for x [..., in]: one autograd node for the whole stack."""
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
     params = tuple(p for layer in layers for p in (layer.values, layer.bias))
     if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
-        out = _SparseChainFunction.apply(flat, mlp, *params)
-    else:
-        out = _chain_pass(mlp, flat, tuple(p.detach() for p in params))[0]
+        out = _SparseChainFunction.apply(flat, layers, act, *params)
+    else:  # no graph to build (targets, acting): skip autograd.Function's overhead
+        out = _chain_pass(layers, act, flat, tuple(p.detach() for p in params))[0]
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
 
 
