@@ -73,16 +73,20 @@ BLOCK_COLUMNS = 128
 BLOCK_MIN_REUSE = 24  # kept weights per input feature from which wide products are blocked
 
 
+def _bag(x_t: Tensor, col: Tensor, crow: Tensor, values: Tensor) -> Tensor:
+    # torch.embedding_bag directly: F.embedding_bag's argument checks cost a few us a call
+    return torch.embedding_bag(x_t, col, crow, False, 0, False, values, True)[0]  # mode 0 = sum
+
+
 def csr_times(crow: Tensor, col: Tensor, values: Tensor, x_t: Tensor) -> Tensor:
     """W @ x_t for a CSR W (crow, col, values) and a row-major [in, batch] x_t: [out, batch]."""
     batch = x_t.shape[1]
     if batch <= 2 * BLOCK_COLUMNS or len(col) < BLOCK_MIN_REUSE * x_t.shape[0]:
-        return F.embedding_bag(col, x_t, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
+        return _bag(x_t, col, crow, values)
     out = x_t.new_empty(len(crow) - 1, batch)
     for start in range(0, batch, BLOCK_COLUMNS):
         block = x_t[:, start:start + BLOCK_COLUMNS]  # a strided view: the kernel reads rows in place
-        out[:, start:start + BLOCK_COLUMNS] = F.embedding_bag(col, block, crow, mode="sum", per_sample_weights=values,
-                                                              include_last_offset=True)
+        out[:, start:start + BLOCK_COLUMNS] = _bag(block, col, crow, values)
     return out
 
 
@@ -212,6 +216,20 @@ def _chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor
     return h_t.T, inputs
 
 
+def _wide_chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor,
+                     params: tuple[Tensor, ...]) -> Tensor:
+    """The graph-free forward. A wide batch through a chain with a blocked (high-reuse) product
+    runs in blocks of BLOCK_COLUMNS rows through the whole chain, so each block's activations stay
+    in cache from layer to layer: BCQ's decoder on 1,000 target candidates, ~4% faster than
+    blocking inside each product. Rows are independent, so the result is bit-identical."""
+    rows = x.shape[0]
+    if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(
+            layer.product == "csr" and len(layer.col) >= BLOCK_MIN_REUSE * layer.in_features for layer in layers):
+        return _chain_pass(layers, act, x, params)[0]
+    return torch.cat([_chain_pass(layers, act, x[start:start + BLOCK_COLUMNS], params)[0]
+                      for start in range(0, rows, BLOCK_COLUMNS)])
+
+
 class _SparseChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layers, act, *params):
@@ -262,7 +280,7 @@ def chain_forward(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tens
     if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
         out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
-        out = _chain_pass(layers, act, flat, tuple(p.detach() for p in params))[0]
+        out = _wide_chain_pass(layers, act, flat, tuple(p.detach() for p in params))
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
 
 

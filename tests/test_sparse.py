@@ -70,10 +70,28 @@ def test_blocked_csr_product_is_bit_identical_to_one_call(monkeypatch):
         monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
         monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 128)  # 1000 columns: 8 blocks, the last one short
         calls = []
-        bag = sparse_module.F.embedding_bag
-        monkeypatch.setattr(sparse_module.F, "embedding_bag", lambda *a, **k: calls.append(1) or bag(*a, **k))
+        bag = sparse_module._bag
+        monkeypatch.setattr(sparse_module, "_bag", lambda *a: calls.append(1) or bag(*a))
         blocked = sparse(x)
     assert len(calls) == 8
+    assert torch.equal(whole, blocked)
+
+
+def test_wide_chain_runs_in_row_blocks_with_bit_identical_results(monkeypatch):
+    from offprune.prune import PrunableNetwork
+
+    net, masks = masked_mlp(nn.ReLU, widths=(14, 200, 150, 3))
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    x = torch.randn(1000, 14)
+    with torch.no_grad():
+        monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 10**9)  # no layer qualifies: one pass
+        whole = net(x)
+        monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
+        passes = []
+        chain_pass = sparse_module._chain_pass
+        monkeypatch.setattr(sparse_module, "_chain_pass", lambda *a: passes.append(a[2].shape[0]) or chain_pass(*a))
+        blocked = net(x)
+    assert passes == [128] * 7 + [104]
     assert torch.equal(whole, blocked)
 
 
