@@ -34,9 +34,11 @@ def tiny_agent(**overrides):
 
 
 def test_groups_and_every_prior_head_survives_snip():
-    agent = tiny_agent()
+    # an RSSM big enough for a head to hold more than a handful of weights (at the tiniest sizes
+    # SNIP can empty a head by chance; at the default sizes each head keeps > 1,000 weights)
+    agent = tiny_agent(deter=64, stoch=8, hidden=48)
     networks = agent.prunable_networks()
-    assert list(networks) == ["encoder", "rssm", "decoder", "reward", "actor", "value"]
+    assert list(networks) == ["encoder", "rssm", "decoder", "reward", "continuation", "actor", "value"]
     masks = compute_masks(networks, "snip", 0.9, "global", lambda: random_sequences(OBS, ACT, 8, 6),
                           torch.Generator().manual_seed(0))
     rssm = masks["rssm"]
@@ -47,11 +49,33 @@ def test_groups_and_every_prior_head_survives_snip():
     assert {"cell.weight_ih", "cell.weight_hh"} <= set(rssm)
 
 
-def test_continuation_head_is_its_own_group():
-    agent = tiny_agent(continuation=True)
+def test_continuation_head_is_its_own_group_and_optional():
+    agent = tiny_agent()
     assert "continuation" in agent.prunable_networks()
     info = agent.update(random_sequences(OBS, ACT, 4, 6))
     assert math.isfinite(info["cont_nll"])
+    plain = tiny_agent(continuation=False)
+    assert "continuation" not in plain.prunable_networks() and "cont_nll" not in plain.update(
+        random_sequences(OBS, ACT, 4, 6))
+
+
+def test_behaviour_cloning_term_matches_a_hand_computation():
+    agent = tiny_agent()
+    batch = random_sequences(OBS, ACT, 4, 6)
+    post, _, mask = agent.observe(batch)
+    starts = agent._real_states(post, mask)
+    feat, actions = agent._behaviour(post, batch)
+    assert feat.shape == (int(batch.mask.sum()), 16 + 4) and torch.equal(actions, batch.actions[batch.mask > 0])
+    torch.manual_seed(1)
+    plain, _, returns, _ = agent.actor_loss(starts, (feat, actions))  # bc_weight 0: Dreamer's loss
+    agent.config = dataclasses.replace(agent.config, bc_weight=0.5)
+    torch.manual_seed(1)
+    regularised = agent.actor_loss(starts, (feat, actions))[0]
+    imitation = (agent.actor(feat, deterministic=True) - actions).pow(2).mean()
+    expected = plain / returns.abs().mean() + 0.5 * imitation
+    torch.testing.assert_close(regularised, expected)
+    info = agent.update(batch)  # the update path feeds the behaviour pairs
+    assert math.isfinite(info["actor_loss"])
 
 
 def test_gru_masks_hold_with_sparse_kernels():
@@ -135,7 +159,7 @@ def test_pruned_dreamer_runs_through_the_cli(capsys, tmp_path, hopper_file):
 
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity-of", "world=0.5"], "--sparsity-of names unknown network(s) world (this algorithm's prunable "
-                                     "networks: encoder, rssm, decoder, reward, actor, value)"),
+                                     "networks: encoder, rssm, decoder, reward, continuation, actor, value)"),
     (["--sparsity-of", "rssm=1.5"], "--sparsity-of rssm=1.5: sparsity must be in [0, 1)"),
     (["--sparsity-of", "rssm"], "--sparsity-of expects NAME=VALUE, got 'rssm'"),
     (["--algo-opt", "horizn=5"], "--algo-opt horizn: dreamer has no such option"),

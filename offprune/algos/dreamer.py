@@ -2,14 +2,19 @@
 
 Dreamer v1 (Hafner et al. 2019, danijar/dreamer) on vector observations, trained only on a
 dataset. World model: an MLP encoder, the RSSM (GRU 200, Gaussian stochastic state 30), an MLP
-decoder and a reward head (optionally a continuation head), trained on reconstruction + reward
-likelihood + KL(posterior || prior) with free nats. Behaviour: from every posterior state of the
+decoder, a reward head and a continuation (not-done) head, trained on reconstruction + reward and
+continuation likelihood + KL(posterior || prior) with free nats. v1 had no continuation head (the
+DeepMind Control tasks never end); hopper and walker2d episodes end when the robot falls, and
+without the head imagination never learns that falling ends the rewards (`continuation=false`
+drops it). Behaviour: from every posterior state of the
 batch the actor (tanh-Gaussian) imagines `horizon` steps through the prior; the actor maximises
 the lambda-return by backpropagating through the model, the value regresses on it.
 
 Offline safeguard (as MOPO / LOMPO / v-d4rl's offline DreamerV2): the prior has an ensemble of
 heads; an imagined step's reward is lowered by `penalty` times their disagreement (the std of
 the heads' means, averaged over the stochastic dimensions). `penalty` 0 gives plain Dreamer.
+Optionally (`bc_weight` > 0) the actor is also pulled towards the logged actions at the real
+posterior states, with TD3+BC's normalisation of the return term.
 
 Past Dreamer v1, for stability without an environment: the lambda-return bootstraps from a slowly
 updated copy of the value (DreamerV2's target critic; with v1's own value as bootstrap a dense run
@@ -58,9 +63,10 @@ class Config:
     reward_hidden: tuple[int, ...] = (400, 400)  # Dreamer: 2 layers of 400
     value_hidden: tuple[int, ...] = (400, 400, 400)  # Dreamer: 3 layers
     actor_hidden: tuple[int, ...] = (400, 400, 400, 400)  # Dreamer: 4 layers
-    continuation: bool = False  # learn a not-done head and discount imagined steps by it
+    continuation: bool = True  # a not-done head discounts imagined steps (v1 had none: DMC never ends; hopper does)
     ensemble: int = 7  # prior heads (offline DreamerV2 / LOMPO use 7)
     penalty: float = 1.0  # imagined reward -= penalty * head disagreement; 0 = plain Dreamer
+    bc_weight: float = 0.0  # > 0: actor loss = -return / mean|return| + bc_weight * MSE(actor mode, data action)
     min_std: float = 0.1  # of the stochastic state
     free_nats: float = 3.0  # KL below this is not penalised
     kl_scale: float = 1.0
@@ -276,11 +282,22 @@ class Agent:
         weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
         return feat, returns, weights
 
-    def actor_loss(self, starts: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Maximise the lambda-return through the model's dynamics (model and value frozen)."""
+    def actor_loss(self, starts: tuple[Tensor, Tensor], behaviour: tuple[Tensor, Tensor] | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Maximise the lambda-return through the model's dynamics (model and value frozen).
+
+        With `bc_weight` > 0 and `behaviour` (real posterior features, the logged actions), the
+        actor also stays near the data's actions, with TD3+BC's normalisation (the return term
+        divided by its mean magnitude; TD3+BC's alpha 2.5 is bc_weight 0.4)."""
         with frozen(*self.world_model, self.value_target):
             feat, returns, weights = self.imagine(starts)
-        return -(weights * returns).mean(), feat, returns, weights
+        objective = (weights * returns).mean()
+        if self.config.bc_weight <= 0 or behaviour is None:
+            return -objective, feat, returns, weights
+        real_feat, data_actions = behaviour
+        imitation = (self.actor(real_feat, deterministic=True) - data_actions / self.max_action).pow(2).mean()
+        loss = -objective / returns.abs().mean().detach().clamp_min(1e-6) + self.config.bc_weight * imitation
+        return loss, feat, returns, weights
 
     def value_loss(self, feat: Tensor, returns: Tensor, weights: Tensor) -> Tensor:
         """Regress the value of each imagined state (but the last) on its lambda-return."""
@@ -288,13 +305,14 @@ class Agent:
         return (weights * 0.5 * (value - returns.detach()).pow(2)).mean()
 
     # --- updates ----------------------------------------------------------------------------
-    def update_world_model(self, batch: SequenceBatch) -> tuple[tuple[Tensor, Tensor], dict[str, float]]:
+    def update_world_model(self, batch: SequenceBatch) -> tuple[dict[str, Tensor], Tensor, dict[str, float]]:
         loss, post, mask, info = self.world_model_loss(batch)
         optimizer_step(self.model_optimizer, loss, self.config.grad_clip)
-        return self._real_states(post, mask), info
+        return post, mask, info
 
-    def update_actor(self, starts: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, float]]:
-        loss, feat, returns, weights = self.actor_loss(starts)
+    def update_actor(self, starts: tuple[Tensor, Tensor], behaviour: tuple[Tensor, Tensor] | None = None
+                     ) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, float]]:
+        loss, feat, returns, weights = self.actor_loss(starts, behaviour)
         optimizer_step(self.actor_optimizer, loss, self.config.grad_clip)
         return (feat, returns, weights), {"actor_loss": loss.item(), "imagined_return": returns[0].mean().item()}
 
@@ -305,9 +323,16 @@ class Agent:
         return {"value_loss": loss.item()}
 
     def update(self, batch: SequenceBatch) -> dict[str, float]:
-        starts, info = self.update_world_model(batch)
-        trajectory, actor_info = self.update_actor(starts)
+        post, mask, info = self.update_world_model(batch)
+        behaviour = self._behaviour(post, batch) if self.config.bc_weight > 0 else None
+        trajectory, actor_info = self.update_actor(self._real_states(post, mask), behaviour)
         return info | actor_info | self.update_value(*trajectory)
+
+    def _behaviour(self, post: dict[str, Tensor], batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """(posterior feature at o_t, logged a_t) for every real transition of the batch, detached."""
+        keep = batch.mask.reshape(-1) > 0
+        feat = torch.cat([post["h"][:, :-1], post["z"][:, :-1]], -1).detach()
+        return feat.reshape(-1, feat.shape[-1])[keep], batch.actions.reshape(-1, self.act_dim)[keep]
 
     # --- acting -----------------------------------------------------------------------------
     def reset(self) -> None:
