@@ -22,6 +22,12 @@ gradient at the nnz kept positions only (gathering x[:, cols] * dy[:, rows] allo
 [nnz, batch] and is ~20x slower; letting autograd differentiate embedding_bag is ~5x slower).
 COO `torch.sparse.mm` is slower than all of these.
 
+Fusion: a network's Linear-activation-...-Linear stack (`offprune.nets.MLP`, ReLU or ELU) runs as
+ONE autograd function whose backward walks the layers itself (activation gradients from the saved
+outputs), and a lone SparseLinear is a chain of one. Per layer, PyTorch's autograd and module
+machinery cost ~40-80 us, a third of a sparse BCQ update at 95%; fused, BCQ's update at 95% went
+from 2.9x to 3.5x faster than dense masked training (one thread).
+
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
 agent turned back gives dense masked modules with bit-identical weights.
 """
