@@ -494,8 +494,12 @@ def export(run_dir, out) -> None:
 @click.option("--act-dim", type=int, default=3, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds (median reported).")
 @click.option("--steps", type=int, default=30, show_default=True, help="Updates per round.")
+@click.option("--profile", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
+              help="Budget profile whose algorithm options (e.g. Dreamer's batch) the agents get.")
+@click.option("--algo-opt", "algo_opts", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the algorithm's Config, as for run (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (steps/s) for scripts and CI.")
-def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, as_json) -> None:
+def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json) -> None:
     """Update steps/s of one algorithm's SNIP-pruned agent, interleaved in one process.
 
     dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
@@ -505,15 +509,16 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, as_json) ->
 
     import torch
 
-    from offprune.speed import measure
+    from offprune.speed import algo_config, measure
 
+    config = algo_config(algo, profile, parse_pairs(algo_opts, "--algo-opt"))
     if not 0 < sparsity < 1:
         raise UserError(f"--sparsity must be in (0, 1) for a speed comparison, got {sparsity}")
     for name, value in (("threads", threads), ("repeats", repeats), ("steps", steps)):
         if value < 1:
             raise UserError(f"--{name} must be at least 1")
     torch.set_num_threads(threads)
-    r = measure(algo, sparsity, obs_dim, act_dim, repeats, steps)
+    r = measure(algo, sparsity, obs_dim, act_dim, repeats, steps, config=config)
     if as_json:
         click.echo(json.dumps({"algo": algo, "sparsity": sparsity, "threads": threads, **r}))
         return

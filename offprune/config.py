@@ -142,7 +142,8 @@ def _parse_option(key: str, text: str, default: Any) -> Any:
     except ValueError:
         kind = "true/false" if isinstance(default, bool) else (
             "comma list of integers" if isinstance(default, tuple) else type(default).__name__)
-        raise UserError(f"--algo-opt {key}={text}: expected a {kind} (default {default!r})") from None
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"--algo-opt {key}={text}: expected {article} {kind} (default {default!r})") from None
 
 
 def parse_pairs(items: tuple[str, ...] | list[str], flag: str, kind=str) -> tuple[tuple[str, Any], ...]:

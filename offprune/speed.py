@@ -10,7 +10,8 @@ import torch
 import torch.nn.utils.prune
 
 from offprune.algos import ALGOS
-from offprune.data import Batch
+from offprune.config import RunConfig, profile_budget
+from offprune.data import Batch, SequenceBatch
 from offprune.prune import compute_masks
 from offprune.sparse import apply_masks
 
@@ -20,8 +21,16 @@ VARIANTS = ("dense_unmasked", "dense_masked", "sparse", "dense_reparam")
 # what most pruning-at-initialisation code bases do; shown for context, not used by offprune.
 
 
-def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int = 0) -> list[Batch]:
+def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int = 0, seq_len: int | None = None
+                   ) -> list[Batch] | list[SequenceBatch]:
+    """Random transitions ([size, ...]) or, with `seq_len`, random sequences ([size, seq_len, ...])."""
     g = torch.Generator().manual_seed(seed)
+    if seq_len is not None:
+        shape = (size, seq_len)
+        return [SequenceBatch(torch.randn(*shape, obs_dim, generator=g), torch.rand(*shape, act_dim, generator=g) * 2 - 1,
+                              torch.randn(*shape, generator=g), torch.randn(*shape, obs_dim, generator=g),
+                              torch.zeros(shape), torch.ones(shape))
+                for _ in range(count)]
     return [
         Batch(torch.randn(size, obs_dim, generator=g), torch.rand(size, act_dim, generator=g) * 2 - 1,
               torch.randn(size, 1, generator=g), torch.randn(size, obs_dim, generator=g), torch.ones(size, 1))
@@ -29,22 +38,35 @@ def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int 
     ]
 
 
-def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, seed: int = 0):
+def algo_config(algo: str, profile: str = "quick", options: tuple[tuple[str, str], ...] = ()):
+    """The algorithm's Config as a run with this budget profile and these --algo-opt values has it."""
+    base = profile_budget(profile, algo)["algo_options"]
+    return RunConfig(algo=algo, algo_options=tuple(base) + tuple(options)).algo_config()
+
+
+def update_batches(algo: str, config, obs_dim: int, act_dim: int, count: int, seed: int = 1):
+    """Random batches shaped as this algorithm's updates take them."""
+    seq_len = getattr(config, "seq_len", None) if hasattr(ALGOS[algo], "make_sampler") else None
+    return random_batches(obs_dim, act_dim, config.batch_size, count, seed, seq_len)
+
+
+def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, seed: int = 0, config=None):
     """An agent at initialisation: unpruned, or SNIP-pruned with one of the masked variants."""
     torch.manual_seed(seed)
     module = ALGOS[algo]
-    agent = module.Agent(obs_dim, act_dim, 1.0, module.Config(), torch.device("cpu"))
+    config = config if config is not None else algo_config(algo)
+    agent = module.Agent(obs_dim, act_dim, 1.0, config, torch.device("cpu"))
     if variant == "dense_unmasked":
         return agent
     networks = agent.prunable_networks()
-    pruning = random_batches(obs_dim, act_dim, 100, 1, seed)[0]
+    pruning = update_batches(algo, config, obs_dim, act_dim, 1, seed)[0]
     masks = compute_masks(networks, "snip", sparsity, "global", lambda: pruning, torch.Generator().manual_seed(seed))
     if variant == "dense_reparam":
         for name, net in networks.items():
             for module in (net.module, *net.mask_copies):
                 for pname, mask in masks[name].items():
-                    layer = module.get_submodule(pname.rpartition(".")[0])
-                    torch.nn.utils.prune.custom_from_mask(layer, "weight", mask)
+                    owner, _, param = pname.rpartition(".")
+                    torch.nn.utils.prune.custom_from_mask(module.get_submodule(owner), param, mask)
         return agent
     apply_masks(networks, masks, agent.optimizers.values(), "sparse" if variant == "sparse" else "dense")
     return agent
@@ -58,11 +80,11 @@ def steps_per_second(agent, batches: list[Batch]) -> float:
 
 
 def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5, steps: int = 30,
-            variants=VARIANTS) -> dict[str, float]:
+            variants=VARIANTS, config=None) -> dict[str, float]:
     """Median update steps/s of each variant over `repeats` interleaved rounds of `steps` updates."""
-    batch_size = ALGOS[algo].Config().batch_size
-    batches = random_batches(obs_dim, act_dim, batch_size, steps, seed=1)
-    agents = {v: build(algo, v, sparsity, obs_dim, act_dim) for v in variants}
+    config = config if config is not None else algo_config(algo)
+    batches = update_batches(algo, config, obs_dim, act_dim, steps)
+    agents = {v: build(algo, v, sparsity, obs_dim, act_dim, config=config) for v in variants}
     for agent in agents.values():  # warm-up: allocator, optimizer state
         steps_per_second(agent, batches[:3])
     rounds: dict[str, list[float]] = {v: [] for v in variants}

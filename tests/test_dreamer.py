@@ -163,7 +163,7 @@ def test_pruned_dreamer_runs_through_the_cli(capsys, tmp_path, hopper_file):
     (["--sparsity-of", "rssm=1.5"], "--sparsity-of rssm=1.5: sparsity must be in [0, 1)"),
     (["--sparsity-of", "rssm"], "--sparsity-of expects NAME=VALUE, got 'rssm'"),
     (["--algo-opt", "horizn=5"], "--algo-opt horizn: dreamer has no such option"),
-    (["--algo-opt", "horizon=five"], "--algo-opt horizon=five: expected a int (default 15)"),
+    (["--algo-opt", "horizon=five"], "--algo-opt horizon=five: expected an int (default 15)"),
     (["--seq-len", "5000"], "shorter than the sequence length 5000"),
 ])
 def test_bad_dreamer_input_is_one_line(capsys, tmp_path, hopper_file, extra, message):

@@ -282,3 +282,16 @@ def test_speed_json(capsys):
     assert all(figures[k] > 0 for k in ("dense_unmasked", "dense_masked", "sparse"))
     code, _, err = run_cli(capsys, "speed", "--sparsity", "0")
     assert code == 2 and "--sparsity must be in (0, 1)" in err
+    code, _, err = run_cli(capsys, "speed", "--algo-opt", "nope=1")
+    assert code == 2 and "--algo-opt nope: bcq has no such option" in err
+
+
+def test_speed_measures_dreamer_on_sequences(capsys):
+    from test_dreamer import TINY_OPTS
+
+    opts = [o for o in TINY_OPTS if o != "--seq-len" and o != "8"] + ["--algo-opt", "seq_len=8"]
+    code, out, err = run_cli(capsys, "speed", "--algo", "dreamer", "--sparsity", "0.9", "--repeats", "1",
+                            "--steps", "1", "--json", *opts)
+    assert code == 0, err
+    figures = json.loads(out)
+    assert all(figures[k] > 0 for k in ("dense_unmasked", "dense_masked", "sparse", "dense_reparam"))
