@@ -60,7 +60,7 @@ def test_continuation_head_is_its_own_group_and_optional():
 
 
 def test_behaviour_cloning_term_matches_a_hand_computation():
-    agent = tiny_agent()
+    agent = tiny_agent(bc_weight=0.0)
     batch = random_sequences(OBS, ACT, 4, 6)
     post, _, mask = agent.observe(batch)
     starts = agent._real_states(post, mask)

@@ -13,8 +13,8 @@ the lambda-return by backpropagating through the model, the value regresses on i
 Offline safeguard (as MOPO / LOMPO / v-d4rl's offline DreamerV2): the prior has an ensemble of
 heads; an imagined step's reward is lowered by `penalty` times their disagreement (the std of
 the heads' means, averaged over the stochastic dimensions). `penalty` 0 gives plain Dreamer.
-Optionally (`bc_weight` > 0) the actor is also pulled towards the logged actions at the real
-posterior states, with TD3+BC's normalisation of the return term.
+By default (`bc_weight` 0.4; 0 gives Dreamer's actor loss) the actor is also pulled towards the
+logged actions at the real posterior states, with TD3+BC's normalisation of the return term.
 
 Past Dreamer v1, for stability without an environment: the lambda-return bootstraps from a slowly
 updated copy of the value (DreamerV2's target critic; with v1's own value as bootstrap a dense run
@@ -66,7 +66,9 @@ class Config:
     continuation: bool = True  # a not-done head discounts imagined steps (v1 had none: DMC never ends; hopper does)
     ensemble: int = 7  # prior heads (offline DreamerV2 / LOMPO use 7)
     penalty: float = 1.0  # imagined reward -= penalty * head disagreement; 0 = plain Dreamer
-    bc_weight: float = 0.0  # > 0: actor loss = -return / mean|return| + bc_weight * MSE(actor mode, data action)
+    # > 0: actor loss = -return / mean|return| + bc_weight * MSE(actor mode, data action); 0 = Dreamer's.
+    # 0.4 (TD3+BC's alpha 2.5): on hopper-medium, 2k updates, the actor learned only with it (29.3 vs 0.8)
+    bc_weight: float = 0.4
     min_std: float = 0.1  # of the stochastic state
     free_nats: float = 3.0  # KL below this is not penalised
     kl_scale: float = 1.0
