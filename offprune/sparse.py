@@ -84,10 +84,15 @@ def _bag(x_t: Tensor, col: Tensor, crow: Tensor, values: Tensor) -> Tensor:
     return torch.embedding_bag(x_t, col, crow, False, 0, False, values, True)[0]  # mode 0 = sum
 
 
+def _reuses_rows(col: Tensor, in_features: int) -> bool:
+    """Whether a product gathers each input row often enough for blocking to pay."""
+    return len(col) >= BLOCK_MIN_REUSE * in_features
+
+
 def csr_times(crow: Tensor, col: Tensor, values: Tensor, x_t: Tensor) -> Tensor:
     """W @ x_t for a CSR W (crow, col, values) and a row-major [in, batch] x_t: [out, batch]."""
     batch = x_t.shape[1]
-    if batch <= 2 * BLOCK_COLUMNS or len(col) < BLOCK_MIN_REUSE * x_t.shape[0]:
+    if batch <= 2 * BLOCK_COLUMNS or not _reuses_rows(col, x_t.shape[0]):
         return _bag(x_t, col, crow, values)
     out = x_t.new_empty(len(crow) - 1, batch)
     for start in range(0, batch, BLOCK_COLUMNS):
@@ -180,10 +185,12 @@ CHAIN_ACTIVATIONS = (nn.ReLU, nn.ELU)
 
 def chain_supported(mlp: nn.Sequential) -> bool:
     """True for Linear-act-...-Linear stacks whose Linears are all SparseLinear and whose
-    activations are all one of CHAIN_ACTIVATIONS (of one kind)."""
+    activations are identical instances of one of CHAIN_ACTIVATIONS (the chain applies the first
+    one's settings, e.g. ELU's alpha, everywhere)."""
     layers, acts = list(mlp)[0::2], list(mlp)[1::2]
     return (len(mlp) % 2 == 1 and all(isinstance(m, SparseLinear) for m in layers)
-            and all(type(a) is type(acts[0]) and isinstance(a, CHAIN_ACTIVATIONS) for a in acts))
+            and all(isinstance(a, CHAIN_ACTIVATIONS) and type(a) is type(acts[0])
+                    and getattr(a, "alpha", None) == getattr(acts[0], "alpha", None) for a in acts))
 
 
 def chain_parts(mlp: nn.Sequential) -> tuple[list[SparseLinear], nn.Module | None]:
@@ -230,7 +237,7 @@ def _wide_chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: T
     blocking inside each product. Rows are independent, so the result is bit-identical."""
     rows = x.shape[0]
     if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(
-            layer.product == "csr" and len(layer.col) >= BLOCK_MIN_REUSE * layer.in_features for layer in layers):
+            layer.product == "csr" and _reuses_rows(layer.col, layer.in_features) for layer in layers):
         return _chain_pass(layers, act, x, params)[0]
     return torch.cat([_chain_pass(layers, act, x[start:start + BLOCK_COLUMNS], params)[0]
                       for start in range(0, rows, BLOCK_COLUMNS)])
@@ -250,23 +257,23 @@ class _SparseChainFunction(torch.autograd.Function):
         layers, act = ctx.layers, ctx.act
         saved = ctx.saved_tensors
         inputs, values = saved[:len(layers)], saved[len(layers):]
-        needs = (ctx.needs_input_grad[0], None, *ctx.needs_input_grad[3:])  # x, then params from index 2
+        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]  # needs: values_0, bias_0, ...
         # below the lowest layer with a trainable parameter, only the input gradient is left
-        lowest = 0 if needs[0] else min((i for i in range(len(layers)) if needs[2 + 2 * i] or needs[3 + 2 * i]),
-                                        default=len(layers))
+        lowest = 0 if needs_x else min((i for i in range(len(layers)) if needs[2 * i] or needs[2 * i + 1]),
+                                       default=len(layers))
         grads: list[Tensor | None] = [None] * (2 * len(layers))
         grad_x = None
         grad_t = _feature_major(grad_out)
         for i in range(len(layers) - 1, lowest - 1, -1):
             layer, h_t = layers[i], inputs[i]
-            if needs[2 + 2 * i]:
+            if needs[2 * i]:
                 if layer.product == "csr":
                     grads[2 * i] = torch.sparse.sampled_addmm(layer.pattern(), grad_t, h_t.T, beta=0.0).values()
                 else:
                     grads[2 * i] = torch.mm(grad_t, h_t.T).view(-1).index_select(0, layer.flat_index)
-            if needs[3 + 2 * i]:
+            if needs[2 * i + 1]:
                 grads[2 * i + 1] = grad_t.sum(1)
-            if i == 0 and not needs[0]:
+            if i == 0 and not needs_x:
                 break
             if layer.product == "csr":
                 below = csr_times(layer.crow_t, layer.col_t, values[i].index_select(0, layer.perm_t), grad_t)

@@ -165,6 +165,15 @@ def test_fused_chain_with_frozen_layers_leaves_their_gradients_empty():
     assert net[0].values.grad is not None and net[2].values.grad is not None and net[4].bias.grad is None
 
 
+def test_chains_with_differing_activation_settings_are_not_fused():
+    from offprune.prune import PrunableNetwork
+
+    net, masks = masked_mlp(nn.ELU)
+    net[3] = nn.ELU(alpha=0.5)  # the chain would apply the first ELU's alpha to both
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    assert not net.sparse_chain
+
+
 def test_chains_are_unfused_by_the_way_back_and_skip_unsupported_stacks():
     from offprune.prune import PrunableNetwork
 
