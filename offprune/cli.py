@@ -13,7 +13,11 @@ from offprune.algos import ALGOS
 from offprune.config import PROFILES, RunConfig, parse_pairs, profile_budget
 from offprune.errors import UserError
 from offprune.prune import METHODS, SCOPES
-from offprune.sparse import KERNELS
+from offprune.sparse import KERNELS, MIN_ESTIMATED_SPEEDUP
+
+KERNELS_HELP = ("dense: masked dense matrices. sparse: store and train only kept weights (CSR). auto: sparse when "
+                f"a fixed rule on layer shapes and densities estimates >= {MIN_ESTIMATED_SPEEDUP}x (never timing-dependent, so "
+                "reruns are identical). measure: time both here, take sparse if >= 1.1x faster (recorded).")
 
 EXIT_USER_ERROR = 2
 
@@ -49,9 +53,7 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads (default: torch's; 1 with sparse kernels; 1 per process when running several).")
-@click.option("--kernels", type=click.Choice(KERNELS), default="auto", show_default=True,
-              help="dense: masked dense matrices. sparse: store and train only kept weights (CSR). "
-                   "auto: measure both on the pruned layers and take sparse if >= 1.1x faster.")
+@click.option("--kernels", type=click.Choice(KERNELS), default="auto", show_default=True, help=KERNELS_HELP)
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
@@ -126,9 +128,10 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 @click.option("--steps", type=int, default=None, help="Gradient updates per run (overrides the profile).")
 @click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
-@click.option("--prune-batch", type=int, default=None, help="[default: 100 for SNIP, 200 for GraSP]")
+@click.option("--prune-batch", default=None,
+              help="Comma list of pruning batch sizes (a grid axis).  [default: 100 for SNIP, 200 for GraSP]")
 @click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from each dataset).")
-@click.option("--kernels", type=click.Choice(KERNELS), default=None, help="[default: auto]")
+@click.option("--kernels", type=click.Choice(KERNELS), default=None, help=KERNELS_HELP + "  [default: auto]")
 @click.option("--device", default=None, help="[default: cpu]")
 @click.option("--threads", type=int, default=None, help="Torch threads per run.  [default: 1]")
 @click.option("--jobs", type=int, default=None, help="Runs at a time (local processes or local Ray CPUs).  [default: 2]")
@@ -160,12 +163,28 @@ def sweep(config_file, show_status, progress, **flags) -> None:
                                                        if names and state != "done" else ""))
         return
     runs = sw.grid(cfg)
-    sw.check_datasets(runs)
-    errors = sw.execute(runs, cfg.out, cfg.jobs, progress, cfg.executor, cfg.ray_address)
+    skip: set[str] = set()
+    on_finished = None
+    if cfg.results:
+        from offprune import study
+
+        study.check(cfg.results)
+        skip = study.finished_runs(cfg.results, runs)
+        study.make_missing_datasets([r for r in runs if r.name not in skip], log=lambda m: click.echo(m, err=True))
+        study.consolidate(cfg.out, cfg.results, runs)  # runs.json, and runs finished before
+
+        def on_finished(name, error):
+            if error is None:
+                study.consolidate(cfg.out, cfg.results, runs)
+    else:
+        sw.check_datasets(runs)
+    errors = sw.execute(runs, cfg.out, cfg.jobs, progress, cfg.executor, cfg.ray_address, skip, on_finished)
     groups = sw.status(cfg.out)
-    click.echo(f"sweep {cfg.out}: {len(groups['done'])} done, {len(groups['failed'])} failed, "
-               f"{len(groups['left']) + len(groups['running'])} not finished; "
-               f"report: offprune report {cfg.out}")
+    done = len(set(groups["done"]) | skip)
+    report_from = f"{cfg.results}/results.parquet" if cfg.results else cfg.out
+    click.echo(f"sweep {cfg.out}: {done} done, {len(groups['failed'])} failed, "
+               f"{len(runs) - done - len(groups['failed'])} not finished; "
+               f"report: offprune report {report_from}")
     failed = [n for n, e in errors.items() if e]
     if failed:
         raise UserError(f"{len(failed)} run(s) failed (see their log.txt); rerun the sweep to retry them")
@@ -314,9 +333,9 @@ def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume)
 @click.argument("env", metavar="ENV", type=click.Choice(ENVS))
 @click.option("--quality", type=click.Choice(["random", "medium", "expert", "medium-replay", "medium-expert"]),
               default="random", show_default=True,
-              help="random: uniform actions. medium/expert: the trained behaviour policy's stochastic actions "
-                   "(run 'offprune datasets train ENV' first). medium-replay: its training data up to medium. "
-                   "medium-expert: the medium and expert files joined.")
+              help="random: uniform actions. medium/expert: a behaviour policy's stochastic actions (your "
+                   "'offprune datasets train ENV' if it finished, else the policy offprune ships, else --policy). "
+                   "medium-replay: a local training's data up to medium. medium-expert: medium + expert files.")
 @click.option("--algo", type=click.Choice(["sac", "ppo"]), default=None, help="Which behaviour training.  [default: ppo]")
 @click.option("--profile", type=click.Choice(["quick", "d4rl"]), default="quick", show_default=True,
               help="Transitions: quick 100k, d4rl 1M.")
@@ -324,7 +343,10 @@ def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, help="Output file (default: $OFFPRUNE_DATASETS or ./datasets / ENV-QUALITY-v5.hdf5).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-def datasets_make(env, quality, algo, profile, transitions, seed, out, overwrite) -> None:
+@click.option("--policy", "policy_path", type=click.Path(), default=None,
+              help="Act with this policy: a shipped-format .pt (with its .json card) or a stable-baselines3 PPO "
+                   "snapshot .zip (e.g. DATASETS/behaviour/hopper-ppo/snapshots/step_N.zip).")
+def datasets_make(env, quality, algo, profile, transitions, seed, out, overwrite, policy_path) -> None:
     """Write a D4RL-format dataset rolled out in a gymnasium v5 env (recorded in the folder's manifest)."""
     from offprune.data.behaviour import DEFAULT_ALGO, PROFILES
     from offprune.data.d4rl import datasets_dir, load_dataset
@@ -333,10 +355,26 @@ def datasets_make(env, quality, algo, profile, transitions, seed, out, overwrite
     path = Path(out) if out else datasets_dir() / f"{default_name(env, quality)}.hdf5"
     n = transitions if transitions is not None else PROFILES[profile]["transitions"]
     make_dataset(env, quality, n, seed, path, algo or DEFAULT_ALGO[env], progress=sys.stderr.isatty(),
-                 overwrite=overwrite)
+                 overwrite=overwrite, policy_path=policy_path)
     d = load_dataset(str(path))
     click.echo(f"wrote {path}: {len(d)} transitions, {d.attrs['episodes']} episodes, "
                f"mean return {d.attrs['return_mean']:.1f} (normalised {d.attrs['normalized_score']:.2f})")
+
+
+@datasets.command("ship-policies")
+@click.argument("env", metavar="ENV", type=click.Choice(ENVS))
+@click.option("--to", "folder", type=click.Path(file_okay=False), default=None,
+              help="Folder to write to.  [default: the package's offprune/data/policies]")
+@click.option("--episodes", type=int, default=20, show_default=True, help="Evaluation episodes for the card.")
+def datasets_ship_policies(env, folder, episodes) -> None:
+    """Put the expert and medium policies of a finished PPO training of ENV into the package
+    (a few KB each, with a card: steps, minutes, evaluation, versions, sha256), so that
+    'datasets make ENV --quality expert' works on any machine without training."""
+    from offprune.data.behaviour import ship_policies
+
+    if episodes < 1:
+        raise UserError("--episodes must be at least 1")
+    ship_policies(env, "ppo", Path(folder) if folder else None, episodes, log=click.echo)
 
 
 @datasets.command("import-minari")

@@ -52,7 +52,7 @@ class RunConfig:
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
-    kernels: str = "auto"  # 'dense' (masked dense matrices), 'sparse' (kept weights only), 'auto' (measured)
+    kernels: str = "auto"  # 'dense' (masked), 'sparse' (kept weights only), 'auto' (fixed rule), 'measure' (timed)
     out: str = "runs"  # results folder; this run writes to OUT/RUN_ID/
     run_id: str | None = None  # None: derived from algo, dataset, criterion, sparsity and seed
     progress: bool | None = None  # progress bar; None: only on a terminal
@@ -117,7 +117,8 @@ class RunConfig:
             return self.run_id
         scope = "" if self.scope == "global" else f"_{self.scope}"
         overrides = "".join(f"_{net}{value:g}" for net, value in self.sparsity_of)
-        return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}"
+        batch = f"_pb{self.prune_batch}" if self.prune_batch is not None and self.prune != "dense" else ""
+        return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}{batch}"
                 f"_seed{self.seed}")
 
     def to_dict(self) -> dict:
@@ -184,6 +185,18 @@ def _as_list(value: Any, kind) -> tuple:
     return tuple(parse_list(str(value), kind))
 
 
+def _algo_steps(value: Any) -> tuple[tuple[str, int], ...]:
+    """A config file's `algo_steps = {bc = 10000, bcq = 20000}` (or 'bc=10000,bcq=20000')."""
+    if isinstance(value, dict):
+        items = [f"{k}={v}" for k, v in value.items()]
+    else:
+        items = [part for part in str(value).split(",") if part.strip()]
+    pairs = parse_pairs(items, "algo_steps", int)
+    if any(steps < 1 for _, steps in pairs):
+        raise UserError("algo_steps: updates must be at least 1")
+    return pairs
+
+
 SWEEP_EXECUTORS = ("local", "ray")
 
 
@@ -199,20 +212,23 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     scope: str = "global"  # mask scope of every run
     profile: str = "quick"  # budget profile; steps / eval_every / eval_episodes override it
-    steps: int | None = None
+    steps: int | None = None  # updates per run; None: the profile's
+    algo_steps: tuple[tuple[str, int], ...] = ()  # (algo, updates) overriding `steps` for one algorithm
     eval_every: int | None = None
     eval_episodes: int | None = None
-    prune_batch: int | None = None  # None: SNIP 100, GraSP 200
+    prune_batch: tuple[int, ...] = ()  # pruning batch sizes, a grid axis; empty: SNIP 100, GraSP 200
     env: str | None = None  # gymnasium id to evaluate in; None: from each dataset
-    kernels: str = "auto"  # 'auto', 'dense' or 'sparse'
+    kernels: str = "auto"  # 'auto', 'dense', 'sparse' or 'measure'
     device: str = "cpu"
     threads: int = 1  # torch threads per run (two 2-thread processes slow a 2-core machine ~10x)
     jobs: int = 2  # runs at a time (local worker processes, or Ray CPUs of a local Ray instance)
     executor: str = "local"  # 'local' processes or 'ray'
     ray_address: str | None = None  # existing Ray cluster ('auto' or host:port); None: a local instance
     out: str = "runs/sweep"  # folder of the sweep's runs
+    results: str | None = None  # a study's consolidated results folder (e.g. reports/NAME): finished runs
+    # are copied there as they end, and runs whose final rows it holds are skipped
 
-    _LISTS = {"algo": str, "prune": str, "sparsity": float, "dataset": str, "seeds": int}
+    _LISTS = {"algo": str, "prune": str, "sparsity": float, "dataset": str, "seeds": int, "prune_batch": int}
 
     @classmethod
     def build(cls, file: str | Path | None = None, **flags: Any) -> "SweepConfig":
@@ -224,6 +240,8 @@ class SweepConfig:
         for key, kind in cls._LISTS.items():
             if key in values:
                 values[key] = _as_list(values[key], kind)
+        if "algo_steps" in values:
+            values["algo_steps"] = _algo_steps(values["algo_steps"])
         return cls(**values).validate()
 
     @classmethod
@@ -251,17 +269,20 @@ class SweepConfig:
         for name in ("jobs", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a whole number of at least 1")
+        if any(b < 1 for b in self.prune_batch):
+            raise UserError("--prune-batch must be at least 1")
         return self
 
     def base_run(self, algo: str = "bc") -> RunConfig:
         """The RunConfig every grid point of `algo` starts from."""
         budget = profile_budget(self.profile, algo)
+        steps = dict(self.algo_steps).get(algo, budget["steps"] if self.steps is None else self.steps)
         return RunConfig(
             algo=algo,
             scope=self.scope,
-            steps=budget["steps"] if self.steps is None else self.steps,
+            steps=steps,
             eval_every=budget["eval_every"] if self.eval_every is None else self.eval_every,
             eval_episodes=budget["eval_episodes"] if self.eval_episodes is None else self.eval_episodes,
-            prune_batch=self.prune_batch, env=self.env, kernels=self.kernels, device=self.device,
+            env=self.env, kernels=self.kernels, device=self.device,
             threads=self.threads, out=self.out, algo_options=budget["algo_options"],
         )

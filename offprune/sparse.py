@@ -46,7 +46,10 @@ from offprune.nets import MLP
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
 
-KERNELS = ("auto", "dense", "sparse")
+# auto: a fixed rule from layer shapes and densities (`kernels_by_rule`), so the same command
+# computes the same thing whatever the machine's load; measure: time both on this machine (the
+# choice is recorded and a resume keeps it).
+KERNELS = ("auto", "dense", "sparse", "measure")
 
 # torch warns that sparse CSR support is in beta on every CSR construction; the CSR tensors built
 # here are internal and checked by the tests, so the notice says nothing to the user.
@@ -398,6 +401,44 @@ def has_sparse_layers(module: nn.Module) -> bool:
     return any(isinstance(m, SparseLinear) for m in module.modules())
 
 
+# The rule behind --kernels auto: an update's cost in dense multiply-adds. A dense (or
+# dense-product) layer costs in * out per row; a CSR layer costs CSR_COST_PER_KEPT per kept
+# weight per row, plus CSR_FIXED_COST per update (autograd and indexing work that does not shrink
+# with the batch). The constants are fitted to `offprune speed` (the estimates against the
+# measurements are in benchmarks/README.md); the rule only has to rank, not to predict exactly.
+CSR_COST_PER_KEPT = 4.0
+CSR_FIXED_COST = 2_000_000
+MIN_ESTIMATED_SPEEDUP = 1.5  # below this the estimate is too close to call: train dense
+
+
+def estimated_speedup(masks: dict[str, dict[str, Tensor]], linear_shapes: dict[str, dict[str, tuple[int, int]]],
+                      rows: int) -> float:
+    """Estimated dense-masked / sparse cost of one update of the masked Linear layers (`rows`
+    rows per layer, weights named as in `masks`; `linear_shapes` gives their (out, in) shapes)."""
+    dense = sparse = 0.0
+    for net, layer_masks in masks.items():
+        for pname, mask in layer_masks.items():
+            if pname not in linear_shapes.get(net, {}):
+                continue  # not a Linear (e.g. a GRU's weights): dense in both cases
+            out_f, in_f = linear_shapes[net][pname]
+            dense += out_f * in_f * rows
+            if product_for(mask) == "csr":
+                sparse += CSR_COST_PER_KEPT * int(mask.sum()) * rows + CSR_FIXED_COST
+            else:
+                sparse += out_f * in_f * rows
+    return dense / sparse if sparse else 0.0
+
+
+def kernels_by_rule(networks: dict[str, PrunableNetwork], masks: dict[str, dict[str, Tensor]],
+                    rows: int) -> tuple[str, float]:
+    """'sparse' when `estimated_speedup` is at least MIN_ESTIMATED_SPEEDUP, else 'dense'; and the estimate.
+    Depends only on layer shapes, masks and the batch: never on timing."""
+    shapes = {name: {f"{layer}.weight": tuple(linear.weight.shape) for layer, linear in _linear_names(net.module).items()}
+              for name, net in networks.items()}
+    ratio = estimated_speedup(masks, shapes, rows)
+    return ("sparse" if ratio >= MIN_ESTIMATED_SPEEDUP else "dense"), ratio
+
+
 def _train_step_seconds(layer: nn.Module, x: Tensor, repeats: int) -> float:
     times = []
     for i in range(repeats + 2):
@@ -416,16 +457,20 @@ def choose_kernels(
     margin: float = 1.1,
 ) -> tuple[str, float]:
     """'sparse' if forward + backward of the masked Linear layers measures at least `margin`
-    faster sparse than dense at this batch size, else 'dense'; and the measured ratio."""
+    faster sparse than dense at this batch size, else 'dense'; and the measured ratio.
+
+    Timing depends on the machine's load, so this is only behind --kernels measure. Its probe
+    draws from a private random stream: it never moves the run's own (global) generator."""
     dense_s = sparse_s = 0.0
-    for name, net in networks.items():
-        for layer_name, linear in _linear_names(net.module).items():
-            mask = masks[name].get(f"{layer_name}.weight")
-            if mask is None:
-                continue
-            x = torch.randn(batch_size, linear.in_features, device=linear.weight.device, requires_grad=True)
-            probe = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device)
-            dense_s += _train_step_seconds(probe, x, repeats)
-            sparse_s += _train_step_seconds(SparseLinear(linear, mask, product_for(mask)), x, repeats)
+    with torch.random.fork_rng(devices=[]):
+        for name, net in networks.items():
+            for layer_name, linear in _linear_names(net.module).items():
+                mask = masks[name].get(f"{layer_name}.weight")
+                if mask is None:
+                    continue
+                x = torch.randn(batch_size, linear.in_features, device=linear.weight.device, requires_grad=True)
+                probe = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+                dense_s += _train_step_seconds(probe, x, repeats)
+                sparse_s += _train_step_seconds(SparseLinear(linear, mask, product_for(mask)), x, repeats)
     ratio = dense_s / sparse_s if sparse_s else 0.0
     return ("sparse" if ratio >= margin else "dense"), ratio

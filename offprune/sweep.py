@@ -42,9 +42,11 @@ def expand_grid(
     prunes: list[str],
     sparsities: list[float],
     base: RunConfig | Callable[[str], RunConfig],
+    prune_batches: list[int | None] | None = None,
 ) -> list[RunConfig]:
     """One RunConfig per grid point, and one dense baseline per (algo, dataset, seed). `base`:
-    the config every point starts from, or a function giving it per algo (profiles differ)."""
+    the config every point starts from, or a function giving it per algo (profiles differ).
+    `prune_batches`: pruning batch sizes to sweep (None in it: the criterion's default)."""
     criteria = [p for p in prunes if p != "dense"]
     levels = [s for s in sparsities if s > 0]
     if not algos or not datasets or not seeds or not (criteria and levels):
@@ -60,7 +62,9 @@ def expand_grid(
                 runs.append(dataclasses.replace(algo_base, prune="dense", sparsity=0.0, **common))
                 for prune in criteria:
                     for sparsity in levels:
-                        runs.append(dataclasses.replace(algo_base, prune=prune, sparsity=sparsity, **common))
+                        for batch in prune_batches or [None]:
+                            runs.append(dataclasses.replace(algo_base, prune=prune, sparsity=sparsity,
+                                                            prune_batch=batch, **common))
     for cfg in runs:
         cfg.validate()
     names = [cfg.name for cfg in runs]
@@ -72,7 +76,7 @@ def expand_grid(
 def grid(sweep: SweepConfig) -> list[RunConfig]:
     """Every run of a sweep config, dense baselines included."""
     return expand_grid(list(sweep.algo), list(sweep.dataset), list(sweep.seeds), list(sweep.prune),
-                       list(sweep.sparsity), sweep.base_run)
+                       list(sweep.sparsity), sweep.base_run, list(sweep.prune_batch))
 
 
 def check_datasets(runs: list[RunConfig]) -> None:
@@ -148,16 +152,18 @@ def _run_one(cfg_dict: dict, cwd: str | None = None) -> tuple[str, str | None]:
 
 
 def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = None,
-            executor: str = "local", ray_address: str | None = None) -> dict[str, str | None]:
+            executor: str = "local", ray_address: str | None = None, skip: set[str] = frozenset(),
+            on_finished: Callable[[str, str | None], None] | None = None) -> dict[str, str | None]:
     """Run every unfinished run of the grid, `jobs` at a time, on local processes or Ray;
-    returns {run_id: error or None} for the runs it executed."""
+    returns {run_id: error or None} for the runs it executed. `skip`: names finished elsewhere
+    (a study's consolidated results); `on_finished(name, error)` is called as each run ends."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps([cfg.to_dict() for cfg in runs], indent=1))
     os.replace(tmp, out_dir / MANIFEST)
 
-    todo = [cfg for cfg in runs if read_state(out_dir / cfg.name) != "done"]
+    todo = [cfg for cfg in runs if cfg.name not in skip and read_state(out_dir / cfg.name) != "done"]
     # Workers do not inherit a parent's busy-waiting OpenMP threads; one thread each (two
     # processes with two threads each slow a 2-core machine ~10x).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -169,6 +175,8 @@ def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = 
         errors[name] = error
         if error:
             tqdm.write(f"run {name} failed: {error}", file=sys.stderr)
+        if on_finished is not None:
+            on_finished(name, error)
         bar.update(1)
         failed = sum(e is not None for e in errors.values())
         bar.set_postfix(running=min(jobs, len(todo) - len(errors)), failed=failed)

@@ -35,7 +35,7 @@ from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
 from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
-from offprune.sparse import apply_masks, choose_kernels
+from offprune.sparse import apply_masks, choose_kernels, kernels_by_rule
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MASKS_FILE = "masks.pt"
@@ -143,12 +143,14 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     run_dir = prepare_run_dir(cfg, resume)
 
     checkpoint_path = run_dir / CHECKPOINT_FILE
-    start_step, train_seconds, kernel_speedup = 0, 0.0, float("nan")
+    start_step, train_seconds = 0, 0.0
+    kernel_estimate = kernel_speedup = float("nan")
     ckpt = None
     if resume and checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
         masks, kernels = ckpt["masks"], ckpt.get("kernels", "dense")
         kernel_speedup = ckpt.get("kernel_speedup", kernel_speedup)
+        kernel_estimate = ckpt.get("kernel_estimate", kernel_estimate)
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
         masks = compute_masks(
@@ -163,7 +165,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         save_atomic(masks, run_dir / MASKS_FILE)
         # rows a layer sees per update: sequence algorithms run each layer on batch x seq_len
         rows = algo_config.batch_size * getattr(algo_config, "seq_len", 1)
-        kernels, kernel_speedup = resolve_kernels(cfg, networks, masks, rows, log)
+        kernels, kernel_estimate, kernel_speedup = resolve_kernels(cfg, networks, masks, rows, log)
     if kernels == "sparse" and cfg.threads is None:
         torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
     layer_kernels = apply_masks(networks, masks, agent.optimizers.values(), kernels)
@@ -208,6 +210,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
         "kernels": kernels,
         "kernels_requested": cfg.kernels,
+        "sparse_kernel_speedup_estimated": kernel_estimate,
         "sparse_kernel_speedup_measured": kernel_speedup,
         "dataset_transitions": len(dataset),
         "algo_options": ",".join(f"{k}={v}" for k, v in cfg.algo_options),
@@ -273,6 +276,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
                 "masks": masks,
                 "kernels": kernels,
                 "kernel_speedup": kernel_speedup,
+                "kernel_estimate": kernel_estimate,
                 "config": cfg.to_dict(),
                 # what rebuilds the agent without the dataset (storage, export)
                 "agent": {
@@ -294,19 +298,25 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     return RunResult(run_dir, rows, layers)
 
 
-def resolve_kernels(cfg: RunConfig, networks, masks, batch_size: int, log) -> tuple[str, float]:
-    """'dense' or 'sparse' for this run, and the measured sparse/dense speed ratio (NaN if not measured)."""
-    if cfg.prune == "dense" or cfg.kernels == "dense":
-        return "dense", float("nan")
-    if cfg.kernels == "sparse":
-        return "sparse", float("nan")
+def resolve_kernels(cfg: RunConfig, networks, masks, rows: int, log) -> tuple[str, float, float]:
+    """'dense' or 'sparse' for this run; the rule's estimated sparse/dense speed ratio; and the
+    measured one (NaN unless --kernels measure). Only 'measure' depends on timing."""
+    nan = float("nan")
+    if cfg.prune == "dense":
+        return "dense", nan, nan
+    rule_choice, estimate = kernels_by_rule(networks, masks, rows)
+    if cfg.kernels in ("dense", "sparse"):
+        return cfg.kernels, estimate, nan
+    if cfg.kernels == "auto":
+        log(f"kernels auto: sparse layers estimated {estimate:.2f}x dense -> {rule_choice}")
+        return rule_choice, estimate, nan
     threads = torch.get_num_threads()
     if cfg.threads is None:
         torch.set_num_threads(1)  # measure as a sparse run would train
-    choice, ratio = choose_kernels(networks, masks, batch_size)
+    choice, ratio = choose_kernels(networks, masks, rows)
     torch.set_num_threads(threads)
-    log(f"kernels auto: sparse layers measured {ratio:.2f}x dense -> {choice}")
-    return choice, ratio
+    log(f"kernels measure: sparse layers measured {ratio:.2f}x dense -> {choice}")
+    return choice, estimate, ratio
 
 
 def _progress_off(cfg: RunConfig) -> bool | None:

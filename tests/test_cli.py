@@ -148,8 +148,9 @@ def test_existing_run_is_never_clobbered(capsys, tmp_path, hopper_file):
 
     code, _, err = offprune(capsys, *args)
     assert code == 2 and "already exists" in err and "--resume" in err
-    code, _, err = offprune(capsys, *args, "--prune-batch", "7", "--resume")
-    assert code == 2 and "config differs (prune_batch: None -> 7)" in err and err.count("\n") == 1
+    code, _, err = offprune(capsys, *args, "--prune-batch", "7", "--resume",
+                            "--run-id", "bc-mlp_hopper-random-v5_snip_s0.9_seed0")
+    assert code == 2 and "config differs (prune_batch: None -> 7" in err and err.count("\n") == 1
     assert results.read_bytes() == before
     assert len(pd.read_parquet(results)) == 1
 

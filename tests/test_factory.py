@@ -176,11 +176,16 @@ def test_minari_import(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_are_one_line_errors(capsys, tmp_path, monkeypatch, hopper_file):
+    from offprune.data import policies
+
     monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path))
+    monkeypatch.setattr(policies, "SHIPPED_DIR", tmp_path / "no-policies")
     cases = [
         (("datasets", "make", "pong"), "Invalid value for 'ENV'"),
         (("datasets", "make", "hopper", "--quality", "great"), "Invalid value for '--quality'"),
-        (("datasets", "make", "hopper", "--quality", "expert"), "make it with 'offprune datasets train hopper --algo ppo'"),
+        (("datasets", "make", "hopper", "--quality", "expert"), "make one with 'offprune datasets train hopper'"),
+        (("datasets", "make", "hopper", "--quality", "medium-replay"), "datasets train hopper --algo ppo"),
+        (("datasets", "make", "hopper", "--quality", "expert", "--policy", tmp_path / "p.pt"), "no policy at"),
         (("datasets", "train", "hopper", "--resume"), "nothing to resume"),
         (("datasets", "verify", "nope"), "dataset 'nope' not found"),
         (("datasets", "import-minari", tmp_path / "none"), "Minari dataset folder not found"),
@@ -244,7 +249,7 @@ def test_ppo_behaviour_uses_the_env_settings_and_records_its_log_probs(tmp_path,
     net = policy.model.policy.mlp_extractor.policy_net
     assert [m.out_features for m in net if isinstance(m, torch.nn.Linear)] == [256, 256]  # tuned: ReLU 256-256
     assert any(isinstance(m, torch.nn.ReLU) for m in net)
-    assert policy.model.n_steps == 512 and policy.model.gamma == 0.98 and policy.obs_normalizer is not None
+    assert policy.model.n_steps == 512 and policy.model.gamma == 0.98 and policy.obs_stats is not None
     path = make_dataset("halfcheetah", "expert", 200, 0, tmp_path / "hc.hdf5", "ppo", progress=False)
     with h5py.File(path) as f:
         log_probs = f["infos/action_log_probs"][:]
@@ -258,3 +263,61 @@ def test_ppo_behaviour_uses_the_env_settings_and_records_its_log_probs(tmp_path,
     np.testing.assert_allclose(dist.log_prob(torch.as_tensor(data.actions[rows])).detach().numpy(), log_probs[rows],
                                rtol=1e-4, atol=1e-4)
     assert behaviour.ppo_kwargs("hopper") == {}  # SB3 defaults (the PPO paper's MuJoCo settings)
+
+
+def test_shipped_policy_makes_byte_identical_data_without_a_local_training(tmp_path, monkeypatch):
+    """ship-policies -> a fresh datasets folder (no training) -> the shipped policy acts: same seed,
+    same bytes; the file names the policy; the converted actor is SB3's, mean for mean."""
+    import hashlib
+
+    import torch
+
+    from offprune.data import policies
+    from offprune.data.generate import make_dataset
+
+    training = tmp_path / "trained"
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(training))
+    behaviour.train_behaviour("hopper", "ppo", 512, None, seed=0, eval_every=256, log=lambda m: None)
+    shipped_dir = tmp_path / "shipped"
+    written = behaviour.ship_policies("hopper", "ppo", shipped_dir, episodes=2, log=lambda m: None)
+    assert sorted(p.name for p in written) == ["hopper-expert.pt", "hopper-medium.pt"]
+    card = json.loads((shipped_dir / "hopper-expert.json").read_text())
+    assert card["env_id"] == "Hopper-v5" and card["eval_episodes"] == 2 and card["training_steps"] == 512
+    assert card["sha256"] == hashlib.sha256((shipped_dir / "hopper-expert.pt").read_bytes()).hexdigest()
+    assert {"gymnasium_version", "mujoco_version", "stable_baselines3_version", "training_minutes"} <= set(card)
+
+    snapshot = behaviour.load_policy("hopper", "ppo", "expert")
+    converted = policies.load(shipped_dir / "hopper-expert.pt")
+    obs = np.random.default_rng(0).normal(size=(4, 11)).astype(np.float32)
+    sb3_mean = snapshot.model.policy.get_distribution(torch.as_tensor(snapshot.obs_normalizer(obs))).distribution.mean
+    torch.testing.assert_close(converted.mean(obs), sb3_mean, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path / "fresh"))  # no local training here
+    monkeypatch.setattr(policies, "SHIPPED_DIR", shipped_dir)
+    first = make_dataset("hopper", "expert", 300, 0, tmp_path / "fresh" / "a.hdf5", "ppo", progress=False)
+    second = make_dataset("hopper", "expert", 300, 0, tmp_path / "fresh" / "b.hdf5", "ppo", progress=False)
+    other_seed = make_dataset("hopper", "expert", 300, 1, tmp_path / "fresh" / "c.hdf5", "ppo", progress=False)
+    assert first.read_bytes() == second.read_bytes()
+    assert first.read_bytes() != other_seed.read_bytes()
+    arrays, attrs = read_all(first)
+    assert arrays["observations"].shape == (300, 11) and attrs["behaviour_policy_sha256"] == card["sha256"]
+    assert attrs["behaviour_policy_file"] == "hopper-expert.pt" and attrs["behaviour_policy_step"] == card["step"]
+
+    with open(shipped_dir / "hopper-medium.pt", "r+b") as f:  # one flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(UserError, match="does not match the sha256"):
+        make_dataset("hopper", "medium", 300, 0, tmp_path / "fresh" / "d.hdf5", "ppo", progress=False)
+
+
+def test_no_policy_anywhere_is_a_one_line_error(tmp_path, monkeypatch):
+    from offprune.data import policies
+
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path))
+    monkeypatch.setattr(policies, "SHIPPED_DIR", tmp_path / "none")
+    from offprune.data.generate import make_dataset
+
+    with pytest.raises(UserError, match="ships no expert policy for ant"):
+        make_dataset("ant", "expert", 10, 0, tmp_path / "x.hdf5", "ppo", progress=False)

@@ -74,7 +74,7 @@ def ppo_kwargs(env: str) -> dict:
             policy["net_arch"] = {"pi": list(policy["net_arch"]), "vf": list(policy["net_arch"])}
         kwargs["policy_kwargs"] = policy
     return kwargs
-EVAL_EPISODES = 5
+EVAL_EPISODES = 10  # halfcheetah's 5-episode evaluations swung by ~2,000 in return
 SAC_LEARNING_STARTS = 10_000  # uniform random actions first, as the RL zoo does for MuJoCo
 
 
@@ -100,14 +100,20 @@ class Policy:
     """A behaviour policy: stochastic actions and their log-probabilities, as D4RL recorded."""
 
     model: object
-    obs_normalizer: Callable[[np.ndarray], np.ndarray] | None
+    obs_stats: tuple | None  # PPO: VecNormalize's (mean, var, clip, eps) at this snapshot
     step: int
     eval_return: float
+
+    def obs_normalizer(self, obs: np.ndarray) -> np.ndarray:
+        if self.obs_stats is None:
+            return obs
+        mean, var, clip, eps = self.obs_stats
+        return np.clip((obs - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
 
     def act(self, obs: np.ndarray) -> tuple[np.ndarray, float]:
         import torch
 
-        x = obs[None] if self.obs_normalizer is None else self.obs_normalizer(obs[None])
+        x = self.obs_normalizer(obs[None])
         policy = self.model.policy
         with torch.no_grad():
             obs_t = torch.as_tensor(x, dtype=torch.float32)
@@ -140,8 +146,8 @@ def _normalizer_path(folder: Path, step: int) -> Path:
     return folder / "snapshots" / f"step_{step}_obs_norm.pkl"
 
 
-def _normalizer(folder: Path, step: int):
-    """Observation normalisation of a PPO snapshot (its VecNormalize statistics then), or None.
+def _obs_stats(folder: Path, step: int) -> tuple | None:
+    """Observation statistics of a PPO snapshot (its VecNormalize mean, var, clip, eps), or None.
 
     Per snapshot because the statistics keep moving while PPO trains: a medium policy must see
     observations normalised as they were when it was evaluated."""
@@ -151,8 +157,7 @@ def _normalizer(folder: Path, step: int):
     if not path.exists():
         return None
     with open(path, "rb") as f:
-        mean, var, clip, eps = pickle.load(f)
-    return lambda obs: np.clip((obs - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
+        return pickle.load(f)
 
 
 def pick_snapshots(state: dict) -> dict[str, dict]:
@@ -176,7 +181,59 @@ def load_policy(env: str, algo: str, which: str) -> Policy:
                         f"'offprune datasets train {env} --algo {algo}'")
     chosen = pick_snapshots(state)[which]
     model = _load_model(algo, folder / "snapshots" / f"step_{chosen['step']}.zip")
-    return Policy(model, _normalizer(folder, chosen["step"]), chosen["step"], chosen["return_mean"])
+    return Policy(model, _obs_stats(folder, chosen["step"]), chosen["step"], chosen["return_mean"])
+
+
+def load_snapshot(path: Path) -> Policy:
+    """Any PPO snapshot zip (e.g. snapshots/step_N.zip of a training; its step_N_obs_norm.pkl next to it)."""
+    try:
+        model = _load_model("ppo", path)
+    except Exception as e:  # a zip that is not an SB3 PPO model
+        raise UserError(f"--policy {path}: not a stable-baselines3 PPO snapshot ({type(e).__name__}: {e})") from None
+    step = int(path.stem.split("_")[1]) if path.stem.startswith("step_") and path.stem[5:].isdigit() else -1
+    return Policy(model, _obs_stats(path.parent.parent, step) if step >= 0 else None, step, float("nan"))
+
+
+def ship_policies(env: str, algo: str = "ppo", folder: Path | None = None, episodes: int = 20,
+                  log: Callable[[str], None] = print) -> list[Path]:
+    """Write the expert and medium policies of the finished local training of `env` in the shipped
+    format (offprune.data.policies) with their cards, each evaluated again over `episodes` episodes."""
+    import gymnasium
+    import mujoco
+    import stable_baselines3
+
+    from offprune.data import policies
+    from offprune.data.d4rl import normalized_score
+    from offprune.envs import make_env
+    from offprune.evaluate import evaluate
+
+    if algo != "ppo":
+        raise UserError("only PPO behaviour policies can be shipped (SAC's tanh-Gaussian is not converted)")
+    folder = folder or policies.SHIPPED_DIR
+    state = read_state(behaviour_dir(env, algo))
+    written = []
+    for quality in ("expert", "medium"):
+        snapshot = load_policy(env, algo, quality)
+        policy = policies.from_sb3_ppo(snapshot.model, snapshot.obs_stats)
+        policy.seed(12_345)
+        eval_env = make_env(ENV_OF_FAMILY[env])
+        returns = evaluate(lambda obs: policy.act(obs)[0], eval_env, episodes, seed=20_000)
+        eval_env.close()
+        card = {
+            "env": env, "quality": quality, "env_id": ENV_OF_FAMILY[env], "algo": algo,
+            "step": snapshot.step, "training_steps": state["steps_done"],
+            "training_minutes": round(state["seconds"] / 60, 1), "training_seed": state.get("seed", 0),
+            "ppo_settings": PPO_SETTINGS.get(env, {}),
+            "training_eval_return_mean": snapshot.eval_return,
+            "eval_episodes": episodes, "eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std()),
+            "eval_normalized_score": normalized_score(ENV_OF_FAMILY[env], float(returns.mean())),
+            "gymnasium_version": gymnasium.__version__, "mujoco_version": mujoco.__version__,
+            "stable_baselines3_version": stable_baselines3.__version__,
+        }
+        written.append(policies.save(policy, card, folder, f"{env}-{quality}"))
+        log(f"{written[-1]}: step {snapshot.step}, return {card['eval_return_mean']:.1f} +- "
+            f"{card['eval_return_std']:.1f} over {episodes} episodes (normalised {card['eval_normalized_score']:.1f})")
+    return written
 
 
 class TransitionRecorder(gym.Wrapper):
@@ -325,7 +382,7 @@ def train_behaviour(
                 rms = self.training_env.obs_rms
                 with open(_normalizer_path(folder, step), "wb") as f:
                     pickle.dump((rms.mean, rms.var, self.training_env.clip_obs, self.training_env.epsilon), f)
-            policy = Policy(self.model, _normalizer(folder, step), step, 0.0)
+            policy = Policy(self.model, _obs_stats(folder, step), step, 0.0)
             returns = evaluate(lambda obs: policy.act(obs)[0], eval_env, EVAL_EPISODES, seed=10_000 + step)
             mean, std = float(returns.mean()), float(returns.std())
             arrays = recorder_env.take()

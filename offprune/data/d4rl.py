@@ -214,10 +214,11 @@ def write_d4rl_file(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict
         with h5py.File(tmp, "w") as f:
             for key, value in arrays.items():
                 value = np.asarray(value)
+                # no object timestamps: the same arrays give a byte-identical file
                 if value.dtype.kind in "US":  # strings (metadata) are stored as scalars
-                    f[key] = value.item() if value.ndim == 0 else value.astype("S")
+                    f.create_dataset(key, data=value.item() if value.ndim == 0 else value.astype("S"), track_times=False)
                 else:
-                    f.create_dataset(key, data=value, compression="gzip")
+                    f.create_dataset(key, data=value, compression="gzip", track_times=False)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
         os.replace(tmp, path)

@@ -147,24 +147,29 @@ def _writable(out: str | Path, overwrite: bool) -> Path:
 
 
 def make_dataset(env: str, quality: str, transitions: int, seed: int, out: str | Path, algo: str,
-                 progress: bool = True, overwrite: bool = False) -> Path:
-    """Make one dataset of `quality` (see the module docstring) and write it to `out`."""
+                 progress: bool = True, overwrite: bool = False, policy_path: str | Path | None = None) -> Path:
+    """Make one dataset of `quality` (see the module docstring) and write it to `out`. `policy_path`:
+    act with this policy (a shipped-format .pt, or a stable-baselines3 PPO snapshot .zip) instead of
+    the local behaviour training or, without one, the policy offprune ships."""
     from offprune.data import behaviour
 
     _check(env, transitions)
     if quality not in QUALITIES:
         raise UserError(f"unknown quality '{quality}' (choose from {', '.join(QUALITIES)})")
+    if policy_path is not None and quality not in ("medium", "expert"):
+        raise UserError(f"--policy acts for medium or expert data, not {quality}")
     out = _writable(out, overwrite)
     if quality == "random":
         return generate_random(env, transitions, seed, out, progress)
     if quality in ("medium", "expert"):
-        policy = behaviour.load_policy(env, algo, quality)
+        policy, provenance = behaviour_policy(env, algo, quality, policy_path)
+        policy.seed(seed)
         data = rollout(env, policy.act, transitions, seed, progress)
-        return _write(out, env, quality, data, seed, _policy_provenance(env, algo, policy))
+        return _write(out, env, quality, data, seed, provenance)
     if quality == "medium-replay":
-        policy = behaviour.load_policy(env, algo, "medium")
-        data = behaviour.replay_until(env, algo, policy.step)
-        return _write(out, env, quality, data, seed, _policy_provenance(env, algo, policy))
+        medium = behaviour.load_policy(env, algo, "medium")
+        data = behaviour.replay_until(env, algo, medium.step)
+        return _write(out, env, quality, data, seed, _training_provenance(env, algo, medium.step, medium.eval_return))
     # medium-expert: the two files, joined; made first when they are not there
     parts = []
     for part in ("medium", "expert"):
@@ -175,18 +180,86 @@ def make_dataset(env: str, quality: str, transitions: int, seed: int, out: str |
     return concatenate(parts, out, env, seed)
 
 
-def _policy_provenance(env: str, algo: str, policy) -> dict:
+def behaviour_policy(env: str, algo: str, quality: str, policy_path: str | Path | None = None):
+    """(policy with seed() and act(), provenance attributes) for medium or expert data: `policy_path`
+    if given, else the local behaviour training of `algo` when one has finished, else the policy
+    offprune ships (PPO)."""
+    from offprune.data import behaviour, policies
+
+    if policy_path is not None:
+        return _policy_from_path(Path(policy_path))
+    state = behaviour.read_state(behaviour.behaviour_dir(env, algo))
+    if state is not None and state.get("finished"):
+        snapshot = behaviour.load_policy(env, algo, quality)
+        provenance = _training_provenance(env, algo, snapshot.step, snapshot.eval_return)
+        if algo == "ppo":
+            return policies.from_sb3_ppo(snapshot.model, snapshot.obs_stats), provenance
+        return _SeededSB3(snapshot), provenance
+    shipped = policies.shipped(env, quality)
+    if shipped is None:
+        raise UserError(f"offprune ships no {quality} policy for {env} and there is no finished local training; "
+                        f"make one with 'offprune datasets train {env}' or pass --policy PATH")
+    return shipped, _card_provenance(shipped.card, policies.shipped_path(env, quality))
+
+
+class _SeededSB3:
+    """A stable-baselines3 snapshot (SAC) sampling from torch's generator seeded per dataset."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def seed(self, seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)
+
+    def act(self, obs):
+        return self.snapshot.act(obs)
+
+
+def _policy_from_path(path: Path):
+    from offprune.data import behaviour, policies
+
+    if path.suffix == ".pt":
+        policy = policies.load(path)
+        return policy, _card_provenance(policy.card, path)
+    if path.suffix == ".zip" and path.is_file():
+        snapshot = behaviour.load_snapshot(path)
+        policy = policies.from_sb3_ppo(snapshot.model, snapshot.obs_stats)
+        return policy, {"behaviour_policy": f"ppo snapshot {path.name}", "behaviour_algo": "ppo",
+                        "behaviour_policy_file": str(path), "behaviour_policy_sha256": policies.sha256_of(path)}
+    raise UserError(f"--policy {path}: expected a shipped-format policy (.pt with its .json card) or a "
+                    "stable-baselines3 PPO snapshot (.zip)")
+
+
+def _card_provenance(card: dict, path: Path) -> dict:
+    return {
+        "behaviour_policy": f"{card.get('algo', 'ppo')} {card.get('env', '')}-{card.get('quality', '')} "
+                            f"(step {card.get('step')}, sha256 {str(card.get('sha256'))[:12]})",
+        "behaviour_algo": card.get("algo", "ppo"),
+        "behaviour_policy_file": path.name,
+        "behaviour_policy_sha256": card.get("sha256", ""),
+        "behaviour_policy_step": card.get("step", -1),
+        "behaviour_training_steps": card.get("training_steps", -1),
+        "behaviour_training_seconds": card.get("training_minutes", float("nan")) * 60,
+        "behaviour_eval_return": card.get("eval_return_mean", float("nan")),
+        "behaviour_eval_episodes": card.get("eval_episodes", -1),
+        "behaviour_normalized_score": card.get("eval_normalized_score", float("nan")),
+    }
+
+
+def _training_provenance(env: str, algo: str, step: int, eval_return: float) -> dict:
     from offprune.data import behaviour
 
     state = behaviour.read_state(behaviour.behaviour_dir(env, algo))
     return {
-        "behaviour_policy": f"{algo} snapshot at step {policy.step}",
+        "behaviour_policy": f"{algo} snapshot at step {step}",
         "behaviour_algo": algo,
-        "behaviour_policy_step": policy.step,
+        "behaviour_policy_step": step,
         "behaviour_training_steps": state["steps_done"],
         "behaviour_training_seconds": state["seconds"],
-        "behaviour_eval_return": policy.eval_return,
-        "behaviour_normalized_score": normalized_score(ENV_OF_FAMILY[env], policy.eval_return),
+        "behaviour_eval_return": eval_return,
+        "behaviour_normalized_score": normalized_score(ENV_OF_FAMILY[env], eval_return),
     }
 
 
