@@ -1,0 +1,116 @@
+"""Studies: consolidated results that a sweep on another machine continues from."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from offprune import study
+from offprune.config import SweepConfig
+from offprune.errors import UserError
+from offprune.sweep import grid
+
+from conftest import run_cli
+
+
+def study_file(tmp_path, dataset, **extra):
+    lines = ['algo = ["bc-mlp"]', 'prune = ["snip"]', "sparsity = [0.5, 0.9]", f'dataset = ["{dataset}"]',
+             'seeds = "0"', "algo_steps = { bc-mlp = 4 }", "eval_every = 2", "eval_episodes = 1",
+             'kernels = "dense"', "jobs = 2", f'out = "{tmp_path / "runs"}"', f'results = "{tmp_path / "reports"}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    path = tmp_path / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_study_continues_from_its_consolidated_results_elsewhere(capsys, tmp_path, hopper_file):
+    path = study_file(tmp_path, hopper_file)
+    code, out, err = run_cli(capsys, "sweep", "--config", path, "--no-progress")
+    assert code == 0, err
+    assert "3 done" in out
+    consolidated = pd.read_parquet(tmp_path / "reports" / "results.parquet")
+    assert consolidated.run_id.nunique() == 3 and len(consolidated) == 3 * 2
+    assert (consolidated.schema_version == study.SCHEMA_VERSION).all()
+    layers = pd.read_parquet(tmp_path / "reports" / "layers.parquet")
+    assert set(layers.run_id) == set(consolidated.run_id)
+    assert layers[layers.run_id.str.contains("snip_s0.9")].kept.sum() < layers[layers.run_id.str.contains("dense")].kept.sum()
+    assert len(json.loads((tmp_path / "reports" / "runs.json").read_text())) == 3
+
+    # "another machine": the run folders are gone; one finished run is missing from the consolidated file
+    keep = consolidated[consolidated.run_id != "bc-mlp_hopper-random-v5_snip_s0.9_seed0"]
+    keep.to_parquet(tmp_path / "reports" / "results.parquet", index=False)
+    code, out, err = run_cli(capsys, "sweep", "--config", path, "--out", tmp_path / "elsewhere", "--no-progress")
+    assert code == 0, err
+    ran = sorted(p.name for p in (tmp_path / "elsewhere").iterdir() if p.is_dir())
+    assert ran == ["bc-mlp_hopper-random-v5_snip_s0.9_seed0"]  # only the missing one ran
+    after = pd.read_parquet(tmp_path / "reports" / "results.parquet")
+    assert after.run_id.nunique() == 3 and len(after) == 6
+    # the kept runs' rows are untouched
+    pd.testing.assert_frame_equal(after[after.run_id != ran[0]].reset_index(drop=True),
+                                  keep.sort_values(["run_id", "step"]).reset_index(drop=True))
+
+
+def test_consolidation_is_idempotent(capsys, tmp_path, hopper_file):
+    path = study_file(tmp_path, hopper_file)
+    assert run_cli(capsys, "sweep", "--config", path, "--no-progress")[0] == 0
+    runs = grid(SweepConfig.build(path))
+    first = (tmp_path / "reports" / "results.parquet").read_bytes()
+    assert study.consolidate(tmp_path / "runs", tmp_path / "reports", runs) == 3
+    assert study.consolidate(tmp_path / "runs", tmp_path / "reports", runs) == 3
+    assert pd.read_parquet(tmp_path / "reports" / "results.parquet").equals(pd.read_parquet(pd.io.common.BytesIO(first)))
+
+
+def test_finished_means_the_final_row_at_this_budget(tmp_path):
+    runs = grid(SweepConfig.build(None, algo="bc", prune="snip", sparsity="0.9", seeds="0", steps=10))
+    rows = pd.DataFrame({"run_id": [runs[0].name, runs[1].name], "step": [10, 5],
+                         "schema_version": study.SCHEMA_VERSION})
+    tmp_path.mkdir(exist_ok=True)
+    rows.to_parquet(tmp_path / "results.parquet")
+    assert study.finished_runs(tmp_path, runs) == {runs[0].name}  # the other stopped at 5 of 10
+
+
+def test_a_results_file_of_another_schema_is_refused_untouched(capsys, tmp_path, hopper_file):
+    path = study_file(tmp_path, hopper_file)
+    (tmp_path / "reports").mkdir()
+    foreign = pd.DataFrame({"run_id": ["x"], "step": [4], "schema_version": [99]})
+    foreign.to_parquet(tmp_path / "reports" / "results.parquet")
+    before = (tmp_path / "reports" / "results.parquet").read_bytes()
+    code, _, err = run_cli(capsys, "sweep", "--config", path, "--no-progress")
+    assert code == 2 and "written with results schema ['99']" in err and err.count("\n") == 1
+    assert (tmp_path / "reports" / "results.parquet").read_bytes() == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_the_study_cannot_make_is_one_line(capsys, tmp_path):
+    path = study_file(tmp_path, "mystery-data")
+    code, _, err = run_cli(capsys, "sweep", "--config", path, "--no-progress")
+    assert code == 2 and "dataset mystery-data not found and offprune cannot make it" in err
+    assert err.count("\n") == 1
+
+
+def test_study_axes_prune_batch_and_per_algo_steps(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('algo = ["bc", "bcq"]\nprune = ["snip"]\nsparsity = [0.95]\nprune_batch = [10, 1000]\n'
+                    'seeds = "0"\nalgo_steps = { bc = 100, bcq = 200 }\n')
+    runs = grid(SweepConfig.build(path))
+    assert len(runs) == 2 * (1 + 2)
+    assert {(r.algo, r.steps) for r in runs} == {("bc", 100), ("bcq", 200)}
+    assert sorted(r.name for r in runs if r.algo == "bc") == [
+        "bc_hopper-random-v5_dense_s0_seed0", "bc_hopper-random-v5_snip_s0.95_pb1000_seed0",
+        "bc_hopper-random-v5_snip_s0.95_pb10_seed0"]
+    path.write_text('algo_steps = { bc = 0 }\n')
+    with pytest.raises(UserError, match="algo_steps: updates must be at least 1"):
+        SweepConfig.build(path)
+
+
+def test_the_committed_study_files_parse():
+    from pathlib import Path
+
+    counts = {}
+    for path in sorted(Path(__file__).parent.parent.glob("studies/*.toml")):
+        cfg = SweepConfig.build(path)
+        assert cfg.results == f"reports/{path.stem}"
+        counts[path.stem] = len(grid(cfg))
+    # paper-95: 2 algos x 3 envs x 3 seeds x (dense + 3 criteria); bc-sparsity: 2 envs x 3 seeds x (1 + 3 x 6);
+    # prune-batch: 3 seeds x (1 + 2 sparsities x 4 batch sizes)
+    assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27}
