@@ -142,8 +142,11 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
                    "Without it --executor ray starts a local Ray instance.")
 @click.option("--out", default=None, help="Folder of the sweep's runs.  [default: runs/sweep]")
 @click.option("--status", "show_status", is_flag=True, help="Show done / running / failed / left for the sweep in --out.")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Print the runs left, each kind's time probed on this machine, and the wall time for --jobs; "
+                   "run nothing.")
 @click.option("--progress/--no-progress", default=None, help="Sweep progress bar (default: on a terminal only).")
-def sweep(config_file, show_status, progress, **flags) -> None:
+def sweep(config_file, show_status, show_plan, progress, **flags) -> None:
     """Run a grid of runs (dense baselines added); rerun the same command to resume it.
 
     \b
@@ -165,6 +168,17 @@ def sweep(config_file, show_status, progress, **flags) -> None:
     runs = sw.grid(cfg)
     skip: set[str] = set()
     on_finished = None
+    if show_plan:
+        from offprune import study
+        from offprune.plan import plan
+
+        done = {r.name for r in runs if sw.read_state(Path(cfg.out) / r.name) == "done"}
+        if cfg.results:
+            study.check(cfg.results)
+            done |= study.finished_runs(cfg.results, runs)
+        for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True)):
+            click.echo(line)
+        return
     if cfg.results:
         from offprune import study
 

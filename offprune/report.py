@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,15 +48,23 @@ class Report:
 # ---------------------------------------------------------------------------------- numbers
 
 
-def final_scores(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """One row per finished run: its identity, last step and normalised score there."""
-    last = results.sort_values("step").groupby("run_id", as_index=False).tail(1)
-    last = last[RUN_KEYS + ["step", "normalized_score"]].reset_index(drop=True)
-    group_end = last.groupby(["algo", "dataset"])["step"].transform("max")
-    unfinished = last[last.step < group_end]
-    notes = [f"{len(unfinished)} unfinished run(s) left out: {', '.join(unfinished.run_id[:5])}"
-             f"{' ...' if len(unfinished) > 5 else ''}"] if len(unfinished) else []
-    return last[last.step == group_end].reset_index(drop=True), notes
+FINAL_EVALUATIONS = 2  # a run's final score: the mean of its last this-many evaluations
+
+
+def final_scores(results: pd.DataFrame, last: int = FINAL_EVALUATIONS) -> tuple[pd.DataFrame, list[str]]:
+    """One row per finished run: its identity, last step and final score (`normalized_score`: the
+    mean normalised score of its last `last` evaluations, each itself a mean over episodes)."""
+    ordered = results.sort_values("step")
+    tail = ordered.groupby("run_id", as_index=False).tail(last)
+    mean_tail = tail.groupby("run_id").normalized_score.mean()
+    last_rows = ordered.groupby("run_id", as_index=False).tail(1)
+    last_rows = last_rows[RUN_KEYS + ["step"]].reset_index(drop=True)
+    last_rows["normalized_score"] = last_rows.run_id.map(mean_tail)
+    group_end = last_rows.groupby(["algo", "dataset"])["step"].transform("max")
+    unfinished = last_rows[last_rows.step < group_end]
+    notes = [f"{len(unfinished)} unfinished run(s) left out (in progress or stopped): "
+             f"{', '.join(sorted(unfinished.run_id))}"] if len(unfinished) else []
+    return last_rows[last_rows.step == group_end].reset_index(drop=True), notes
 
 
 def score_table(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS) -> pd.DataFrame:
@@ -87,9 +97,10 @@ def _ratio(groups: list[np.ndarray]) -> float:
 
 
 def retention_table(finals: pd.DataFrame, threshold: float = 0.9, reps: int = stats.DEFAULT_REPS) -> pd.DataFrame:
-    """Per (algo, dataset, criterion): the highest sparsity whose mean final score is at least
-    `threshold` x the dense mean, the ratio there with its bootstrap CI (pruned and dense seeds
-    resampled independently), and the highest sparsity whose CI lower bound clears the threshold."""
+    """Per (algo, dataset, criterion): the highest sparsity up to which EVERY sparsity keeps a mean
+    final score of at least `threshold` x the dense mean, the ratio there with its bootstrap CI
+    (pruned and dense seeds resampled independently), and the same rule on the CI's lower bound.
+    A sparsity that holds again above the first that does not is named in `note` (non-monotone)."""
     rows = []
     for (algo, dataset), group in finals.groupby(["algo", "dataset"]):
         dense = group[group.prune == "dense"].normalized_score.to_numpy()
@@ -103,18 +114,52 @@ def retention_table(finals: pd.DataFrame, threshold: float = 0.9, reps: int = st
             elif dense.mean() <= 0:
                 row["note"] = "dense score <= 0: ratio undefined"
             else:
+                holding, holding_ci, again = True, True, []
                 for sparsity, s in sorted(g.groupby("target_sparsity"), key=lambda kv: kv[0]):
                     scores = s.normalized_score.to_numpy()
                     ratio = _ratio([scores, dense])
                     lo, hi = stats.stratified_bootstrap_ci([scores, dense], _ratio, reps)
-                    if ratio >= threshold:
+                    if ratio >= threshold and holding:
                         row.update(highest_sparsity=sparsity, ratio=ratio, ratio_ci_lo=lo, ratio_ci_hi=hi)
-                    if lo >= threshold:
+                    elif ratio >= threshold:
+                        again.append(f"{sparsity:g}")
+                    else:
+                        holding = False
+                    holding_ci = holding_ci and lo >= threshold
+                    if holding_ci:
                         row["highest_sparsity_ci"] = sparsity
+                notes = []
                 if math.isnan(row["highest_sparsity"]):
-                    row["note"] = f"below {threshold:.0%} of dense at every sparsity"
+                    notes.append(f"below {threshold:.0%} of dense at the lowest sparsity")
+                if again:
+                    notes.append(f"non-monotone: holds again at {', '.join(again)}")
+                row["note"] = "; ".join(notes)
             rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["algo", "dataset", "criterion", "seeds", "dense_score", "highest_sparsity", "ratio", "ratio_ci_lo",
+               "ratio_ci_hi", "highest_sparsity_ci", "note"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def score_matrix(scores: pd.DataFrame, threshold: float = 0.9, markup: str = "md") -> pd.DataFrame:
+    """Mean final score [95% CI] per (algo, dataset, criterion) x sparsity, as strings; bold where
+    the CI's lower bound is at least `threshold` x the dense mean. `markup`: 'md' or 'html'."""
+    bold = ("**", "**") if markup == "md" else ("<b>", "</b>")
+    rows = []
+    for (algo, dataset), group in scores.groupby(["algo", "dataset"]):
+        dense = group[group.prune == "dense"]
+        dense_mean = float(dense["mean"].iloc[0]) if len(dense) else math.nan
+        for prune, g in group.groupby("prune"):
+            row = {"algo": algo, "dataset": dataset, "criterion": prune}
+            for r in g.itertuples():
+                cell = f"{r.mean:.1f} [{r.ci_lo:.1f}, {r.ci_hi:.1f}]"
+                if prune != "dense" and not math.isnan(dense_mean) and r.ci_lo >= threshold * dense_mean:
+                    cell = f"{bold[0]}{cell}{bold[1]}"
+                row["dense" if prune == "dense" else f"{r.sparsity:g}"] = cell
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    levels = sorted((c for c in table.columns if c not in ("algo", "dataset", "criterion", "dense")), key=float)
+    columns = ["algo", "dataset", "criterion"] + (["dense"] if "dense" in table.columns else []) + levels
+    return table.reindex(columns=columns).fillna("")
 
 
 # ---------------------------------------------------------------------------------- figures
@@ -163,63 +208,85 @@ def plot_training_curves(results: pd.DataFrame, finals: pd.DataFrame, prune: str
     return _save(grid.figure, path, _caption(finals[finals.run_id.isin(keep)]))
 
 
-def plot_score_vs_sparsity(scores: pd.DataFrame, iqms: pd.DataFrame, finals: pd.DataFrame, path: Path) -> Path:
+DENSITY_TICKS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+
+
+def plot_score_vs_sparsity(scores: pd.DataFrame, finals: pd.DataFrame, path: Path, threshold: float = 0.9) -> Path:
+    """Final score against the fraction of weights kept (log axis, sparser to the right): a line and
+    CI band per criterion, dense as a band, a dashed line at `threshold` x dense; a row of panels
+    per dataset (shared y), a column per algo."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    panels = [("panel", a, d) for a, d in scores[["algo", "dataset"]].drop_duplicates().sort_values(["algo", "dataset"]).itertuples(index=False)]
-    panels += [("iqm", a, None) for a in sorted(iqms.algo.unique())] if len(iqms) else []
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False)
+    datasets = sorted(scores.dataset.unique())
+    algos = sorted(scores.algo.unique())
+    fig, axes = plt.subplots(len(datasets), len(algos), figsize=(4.4 * len(algos), 3.3 * len(datasets)),
+                             squeeze=False, sharey="row")
     criteria = sorted(p for p in scores.prune.unique() if p != "dense")
     colors = dict(zip(criteria, sns.color_palette("deep", len(criteria))))
-    for ax, (kind, algo, dataset) in zip(axes.flat, panels):
-        if kind == "panel":
-            t = scores[(scores.algo == algo) & (scores.dataset == dataset)]
-            title = f"{algo} · {dataset}"
-        else:
-            t = iqms[iqms.algo == algo].rename(columns={"iqm": "mean"})
-            title = f"{algo} · IQM over {int(t.datasets.max())} datasets"
+    densities = 1 - scores.loc[scores.prune != "dense", "sparsity"]
+    for (i, dataset), (j, algo) in ((a, b) for a in enumerate(datasets) for b in enumerate(algos)):
+        ax = axes[i, j]
+        t = scores[(scores.algo == algo) & (scores.dataset == dataset)]
         dense = t[t.prune == "dense"]
         if len(dense):
             d = dense.iloc[0]
             ax.axhspan(d.ci_lo, d.ci_hi, color="0.85", label="dense (95% CI)")
             ax.axhline(d["mean"], color="0.3", lw=1)
+            ax.axhline(threshold * d["mean"], color="0.3", lw=1, ls="--", label=f"{threshold:.0%} of dense")
         for prune in criteria:
             c = t[t.prune == prune].sort_values("sparsity")
             if len(c):
-                ax.plot(c.sparsity, c["mean"], marker="o", ms=3, color=colors[prune], label=prune)
-                ax.fill_between(c.sparsity, c.ci_lo, c.ci_hi, color=colors[prune], alpha=0.2)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("sparsity (fraction of weights removed)")
-        ax.set_ylabel("final normalised score" if kind == "panel" else "IQM final normalised score")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Final normalised score vs sparsity", y=1.02)
+                ax.plot(1 - c.sparsity, c["mean"], marker="o", ms=3, color=colors[prune], label=prune)
+                ax.fill_between(1 - c.sparsity, c.ci_lo, c.ci_hi, color=colors[prune], alpha=0.2)
+        ax.set_xscale("log")
+        if len(densities):
+            ticks = [x for x in DENSITY_TICKS if densities.min() * 0.8 <= x <= densities.max() * 1.25]
+            ticks = ticks or sorted(densities.unique())
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.minorticks_off()
+            ax.set_xlim(max(densities.max() * 1.3, 0.0), densities.min() / 1.3)  # sparser to the right
+        ax.set_title(f"{algo} · {dataset}" + ("" if len(t) else " (no runs)"), fontsize=10)
+        ax.set_xlabel("fraction of weights kept (log)")
+        if j == 0:
+            ax.set_ylabel("final normalised score")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, title="criterion",
+               bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle("Final normalised score vs fraction of weights kept", y=1.06)
     fig.tight_layout()
     return _save(fig, path, _caption(finals))
 
 
 def plot_layers(layers: pd.DataFrame, sparsity: float, path: Path) -> Path:
+    """Fraction of weights kept per layer at `sparsity`, a bar per criterion (the paper's Figure 3);
+    each layer labelled with its size, a layer that some run emptied marked 'collapsed'."""
     import seaborn as sns
 
     data = layers[np.isclose(layers.target_sparsity, sparsity) & (layers.prune != "dense")].copy()
     data["panel"] = data.algo + " · " + data.network
-    data["layer"] = data.layer.str.removesuffix(".weight")
+    collapsed = set(data.loc[data.kept == 0, "layer"] + "@" + data.loc[data.kept == 0, "panel"])
+    data["label"] = [f"{layer.removesuffix('.weight')}\n{total:,} w" + ("\nCOLLAPSED" if f"{layer}@{panel}" in collapsed else "")
+                     for layer, total, panel in zip(data.layer, data.total, data.panel)]
+    data = data.rename(columns={"prune": "criterion"})
     panels = sorted(data.panel.unique())
-    grid = sns.catplot(data=data, x="layer", y="density", hue="prune", col="panel", col_order=panels,
+    grid = sns.catplot(data=data, x="label", y="density", hue="criterion", col="panel", col_order=panels,
                        col_wrap=min(2, len(panels)), kind="bar", errorbar=None, sharex=False,
-                       height=3.2, aspect=1.6)
+                       height=3.2, aspect=1.7)
     grid.set_titles("{col_name}")
-    grid.set_axis_labels("layer (input -> output)", "fraction of weights kept")
+    grid.set_axis_labels("layer (input -> output), weights", "fraction of weights kept")
     for ax in grid.axes.flat:
         ax.axhline(1 - sparsity, color="0.3", lw=1, ls="--")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.tick_params(axis="x", labelsize=7)
     grid.figure.suptitle(f"Weights kept per layer at sparsity {sparsity:g} (dashed: uniform {1 - sparsity:.2f})", y=1.03)
-    n_seeds = data.groupby(["algo", "prune"]).seed.nunique().min()
-    return _save(grid.figure, path, f"mean over {n_seeds} seed(s) per criterion; masks are fixed at initialisation")
+    n_seeds = data.groupby(["algo", "criterion"]).seed.nunique().min()
+    return _save(grid.figure, path, f"mean over {n_seeds} seed(s) per criterion; masks are fixed at initialisation; "
+                                    "COLLAPSED: some run kept none of the layer's weights")
 
 
 def plot_storage(storage: pd.DataFrame, path: Path) -> Path:
@@ -284,11 +351,11 @@ def make_report(
     reps: int = stats.DEFAULT_REPS,
     log: Callable[[str], None] = lambda message: None,
 ) -> Report:
-    """Write figures (PNG), report.html (self-contained) and summary.md for the results at `results_path`."""
-    import matplotlib
+    """Write figures (PNG), report.html (self-contained) and summary.md for the results at `results_path`.
 
-    matplotlib.use("Agg")
-    import seaborn as sns
+    Everything is made in a temporary folder inside `out` and moved in at the end, so a failure
+    leaves no half-written report (a study's folder also holds its results and README)."""
+    import shutil
 
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold must be in (0, 1], got {threshold}")
@@ -296,26 +363,54 @@ def make_report(
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     except OSError as e:
         raise UserError(f"cannot write the report to {out}: {e.strerror}") from None
+    try:
+        report = _make_report(results, results_path, work, layer_sparsity, threshold, reps, log)
+        report.files = [out / f.name for f in report.files]
+        for f in report.files:
+            os.replace(work / f.name, f)
+    except OSError as e:
+        raise UserError(f"cannot write the report to {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.out = out
+    return report
+
+
+def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity, threshold, reps, log) -> Report:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import seaborn as sns
+
     report = Report(out)
     finals, report.notes = final_scores(results)
     results = results[results.run_id.isin(finals.run_id)]
+    report.notes += _missing_runs(results_path, finals)
     report.scores = score_table(finals, reps)
     iqms = iqm_table(finals, reps)
     report.retention = retention_table(finals, threshold, reps)
     sns.set_theme(style="whitegrid", context="paper")
+    few_seeds = finals.groupby(["algo", "dataset", "prune", "target_sparsity"]).seed.nunique().min()
+    if few_seeds < 3:
+        report.notes.insert(0, f"some points have only {few_seeds} seed(s): with fewer than 3 seeds the 95% "
+                               "confidence intervals are not meaningful (one seed draws a zero-width interval)")
 
     figures: list[tuple[Path, str]] = []
     criteria = sorted(p for p in finals.prune.unique() if p != "dense")
+    if not criteria:
+        report.notes.insert(0, "these results hold only dense runs: there is nothing pruned to compare")
     for prune in criteria:
         log(f"figure: training curves, {prune}")
         path = plot_training_curves(results, finals, prune, out / f"fig1_curves_{prune}.png", min(reps, 1000))
         figures.append((path, f"Normalised score during training, {prune}, one line per sparsity (black: dense)."))
     if criteria:
         log("figure: final score vs sparsity")
-        path = plot_score_vs_sparsity(report.scores, iqms, finals, out / "fig2_score_vs_sparsity.png")
-        figures.append((path, "Final normalised score vs sparsity; grey band: dense 95% CI."))
+        path = plot_score_vs_sparsity(report.scores, finals, out / "fig2_score_vs_sparsity.png", threshold)
+        figures.append((path, "Final normalised score vs fraction of weights kept (log axis, sparser to the right); "
+                              f"grey band: dense 95% CI; dashed: {threshold:.0%} of dense."))
 
     pruned_levels = sorted(finals.loc[finals.prune != "dense", "target_sparsity"].unique())
     try:
@@ -324,11 +419,16 @@ def make_report(
     except UserError:
         layers = pd.DataFrame()
     if layer_sparsity is None and pruned_levels:
-        layer_sparsity = float(pruned_levels[-1])
+        near_95 = [s for s in pruned_levels if np.isclose(s, 0.95)]
+        layer_sparsity = float(near_95[0] if near_95 else pruned_levels[-1])
     if layer_sparsity is not None and len(layers) and np.isclose(layers.target_sparsity, layer_sparsity).any():
         log(f"figure: layers at sparsity {layer_sparsity:g}")
         path = plot_layers(layers, layer_sparsity, out / "fig3_layers.png")
-        figures.append((path, f"Fraction of weights kept per layer at sparsity {layer_sparsity:g}."))
+        figures.append((path, f"Fraction of weights kept per layer at sparsity {layer_sparsity:g}, per criterion."))
+        dead = layers[np.isclose(layers.target_sparsity, layer_sparsity) & (layers.kept == 0)]
+        for (algo, prune, network, layer), g in dead.groupby(["algo", "prune", "network", "layer"]):
+            report.notes.append(f"layer collapse at {layer_sparsity:g}: {algo} {prune} {network} {layer} kept no "
+                                f"weights in {g.run_id.nunique()} run(s)")
     elif layer_sparsity is not None:
         report.notes.append(f"no per-layer counts at sparsity {layer_sparsity:g}: figure 3 left out")
 
@@ -346,19 +446,51 @@ def make_report(
 
     report.scores.to_csv(out / "scores.csv", index=False)
     report.retention.to_csv(out / "retention.csv", index=False)
+    iqms.to_csv(out / "iqm.csv", index=False)  # IQM over datasets per (algo, criterion, sparsity)
     display = retention_display(report.retention, threshold)
+    matrix_md = score_matrix(report.scores, threshold, "md")
     summary = _summary(finals, results_path, threshold)
-    md = [f"# offprune report: {Path(str(results_path)).name}", "", *summary, "",
-          f"## Highest sparsity keeping at least {threshold:.0%} of the dense score", "", markdown_table(display), "",
-          "## Figures", ""]
-    md += [f"![{caption}]({path.name})\n\n{caption}\n" for path, caption in figures]
+    md = [f"# offprune report: {_title(results_path)}", "", *summary, ""]
     if report.notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in report.notes]
+        md += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    md += [f"## Final score per criterion and sparsity (mean [95% CI]; bold: CI lower bound ≥ {threshold:.0%} of dense)",
+           "", markdown_table(matrix_md), ""]
+    if len(display):
+        md += [f"## Highest sparsity up to which every sparsity keeps ≥ {threshold:.0%} of the dense score", "",
+               markdown_table(display), ""]
+    md += ["## Figures", ""]
+    md += [f"![{caption}]({path.name})\n\n{caption}\n" for path, caption in figures]
     report.files = [path for path, _ in figures]
     report.files.append(_write_text(out / "summary.md", "\n".join(md) + "\n"))
-    report.files.append(_write_text(out / "report.html", _html(results_path, summary, display, figures, report.notes, threshold)))
-    report.files += [out / "scores.csv", out / "retention.csv"]
+    page = _html(results_path, summary, display, score_matrix(report.scores, threshold, "html"), figures,
+                 report.notes, threshold)
+    report.files.append(_write_text(out / "report.html", page))
+    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv"]
     return report
+
+
+def _title(results_path) -> str:
+    path = Path(str(results_path))
+    return path.parent.name if path.suffix == ".parquet" else path.name
+
+
+def _missing_runs(results_path, finals: pd.DataFrame) -> list[str]:
+    """Runs a study's grid (runs.json next to its results) expects that have no final result yet."""
+    from offprune.config import RunConfig
+    from offprune.study import expected_runs
+
+    path = Path(str(results_path))
+    folder = path.parent if path.suffix == ".parquet" else path
+    grid = expected_runs(folder) if folder.is_dir() else None
+    if not grid:
+        return []
+    names = [RunConfig(**cfg).name for cfg in grid]
+    missing = [n for n in names if n not in set(finals.run_id)]
+    done = len(names) - len(missing)
+    if not missing:
+        return [f"all {len(names)} runs of the study's grid are done"]
+    return [f"partial study: {done} of {len(names)} runs done; {len(missing)} missing or in progress: "
+            + ", ".join(missing)]
 
 
 def _summary(finals: pd.DataFrame, results_path, threshold: float) -> list[str]:
@@ -370,30 +502,39 @@ def _summary(finals: pd.DataFrame, results_path, threshold: float) -> list[str]:
         f"{', '.join(f'{s:g}' for s in sorted(finals.target_sparsity.unique()))}",
         f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); updates per run: "
         f"{', '.join(f'{s:,}' for s in sorted(finals.step.unique()))}",
-        f"- final score = normalised score at a run's last evaluation; {D4RL_NOTE}",
-        f"- the table keeps a sparsity when mean(pruned) / mean(dense) ≥ {threshold:g}; CIs are 95% percentile "
-        f"bootstraps over seeds (pruned and dense resampled independently)",
+        f"- final score = mean normalised score of a run's last {FINAL_EVALUATIONS} evaluations; {D4RL_NOTE}",
+        f"- a sparsity holds when mean(pruned) / mean(dense) ≥ {threshold:g}; the highest sparsity that holds is "
+        "the highest up to which every sparsity holds; CIs are 95% percentile bootstraps over seeds (pruned and "
+        "dense resampled independently)",
     ]
 
 
-def _html(results_path, summary, display, figures, notes, threshold) -> str:
+def _html(results_path, summary, display, matrix, figures, notes, threshold) -> str:
     def md_inline(text: str) -> str:
         parts = html.escape(text).split("`")
         return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
-    body = [f"<h1>offprune report: {html.escape(Path(str(results_path)).name)}</h1>", "<ul>"]
+    title = html.escape(_title(results_path))
+    body = [f"<h1>offprune report: {title}</h1>", "<ul>"]
     body += [f"<li>{md_inline(line.removeprefix('- '))}</li>" for line in summary]
-    body += ["</ul>", f"<h2>Highest sparsity keeping at least {threshold:.0%} of the dense score</h2>",
-             display.to_html(index=False, border=0, classes="table"), "<h2>Figures</h2>"]
+    body += ["</ul>"]
+    if notes:
+        body += ["<h2>Notes</h2>", "<ul>"] + [f"<li>{md_inline(n)}</li>" for n in notes] + ["</ul>"]
+    body += [f"<h2>Final score per criterion and sparsity</h2><p>mean [95% CI] over seeds; bold: CI lower bound "
+             f"≥ {threshold:.0%} of the dense mean</p>", matrix.to_html(index=False, border=0, classes="table",
+                                                                     escape=False)]
+    if len(display):
+        body += [f"<h2>Highest sparsity up to which every sparsity keeps ≥ {threshold:.0%} of the dense score</h2>",
+                 display.to_html(index=False, border=0, classes="table")]
+    body += ["<h2>Figures</h2>"]
     for path, caption in figures:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    if notes:
-        body += ["<h2>Notes</h2>", "<ul>"] + [f"<li>{md_inline(n)}</li>" for n in notes] + ["</ul>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;font-size:0.9em}th,td{padding:4px 8px;border-bottom:1px solid #ddd;"
-             "text-align:left}figure{margin:2em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}")
+             "text-align:left}figure{margin:2em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}"
+             "li{margin:0.2em 0;word-break:break-word}")
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>offprune report: {html.escape(Path(str(results_path)).name)}</title><style>{style}</style></head>"
+            f"<title>offprune report: {title}</title><style>{style}</style></head>"
             "<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -54,7 +54,7 @@ def results_dir(tmp_path):
         for seed, score in enumerate(scores):
             run_id = f"bc_d_{prune}_s{sparsity:g}_seed{seed}"
             (root / run_id).mkdir(parents=True)
-            write_parquet_atomic(pd.DataFrame(run_rows(run_id, "bc", "d", prune, sparsity, seed, [1.0, score])),
+            write_parquet_atomic(pd.DataFrame(run_rows(run_id, "bc", "d", prune, sparsity, seed, [score, score])),
                                  root / run_id / RESULTS_FILE)
             layers = pd.DataFrame([dict(run_id=run_id, algo="bc", dataset="d", prune=prune, target_sparsity=sparsity,
                                         seed=seed, network="vae", layer=f"l{i}.weight", total=100, kept=kept,
@@ -112,10 +112,11 @@ def test_iqm_over_datasets():
 
 
 def test_final_scores_drop_runs_that_stopped_early():
-    df = pd.DataFrame(run_rows("a", "bc", "d", "dense", 0.0, 0, [1.0, 2.0]) +
+    df = pd.DataFrame(run_rows("a", "bc", "d", "dense", 0.0, 0, [1.0, 2.0, 6.0], steps=(500, 1000, 1500)) +
                       run_rows("b", "bc", "d", "snip", 0.5, 0, [3.0], steps=(500,)))
     finals, notes = final_scores(df)
-    assert finals.run_id.tolist() == ["a"] and finals.normalized_score.tolist() == [2.0] and "b" in notes[0]
+    # the final score is the mean of the last two evaluations: (2 + 6) / 2
+    assert finals.run_id.tolist() == ["a"] and finals.normalized_score.tolist() == [4.0] and "b" in notes[0]
 
 
 def test_report_cli_prints_the_table_and_rejects_empty_paths(capsys, results_dir, tmp_path):
@@ -147,3 +148,74 @@ def test_sweep_then_storage_then_report_end_to_end(capsys, tmp_path, hopper_file
     assert (tmp_path / "rep" / "fig5_storage.png").exists()
     assert not any("figure 5" in n for n in rep.notes)
     assert sorted(rep.scores.sparsity) == [0.0, 0.5, 0.9] and set(rep.scores.seeds) == {1}
+
+
+def test_highest_sparsity_needs_every_lower_sparsity_to_hold(tmp_path):
+    from offprune.report import retention_table
+
+    rows = []
+    for (prune, sparsity), scores in {("dense", 0.0): [100, 100, 100], ("random", 0.5): [57, 57, 57],
+                                      ("random", 0.9): [95, 95, 95], ("snip", 0.5): [99, 99, 99],
+                                      ("snip", 0.8): [70, 70, 70], ("snip", 0.9): [92, 92, 92]}.items():
+        rows += [dict(algo="bc", dataset="d", prune=prune, target_sparsity=sparsity, seed=i, normalized_score=v,
+                      run_id=f"{prune}{sparsity}{i}") for i, v in enumerate(scores)]
+    t = retention_table(pd.DataFrame(rows), reps=200).set_index("criterion")
+    assert math.isnan(t.loc["random"].highest_sparsity)  # 57% at 0.5: holding at 0.9 does not count
+    assert "below 90% of dense at the lowest sparsity" in t.loc["random"].note
+    assert "non-monotone: holds again at 0.9" in t.loc["random"].note
+    assert t.loc["snip"].highest_sparsity == 0.5 and t.loc["snip"].note == "non-monotone: holds again at 0.9"
+
+
+def test_score_matrix_bolds_where_the_ci_clears_the_threshold(results_dir, tmp_path):
+    from offprune.report import score_matrix
+
+    rep = make_report(results_dir, tmp_path / "rep", reps=1000)
+    m = score_matrix(rep.scores, 0.9, "md").set_index("criterion")
+    assert m.loc["snip", "0.5"].startswith("**95.0 [") and m.loc["snip", "0.5"].endswith("]**")
+    assert m.loc["snip", "0.9"].startswith("91.0 [")  # mean above 90 but its CI dips below: not bold
+    assert m.loc["dense", "dense"] == "100.0 [100.0, 100.0]" and m.loc["grasp", "0.9"] == ""
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<b>95.0 [" in page and "**" not in page
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "| bc | d | snip |  | **95.0 [" in md or "| bc | d | snip | " in md
+
+
+def test_report_of_dense_runs_only_says_so(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in range(2):
+        run_id = f"bc_d_dense_seed{seed}"
+        (root / run_id).mkdir(parents=True)
+        write_parquet_atomic(pd.DataFrame(run_rows(run_id, "bc", "d", "dense", 0.0, seed, [50.0, 60.0 + seed])),
+                             root / run_id / RESULTS_FILE)
+    rep = make_report(root, tmp_path / "rep", reps=200)
+    assert any("only dense runs: there is nothing pruned to compare" in n for n in rep.notes)
+    assert any("only 2 seed(s)" in n and "not meaningful" in n for n in rep.notes)
+    assert rep.scores["mean"].tolist() == [pytest.approx(55.25)]  # seeds: (50 + 60) / 2 and (50 + 61) / 2
+    assert "only dense runs" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_a_study_report_lists_the_runs_it_is_missing(results_dir, tmp_path):
+    import json
+
+    from offprune.config import RunConfig
+
+    grid = [RunConfig(algo="bc", dataset="d", prune="snip", sparsity=0.5, seed=s, run_id=f"bc_d_snip_s0.5_seed{s}")
+            for s in range(3)]
+    grid.append(RunConfig(algo="bc", dataset="d", prune="snip", sparsity=0.99, seed=0, run_id="bc_d_snip_s0.99_seed0"))
+    (results_dir / "runs.json").write_text(json.dumps([g.to_dict() for g in grid]))
+    rep = make_report(results_dir, tmp_path / "rep", reps=200)
+    assert any(n.startswith("partial study: 3 of 4 runs done; 1 missing or in progress: bc_d_snip_s0.99_seed0")
+               for n in rep.notes)
+
+
+def test_a_failing_report_leaves_nothing_behind(results_dir, tmp_path, monkeypatch):
+    from offprune import report
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_layers", broken)
+    out = tmp_path / "rep"
+    with pytest.raises(report.UserError, match="cannot write the report to .*: No space left on device"):
+        make_report(results_dir, out, reps=200)
+    assert list(out.iterdir()) == []

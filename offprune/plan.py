@@ -1,0 +1,151 @@
+"""`offprune sweep --plan`: how many runs a sweep still has, and how long they will take here.
+
+Each kind of run (algorithm, kernels, sparsity, evaluation environment) is probed once on this
+machine: a few updates of a freshly pruned agent on random batches, a few act() calls, a few
+environment steps. A run's estimate is its updates at the probed rate plus its evaluations at
+the longest episode length (1,000 steps), so evaluation time is an upper bound: episodes that end
+early (a robot that falls) are cheaper.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from offprune.algos import ALGOS
+from offprune.config import RunConfig
+from offprune.data.d4rl import env_from_name
+from offprune.envs import make_env
+from offprune.prune import compute_masks
+from offprune.sparse import apply_masks, kernels_by_rule
+from offprune.speed import update_batches
+
+MAX_EPISODE_STEPS = 1_000  # gymnasium MuJoCo locomotion time limit
+
+
+@dataclass(frozen=True)
+class Kind:
+    algo: str
+    kernels: str  # what the run trains with: 'dense' or 'sparse'
+    sparsity: float
+    env_id: str
+
+
+@dataclass
+class Probe:
+    update_s: float  # seconds per update
+    act_s: float  # seconds per act() call
+    env_step_s: float  # seconds per environment step
+
+
+def env_id_of(cfg: RunConfig) -> str:
+    return cfg.env or env_from_name(cfg.dataset) or "Hopper-v5"
+
+
+def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
+    """A fresh agent pruned as `cfg` would be (SNIP masks stand in for every criterion: speed
+    depends on how many weights are kept, not which), and the kernels its run would use."""
+    config = cfg.algo_config()
+    torch.manual_seed(0)
+    agent = ALGOS[cfg.algo].Agent(obs_dim, act_dim, 1.0, config, torch.device("cpu"))
+    if cfg.prune == "dense":
+        return agent, "dense"
+    networks = agent.prunable_networks()
+    batch = update_batches(config, obs_dim, act_dim, 1)[0]
+    masks = compute_masks(networks, "snip", cfg.sparsity, cfg.scope, lambda: batch, torch.Generator().manual_seed(0),
+                          dict(cfg.sparsity_of))
+    rows = config.batch_size * getattr(config, "seq_len", 1)
+    kernels = cfg.kernels if cfg.kernels in ("dense", "sparse") else kernels_by_rule(networks, masks, rows)[0]
+    apply_masks(networks, masks, agent.optimizers.values(), kernels)
+    return agent, kernels
+
+
+def kind_of(cfg: RunConfig) -> Kind:
+    kernels = "dense"
+    if cfg.prune != "dense":
+        kernels = "sparse" if cfg.kernels == "sparse" else ("dense" if cfg.kernels == "dense" else "auto")
+    return Kind(cfg.algo, kernels, cfg.sparsity, env_id_of(cfg))
+
+
+def probe(cfg: RunConfig, updates: int = 8, acts: int = 50) -> tuple[Probe, str]:
+    """Time this run's kind here; returns the probe and the kernels it would train with."""
+    env = make_env(env_id_of(cfg))
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or 1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            agent, kernels = _agent(cfg, obs_dim, act_dim)
+            batches = update_batches(cfg.algo_config(), obs_dim, act_dim, updates + 2)
+            for b in batches[:2]:  # warm-up
+                agent.update(b)
+            start = time.perf_counter()
+            for b in batches[2:]:
+                agent.update(b)
+            update_s = (time.perf_counter() - start) / updates
+            obs = np.zeros(obs_dim, np.float32)
+            if hasattr(agent, "reset"):
+                agent.reset()
+            for _ in range(5):  # warm-up: the first calls allocate
+                agent.act(obs)
+            start = time.perf_counter()
+            for _ in range(acts):
+                agent.act(obs)
+            act_s = (time.perf_counter() - start) / acts
+    finally:
+        torch.set_num_threads(threads)
+    env.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(200):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    env_step_s = (time.perf_counter() - start) / 200
+    env.close()
+    return Probe(update_s, act_s, env_step_s), kernels
+
+
+def run_seconds(cfg: RunConfig, p: Probe, start_step: int = 0) -> float:
+    """Estimated wall time of a run (from `start_step`): updates plus evaluations at full length."""
+    evaluations = len([s for s in range(start_step + 1, cfg.steps + 1) if s % cfg.eval_every == 0 or s == cfg.steps])
+    per_evaluation = cfg.eval_episodes * MAX_EPISODE_STEPS * (p.act_s + p.env_step_s)
+    return (cfg.steps - start_step) * p.update_s + evaluations * per_evaluation
+
+
+def wall_seconds(durations: list[float], jobs: int) -> float:
+    """Wall time of running `durations` in order on `jobs` workers (each takes the next run when free)."""
+    workers = [0.0] * max(1, min(jobs, len(durations)))
+    for d in durations:
+        heapq.heappush(workers, heapq.heappop(workers) + d)
+    return max(workers) if durations else 0.0
+
+
+def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print) -> list[str]:
+    """Lines of the plan: runs per kind with their probed time, totals, wall time for `jobs`."""
+    todo = [cfg for cfg in runs if cfg.name not in done]
+    lines = [f"{len(runs)} runs in the sweep: {len(runs) - len(todo)} done, {len(todo)} to run "
+             f"({jobs} at a time)"]
+    if not todo:
+        return lines
+    probes: dict[Kind, tuple[Probe, str]] = {}
+    for cfg in todo:
+        kind = kind_of(cfg)
+        if kind not in probes:
+            log(f"probing {cfg.algo} {'dense' if cfg.prune == 'dense' else f'{cfg.sparsity:g}'} on {kind.env_id} ...")
+            probes[kind] = probe(cfg)
+    durations = [run_seconds(cfg, probes[kind_of(cfg)][0]) for cfg in todo]
+    lines.append(f"{'algo':<8} {'sparsity':>8} {'kernels':>7} {'env':<16} {'runs':>5} {'updates/s':>9} "
+                 f"{'min/run':>8} {'min total':>9}")
+    for kind, (p, kernels) in probes.items():
+        of_kind = [d for cfg, d in zip(todo, durations) if kind_of(cfg) == kind]
+        lines.append(f"{kind.algo:<8} {kind.sparsity:>8g} {kernels:>7} {kind.env_id:<16} {len(of_kind):>5} "
+                     f"{1 / p.update_s:>9.1f} {np.mean(of_kind) / 60:>8.1f} {sum(of_kind) / 60:>9.1f}")
+    total = sum(durations)
+    lines.append(f"total {total / 3600:.2f} h of run time; wall time with --jobs {jobs}: "
+                 f"~{wall_seconds(durations, jobs) / 3600:.2f} h (evaluations counted at the full "
+                 f"{MAX_EPISODE_STEPS} steps per episode: an upper bound)")
+    return lines
