@@ -444,6 +444,10 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     else:
         report.notes.append("no storage figures in these results (run `offprune storage RUN_DIR`): figure 5 left out")
 
+    from offprune.claims import claim_table
+
+    claims = claim_table(results, finals, layers, reps)
+    claims.to_csv(out / "claims.csv", index=False)
     report.scores.to_csv(out / "scores.csv", index=False)
     report.retention.to_csv(out / "retention.csv", index=False)
     iqms.to_csv(out / "iqm.csv", index=False)  # IQM over datasets per (algo, criterion, sparsity)
@@ -458,14 +462,16 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     if len(display):
         md += [f"## Highest sparsity up to which every sparsity keeps ≥ {threshold:.0%} of the dense score", "",
                markdown_table(display), ""]
+    if len(claims):
+        md += ["## The paper's claims, checked", "", markdown_table(claims), ""]
     md += ["## Figures", ""]
     md += [f"![{caption}]({path.name})\n\n{caption}\n" for path, caption in figures]
     report.files = [path for path, _ in figures]
     report.files.append(_write_text(out / "summary.md", "\n".join(md) + "\n"))
-    page = _html(results_path, summary, display, score_matrix(report.scores, threshold, "html"), figures,
+    page = _html(results_path, summary, display, score_matrix(report.scores, threshold, "html"), claims, figures,
                  report.notes, threshold)
     report.files.append(_write_text(out / "report.html", page))
-    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv"]
+    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv"]
     return report
 
 
@@ -509,7 +515,7 @@ def _summary(finals: pd.DataFrame, results_path, threshold: float) -> list[str]:
     ]
 
 
-def _html(results_path, summary, display, matrix, figures, notes, threshold) -> str:
+def _html(results_path, summary, display, matrix, claims, figures, notes, threshold) -> str:
     def md_inline(text: str) -> str:
         parts = html.escape(text).split("`")
         return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
@@ -526,6 +532,8 @@ def _html(results_path, summary, display, matrix, figures, notes, threshold) -> 
     if len(display):
         body += [f"<h2>Highest sparsity up to which every sparsity keeps ≥ {threshold:.0%} of the dense score</h2>",
                  display.to_html(index=False, border=0, classes="table")]
+    if len(claims):
+        body += ["<h2>The paper's claims, checked</h2>", claims.to_html(index=False, border=0, classes="table")]
     body += ["<h2>Figures</h2>"]
     for path, caption in figures:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
