@@ -145,8 +145,11 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 @click.option("--plan", "show_plan", is_flag=True,
               help="Print the runs left, each kind's time probed on this machine, and the wall time for --jobs; "
                    "run nothing.")
+@click.option("--consolidate", "only_consolidate", is_flag=True,
+              help="A study (config with `results`): copy its finished runs from --out into the results folder "
+                   "and list its grid there (runs.json); run nothing.")
 @click.option("--progress/--no-progress", default=None, help="Sweep progress bar (default: on a terminal only).")
-def sweep(config_file, show_status, show_plan, progress, **flags) -> None:
+def sweep(config_file, show_status, show_plan, only_consolidate, progress, **flags) -> None:
     """Run a grid of runs (dense baselines added); rerun the same command to resume it.
 
     \b
@@ -178,6 +181,15 @@ def sweep(config_file, show_status, show_plan, progress, **flags) -> None:
             done |= study.finished_runs(cfg.results, runs)
         for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True)):
             click.echo(line)
+        return
+    if only_consolidate:
+        from offprune import study
+
+        if not cfg.results:
+            raise UserError("--consolidate needs a study: a config with results = 'FOLDER'")
+        study.check(cfg.results)
+        held = study.consolidate(cfg.out, cfg.results, runs)
+        click.echo(f"{cfg.results}: {held} runs consolidated of the {len(runs)} in the grid")
         return
     if cfg.results:
         from offprune import study

@@ -239,6 +239,8 @@ def plot_score_vs_sparsity(scores: pd.DataFrame, finals: pd.DataFrame, path: Pat
             if len(c):
                 ax.plot(1 - c.sparsity, c["mean"], marker="o", ms=3, color=colors[prune], label=prune)
                 ax.fill_between(1 - c.sparsity, c.ci_lo, c.ci_hi, color=colors[prune], alpha=0.2)
+                ax.errorbar(1 - c.sparsity, c["mean"], yerr=[c["mean"] - c.ci_lo, c.ci_hi - c["mean"]], fmt="none",
+                            ecolor=colors[prune], capsize=3, lw=1)
         ax.set_xscale("log")
         if len(densities):
             ticks = [x for x in DENSITY_TICKS if densities.min() * 0.8 <= x <= densities.max() * 1.25]
@@ -256,10 +258,9 @@ def plot_score_vs_sparsity(scores: pd.DataFrame, finals: pd.DataFrame, path: Pat
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, title="criterion",
-               bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle("Final normalised score vs fraction of weights kept", y=1.06)
+    fig.suptitle("Final normalised score vs fraction of weights kept", y=1.02)
     fig.tight_layout()
+    fig.legend(handles, labels, loc="center left", fontsize=8, title="criterion", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path, _caption(finals))
 
 

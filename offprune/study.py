@@ -96,7 +96,8 @@ def _merge(old: pd.DataFrame | None, new: list[pd.DataFrame], key: tuple[str, ..
     frames = ([old[~old["run_id"].isin(replaced)]] if old is not None else []) + new
     merged = pd.concat(frames, ignore_index=True)
     merged["schema_version"] = SCHEMA_VERSION
-    return merged.sort_values(list(key)).reset_index(drop=True)
+    # rows of a run keep their order (layers.parquet lists a network's layers input to output)
+    return merged.sort_values(list(key[:1]), kind="stable").reset_index(drop=True)
 
 
 def expected_runs(results_dir: str | Path) -> list[dict] | None:
