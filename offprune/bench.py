@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from offprune import atomic
 from offprune.config import RunConfig
 from offprune.errors import UserError
 
@@ -133,10 +134,7 @@ def read_baseline(path: Path) -> dict:
 
 
 def write_baseline(path: Path, spec: dict, current: dict[str, dict], tolerances: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"suite": spec, "tolerances": tolerances, "cases": current}, indent=1) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, {"suite": spec, "tolerances": tolerances, "cases": current})
 
 
 def bench(algos: list[str], steps: int, baseline_path: str | Path, update: bool,

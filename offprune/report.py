@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from offprune import atomic
 from offprune import stats
 from offprune.errors import UserError
 from offprune.results import LAYERS_FILE, STORAGE_FILE, load
@@ -338,10 +339,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic.write_text(path, text, fsync=False)  # moved into place when the whole report is made
 
 
 def make_report(

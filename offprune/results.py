@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from offprune import atomic
 from offprune.errors import UserError
 
 RESULTS_FILE = "results.parquet"
@@ -23,16 +24,8 @@ ROW_KEY = ("run_id", "step")
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write `df` to `path` atomically (offprune.atomic)."""
+    atomic.write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def append_rows(path: str | Path, rows: Iterable[dict], key: Sequence[str] = ROW_KEY) -> pd.DataFrame:

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 import offprune
 from offprune.algos import ALGOS
+from offprune import atomic
+from offprune.checkpoint import build_agent, load_run, stored_networks  # noqa: F401  (public here too)
 from offprune.errors import UserError
 from offprune.sparse import convert_to_dense, convert_to_sparse, csr_tensor, csr_times
 
@@ -53,50 +55,6 @@ FORMAT_NOTES = {
     "packed": "offprune export file (per tensor the smallest of raw / bitmap / gaps+LZMA)",
     "entropy": "lower bound: mask entropy + float32 non-zeros, biases dense",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Agents from runs
-# --------------------------------------------------------------------------------------------
-def config_from_dict(config_cls, values: dict):
-    """Rebuild an algorithm's Config; JSON turns tuples into lists, so turn them back."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
-
-
-def build_agent(spec: dict, device: str | torch.device = "cpu"):
-    algo = ALGOS[spec["algo"]]
-    config = config_from_dict(algo.Config, spec["config"])
-    return algo.Agent(spec["obs_dim"], spec["act_dim"], spec["max_action"], config, torch.device(device))
-
-
-def stored_networks(agent) -> dict[str, nn.Module]:
-    """The networks an agent needs to act and to keep training; target copies are left out
-    (they are training-time copies, rebuilt from their sources)."""
-    return {name: m for name, m in agent.modules.items() if not name.endswith("_target")}
-
-
-def load_run(path: str | Path):
-    """(agent on CPU, checkpoint dict) from a run folder or a checkpoint file."""
-    path = Path(path)
-    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
-    if not ckpt_path.is_file():
-        raise UserError(f"no checkpoint at {ckpt_path} (a run writes one at its first evaluation)")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{ckpt_path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "agent" not in ckpt or "modules" not in ckpt:
-        raise UserError(f"{ckpt_path}: not an offprune checkpoint (or written before offprune recorded agent specs)")
-    agent = build_agent(ckpt["agent"])
-    sparse = ckpt.get("kernels") == "sparse"
-    if sparse:  # trained with sparse kernels: rebuild that layout, load, then turn back to dense
-        convert_to_sparse(agent.prunable_networks(), ckpt["masks"], [])
-    for name, module in agent.modules.items():
-        module.load_state_dict(ckpt["modules"][name])
-        if sparse:
-            convert_to_dense(module)
-    return agent, ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,12 +246,7 @@ def export_packed(run: str | Path, out: str | Path) -> Path:
 def write_packed(agent, ckpt: dict, out: str | Path) -> Path:
     """Write an agent loaded by load_run to `out` in the packed format, atomically."""
     data = pack_networks(stored_networks(agent), ckpt["agent"])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(out)
-    return out
+    return atomic.write_bytes(out, data)
 
 
 def read_packed(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]]]:

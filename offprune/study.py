@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from offprune import atomic
 from offprune.config import RunConfig
 from offprune.errors import UserError
 from offprune.results import LAYERS_FILE, RESULTS_FILE, ROW_KEY, write_parquet_atomic
@@ -51,6 +52,11 @@ def finished_runs(results_dir: str | Path, runs: list[RunConfig]) -> set[str]:
     if df is None or not len(df):
         return set()
     have = set(zip(df["run_id"], df["step"]))
+    last = df.groupby("run_id").step.max()
+    for cfg in runs:
+        if last.get(cfg.name, 0) > cfg.steps:
+            raise UserError(f"run {cfg.name} in {results_dir} was trained {last[cfg.name]:,} updates, more than "
+                            f"--steps {cfg.steps:,}; use --steps {last[cfg.name]} (budgets are never mixed)")
     return {cfg.name for cfg in runs if (cfg.name, cfg.steps) in have}
 
 
@@ -83,9 +89,7 @@ def consolidate(out: str | Path, results_dir: str | Path, runs: list[RunConfig])
     if layers is not None:
         write_parquet_atomic(layers, results_dir / LAYERS_FILE)
     grid = [cfg.to_dict() for cfg in runs]
-    tmp = results_dir / f".{RUNS_FILE}.tmp"
-    tmp.write_text(json.dumps(grid, indent=1) + "\n")
-    os.replace(tmp, results_dir / RUNS_FILE)
+    atomic.write_json(results_dir / RUNS_FILE, grid)
     return 0 if rows is None else rows["run_id"].nunique()
 
 

@@ -4,15 +4,15 @@ baseline per algo, dataset and seed), executed by local worker processes or on R
 Every run writes to OUT/RUN_ID/ exactly as `offprune run` does, plus `status.json`
 ({"state": "running" | "done" | "failed" | "interrupted", "error": ...}). OUT/sweep.json lists
 the grid, so `--status` and a rerun know what belongs to the sweep. Rerunning the same sweep
-skips finished runs and continues interrupted ones from their last checkpoint (train.run with
-resume). A run holds an exclusive lock on OUT/RUN_ID/.lock while it works, so a worker orphaned
+skips finished runs, continues interrupted ones from their last checkpoint (train.run with
+resume) and extends finished ones to a larger --steps (a smaller one is refused); an unreadable
+checkpoint is moved aside and its run restarted. A run holds an exclusive lock on OUT/RUN_ID/.lock while it works, so a worker orphaned
 by a killed sweep and the rerun of that sweep never write the same run at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import sys
@@ -23,16 +23,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
+from pyarrow import ArrowException
 from tqdm import tqdm
 
+from offprune import atomic
+from offprune import checkpoint
 from offprune.algos import ALGOS
 from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
+from offprune.results import RESULTS_FILE
 
 MANIFEST = "sweep.json"
 STATUS_FILE = "status.json"
-LOCK_FILE = ".lock"
 
 
 def expand_grid(
@@ -86,10 +90,7 @@ def check_datasets(runs: list[RunConfig]) -> None:
 
 
 def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps({"state": state, "error": error, "time": time.time()}))
-    os.replace(tmp, run_dir / STATUS_FILE)
+    atomic.write_json(run_dir / STATUS_FILE, {"state": state, "error": error, "time": time.time()})
 
 
 def read_state(run_dir: Path) -> str:
@@ -97,28 +98,49 @@ def read_state(run_dir: Path) -> str:
         state = json.loads((run_dir / STATUS_FILE).read_text())["state"]
     except (OSError, ValueError, KeyError):
         return "left"
-    if state == "running" and not _locked(run_dir):
+    if state == "running" and not checkpoint.is_locked(run_dir):
         return "left"  # its process died without a word (killed): a rerun continues it
     return state if state in ("done", "running", "failed") else "left"
 
 
-def _locked(run_dir: Path) -> bool:
-    """Whether a live process holds the run's lock."""
+def trained_steps(run_dir: Path) -> int:
+    """The last step with a results row (0 when none)."""
     try:
-        with open(run_dir / LOCK_FILE, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
-    except OSError:
-        return False
+        return int(pd.read_parquet(run_dir / RESULTS_FILE, columns=["step"]).step.max())
+    except (OSError, ValueError, KeyError, ArrowException):
+        return 0
 
 
-def _run_one(cfg_dict: dict, cwd: str | None = None) -> tuple[str, str | None]:
+def is_finished(cfg: RunConfig) -> bool:
+    """Done at this budget: a run trained to fewer steps than `cfg.steps` is extended, not skipped."""
+    run_dir = Path(cfg.out) / cfg.name
+    return read_state(run_dir) == "done" and trained_steps(run_dir) >= cfg.steps
+
+
+def check_budgets(runs: list[RunConfig]) -> None:
+    """Refuse, before running anything, a grid whose runs already trained past its budget."""
+    for cfg in runs:
+        done = trained_steps(Path(cfg.out) / cfg.name)
+        if done > cfg.steps:
+            raise UserError(f"run {cfg.name} in {cfg.out} has trained {done:,} updates, more than --steps "
+                            f"{cfg.steps:,}; use --steps {done} or another --out (budgets are never mixed)")
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: end this worker when the sweep that started it dies (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphan finishes its run, and its lock keeps a rerun from writing it twice
+
+
+def _run_one(cfg_dict: dict, cwd: str | None = None) -> tuple[str, str | None, list[str]]:
     """Worker: one run, `threads` torch threads, resumed if it was interrupted. Never raises
-    except on Ctrl-C. `cwd`: the sweep's working directory (Ray workers may start elsewhere)."""
+    except on Ctrl-C. `cwd`: the sweep's working directory (Ray workers may start elsewhere).
+    Returns (run id, error or None, notes for the user)."""
     import torch
 
     from offprune.train import run
@@ -129,26 +151,38 @@ def _run_one(cfg_dict: dict, cwd: str | None = None) -> tuple[str, str | None]:
     torch.set_num_threads(cfg.threads or 1)
     run_dir = Path(cfg.out) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for an orphan of a killed sweep to finish this run
-        if read_state(run_dir) == "done":
-            return cfg.name, None
-        log_path = run_dir / "log.txt"
-        try:
+    if is_finished(cfg):
+        return cfg.name, None, []
+    log_path = run_dir / "log.txt"
+    notes = []
+    try:
+        with open(log_path, "a") as log_file:
+            def log(msg: str) -> None:
+                print(msg, file=log_file, flush=True)
+
             write_status(run_dir, "running")
-            with open(log_path, "a") as log_file:
-                run(cfg, resume=True, log=lambda msg: print(msg, file=log_file, flush=True))
-            write_status(run_dir, "done")
-            return cfg.name, None
-        except KeyboardInterrupt:
-            write_status(run_dir, "interrupted")
-            raise
-        except BaseException as e:  # a failed run is recorded and the sweep goes on
-            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            try:  # waits for an orphan of a killed sweep that still writes this run
+                run(cfg, resume=True, log=log, wait_for_lock=True)
+            except checkpoint.CheckpointError as e:
+                moved = checkpoint.move_aside(run_dir)
+                notes.append(f"run {cfg.name}: unreadable checkpoint moved aside "
+                             f"({', '.join(p.name for p in moved)}); restarting it from scratch")
+                log(f"{e}\n{notes[-1]}")
+                run(cfg, resume=True, log=log, wait_for_lock=True)
+        write_status(run_dir, "done")
+        return cfg.name, None, notes
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted")
+        raise
+    except BaseException as e:  # a failed run is recorded and the sweep goes on
+        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        try:
             with open(log_path, "a") as log_file:
                 traceback.print_exc(file=log_file)
             write_status(run_dir, "failed", message)
-            return cfg.name, message
+        except (OSError, UserError):
+            pass  # the disk that failed the run may refuse these too; the sweep still reports it
+        return cfg.name, message, notes
 
 
 def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = None,
@@ -158,23 +192,27 @@ def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = 
     returns {run_id: error or None} for the runs it executed. `skip`: names finished elsewhere
     (a study's consolidated results); `on_finished(name, error)` is called as each run ends."""
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps([cfg.to_dict() for cfg in runs], indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
+    atomic.write_json(out_dir / MANIFEST, [cfg.to_dict() for cfg in runs])
 
-    todo = [cfg for cfg in runs if cfg.name not in skip and read_state(out_dir / cfg.name) != "done"]
+    check_budgets(runs)
+    todo = [cfg for cfg in runs if cfg.name not in skip and not is_finished(cfg)]
     # Workers do not inherit a parent's busy-waiting OpenMP threads; one thread each (two
     # processes with two threads each slow a 2-core machine ~10x).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep", unit="run",
                disable=None if progress is None else not progress)
+    # no terminal to draw the bar on (a log file, a cluster job): a line per finished or failed run
+    lines = progress is None and not sys.stderr.isatty()
     errors: dict[str, str | None] = {}
 
-    def finished(name: str, error: str | None) -> None:
+    def finished(name: str, error: str | None, notes: list[str]) -> None:
+        for note in notes:
+            tqdm.write(note, file=sys.stderr)
         errors[name] = error
         if error:
             tqdm.write(f"run {name} failed: {error}", file=sys.stderr)
+        elif lines:
+            print(f"[{len(runs) - len(todo) + len(errors)}/{len(runs)}] run {name} done", file=sys.stderr, flush=True)
         if on_finished is not None:
             on_finished(name, error)
         bar.update(1)
@@ -193,7 +231,7 @@ def execute(runs: list[RunConfig], out: str, jobs: int, progress: bool | None = 
 
 
 def _execute_local(jobs_list: list[dict], jobs: int, finished) -> None:
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_die_with_parent) as pool:
         pending = {pool.submit(_run_one, cfg) for cfg in jobs_list}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -1,8 +1,9 @@
 """The generic loop: load data -> prune at initialisation -> train with frozen masks -> evaluate ->
 checkpoint -> one results row per evaluation. It knows no algorithm by name.
 
-A run lives in OUT/RUN_ID/: config.json, masks.pt, checkpoint.pt (written at every evaluation, so
-an interrupted run loses at most `eval_every` updates), results.parquet and layers.parquet.
+A run lives in OUT/RUN_ID/ (offprune.checkpoint names its files). The checkpoint is written at
+every evaluation (an interrupted run loses at most `eval_every` updates) and before the results
+row it describes, which it also carries, so a crash between the two loses no row.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import offprune
+from offprune import atomic, checkpoint
 from offprune.algos import ALGOS
 from offprune.config import RunConfig
 from offprune.data import TransitionSampler, load_dataset
@@ -37,9 +38,8 @@ from offprune.prune import check_sparsity_of, compute_masks, layer_densities, re
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
 from offprune.sparse import apply_masks, choose_kernels, kernels_by_rule
 
-CHECKPOINT_FILE = "checkpoint.pt"
-MASKS_FILE = "masks.pt"
-CONFIG_FILE = "config.json"
+# file names of a run folder (kept here too: tools import them from train)
+CHECKPOINT_FILE, MASKS_FILE, CONFIG_FILE = checkpoint.CHECKPOINT_FILE, checkpoint.MASKS_FILE, checkpoint.CONFIG_FILE
 
 
 @dataclass
@@ -68,15 +68,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """Create OUT/RUN_ID, refuse to clobber an existing run, check a resumed run's config."""
+    """Create OUT/RUN_ID, refuse to clobber an existing run, check a resumed run's config.
+    Writes nothing else: config.json is written once the run has started or resumed cleanly."""
     run_dir = Path(cfg.out) / cfg.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"results folder {cfg.out} is not writable ({e.strerror or e})") from None
+        atomic.write_text(run_dir / f".write-test-{id(cfg)}", "", fsync=False).unlink()
+    except (OSError, atomic.WriteError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).rpartition(": ")[2]
+        raise UserError(f"results folder {cfg.out} is not writable ({reason})") from None
     config_path = run_dir / CONFIG_FILE
     if config_path.exists():
         if not resume:
@@ -84,21 +84,15 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
                 f"run '{cfg.name}' already exists in {cfg.out}/; pass --resume to continue it "
                 f"or --run-id NAME to start another"
             )
-        saved = json.loads(config_path.read_text())
+        try:
+            saved = json.loads(config_path.read_text())
+        except ValueError:
+            raise UserError(f"{config_path} is not valid JSON; delete it to let --resume rewrite it") from None
         diff = cfg.differences(saved)
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
             raise UserError(f"cannot resume '{cfg.name}': its config differs ({detail})")
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-    os.replace(tmp, config_path)
     return run_dir
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def check_env_matches(dataset: OfflineDataset, env) -> float:
@@ -113,20 +107,71 @@ def check_env_matches(dataset: OfflineDataset, env) -> float:
     return float(np.max(np.abs(env.action_space.high)))
 
 
-def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> RunResult:
-    """Train one agent as configured; with `resume`, continue from the run's checkpoint."""
+@dataclass
+class Setup:
+    """What a run is built from: data, evaluation env, agent, its sampler and prunable networks."""
+
+    dataset: OfflineDataset
+    env: object
+    max_action: float
+    algo_config: object
+    agent: object
+    sampler: object
+    networks: dict
+
+
+@dataclass
+class Progress:
+    """Where training stands: restored from a checkpoint or fresh."""
+
+    masks: dict
+    kernels: str
+    kernel_estimate: float
+    kernel_speedup: float
+    step: int = 0
+    train_seconds: float = 0.0
+
+
+def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None = None,
+        wait_for_lock: bool = False) -> RunResult:
+    """Train one agent as configured; with `resume`, continue from the run's checkpoint.
+
+    Steps: build data, agent and sampler; take the run's lock; restore the checkpoint or prune
+    at initialisation and choose kernels; apply the masks (and restore weights and optimizers);
+    write config.json, layers.parquet and the static result columns; then train, evaluating and
+    checkpointing every `eval_every` updates, the results row written after its checkpoint."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    setup = build_setup(cfg, device)
+    run_dir = prepare_run_dir(cfg, resume)
+    with checkpoint.locked(run_dir, wait=wait_for_lock):
+        ckpt = checkpoint.load(run_dir, device, log) if resume else None
+        progress = restore(ckpt, cfg, setup, run_dir, log) if ckpt else start(cfg, setup, run_dir, log)
+        if progress.kernels == "sparse" and cfg.threads is None:
+            torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
+        layer_kernels = apply_masks(setup.networks, progress.masks, setup.agent.optimizers.values(), progress.kernels)
+        if ckpt:
+            load_training_state(ckpt, setup)
+            log(f"resuming {cfg.name} from step {progress.step}")
+        atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
+        layers = write_layers(cfg, setup, progress.masks, layer_kernels, run_dir, log)
+        static = static_columns(cfg, setup, progress, device)
+        train_loop(cfg, setup, progress, static, run_dir, log)
+    setup.env.close()
+    results_path = run_dir / RESULTS_FILE
+    rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
+    return RunResult(run_dir, rows, layers)
 
+
+def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
     dataset = load_dataset(cfg.dataset, env_id=cfg.env)
     if not dataset.env_id:
         raise UserError(f"cannot tell which environment {dataset.name} comes from; pass --env (e.g. Hopper-v5)")
     env = make_env(dataset.env_id)
     max_action = check_env_matches(dataset, env)
-
     algo = ALGOS[cfg.algo]
     algo_config = cfg.algo_config()
     seed_everything(cfg.seed)
@@ -138,48 +183,48 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     else:
         sampler = TransitionSampler(dataset, device, cfg.seed)
     networks = agent.prunable_networks()
-    sparsity_of = dict(cfg.sparsity_of)
-    check_sparsity_of(networks, sparsity_of)
-    run_dir = prepare_run_dir(cfg, resume)
+    check_sparsity_of(networks, dict(cfg.sparsity_of))
+    return Setup(dataset, env, max_action, algo_config, agent, sampler, networks)
 
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    start_step, train_seconds = 0, 0.0
-    kernel_estimate = kernel_speedup = float("nan")
-    ckpt = None
-    if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        masks, kernels = ckpt["masks"], ckpt.get("kernels", "dense")
-        kernel_speedup = ckpt.get("kernel_speedup", kernel_speedup)
-        kernel_estimate = ckpt.get("kernel_estimate", kernel_estimate)
-    else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        masks = compute_masks(
-            networks,
-            cfg.prune,
-            cfg.sparsity,
-            cfg.scope,
-            lambda: sampler.sample(cfg.pruning_batch_size),
-            generator,
-            sparsity_of,
-        )
-        save_atomic(masks, run_dir / MASKS_FILE)
-        # rows a layer sees per update: sequence algorithms run each layer on batch x seq_len
-        rows = algo_config.batch_size * getattr(algo_config, "seq_len", 1)
-        kernels, kernel_estimate, kernel_speedup = resolve_kernels(cfg, networks, masks, rows, log)
-    if kernels == "sparse" and cfg.threads is None:
-        torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
-    layer_kernels = apply_masks(networks, masks, agent.optimizers.values(), kernels)
-    if ckpt is not None:
-        for name, module in agent.modules.items():
-            module.load_state_dict(ckpt["modules"][name])
-        for name, opt in agent.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_step, train_seconds = ckpt["step"], ckpt["train_seconds"]
-        log(f"resuming {cfg.name} from step {start_step}")
 
-    identity = {
+def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
+    """Prune at initialisation (one batch per network) and choose the kernels."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
+                          lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of))
+    atomic.torch_save(masks, run_dir / MASKS_FILE)
+    # rows a layer sees per update: sequence algorithms run each layer on batch x seq_len
+    rows = setup.algo_config.batch_size * getattr(setup.algo_config, "seq_len", 1)
+    kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, rows, log)
+    return Progress(masks, kernels, estimate, measured)
+
+
+def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
+    """The checkpoint's masks, kernels and position; a results row it carries but the results
+    file lacks (a crash between the two writes) is written now."""
+    nan = float("nan")
+    pending = ckpt.get("row")
+    if pending is not None:
+        results_path = run_dir / RESULTS_FILE
+        have = pd.read_parquet(results_path, columns=["step"]).step if results_path.exists() else pd.Series([])
+        if pending["step"] not in set(have):
+            append_rows(results_path, [pending])
+            log(f"wrote the results row of step {pending['step']} that an interruption had kept from the file")
+    return Progress(ckpt["masks"], ckpt.get("kernels", "dense"), ckpt.get("kernel_estimate", nan),
+                    ckpt.get("kernel_speedup", nan), ckpt["step"], ckpt["train_seconds"])
+
+
+def load_training_state(ckpt: dict, setup: Setup) -> None:
+    for name, module in setup.agent.modules.items():
+        module.load_state_dict(ckpt["modules"][name])
+    for name, opt in setup.agent.optimizers.items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+    setup.sampler.load_state_dict(ckpt["sampler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+
+
+def identity_columns(cfg: RunConfig, dataset: OfflineDataset) -> dict:
+    return {
         "run_id": cfg.name,
         "algo": cfg.algo,
         "dataset": dataset.name,
@@ -190,6 +235,10 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         "sparsity_overrides": ",".join(f"{net}={value:g}" for net, value in cfg.sparsity_of),
         "seed": cfg.seed,
     }
+
+
+def write_layers(cfg: RunConfig, setup: Setup, masks: dict, layer_kernels: dict, run_dir: Path, log) -> pd.DataFrame:
+    identity = identity_columns(cfg, setup.dataset)
     layers = pd.DataFrame(
         [{**identity, "network": d.network, "layer": d.layer, "total": d.total, "kept": d.kept, "density": d.density,
           "kernel": layer_kernels[d.network][d.layer]}
@@ -199,19 +248,24 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     for row in layers.itertuples():
         if row.kept == 0:
             log(f"warning: layer collapse: {row.network} {row.layer} keeps 0 of {row.total} weights")
+    return layers
+
+
+def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: torch.device) -> dict:
+    """The result columns that do not change during the run."""
+    masks, dataset = progress.masks, setup.dataset
     all_masks = {f"{net}/{layer}": m for net, layer_masks in masks.items() for layer, m in layer_masks.items()}
-    sparsity_cols = {f"sparsity_{net}": realised_sparsity(m) for net, m in masks.items()}
-    static = {
-        **identity,
+    return {
+        **identity_columns(cfg, dataset),
         "realised_sparsity": realised_sparsity(all_masks),
-        **sparsity_cols,
+        **{f"sparsity_{net}": realised_sparsity(m) for net, m in masks.items()},
         "kept_weights": int(sum(int(m.sum()) for m in all_masks.values())),
         "prunable_weights": int(sum(m.numel() for m in all_masks.values())),
         "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
-        "kernels": kernels,
+        "kernels": progress.kernels,
         "kernels_requested": cfg.kernels,
-        "sparse_kernel_speedup_estimated": kernel_estimate,
-        "sparse_kernel_speedup_measured": kernel_speedup,
+        "sparse_kernel_speedup_estimated": progress.kernel_estimate,
+        "sparse_kernel_speedup_measured": progress.kernel_speedup,
         "dataset_transitions": len(dataset),
         "algo_options": ",".join(f"{k}={v}" for k, v in cfg.algo_options),
         "d4rl_refs_approximate": dataset.env_id.endswith("-v5"),
@@ -223,15 +277,18 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         **{f"{k}_version": v for k, v in env_versions().items()},
     }
 
-    results_path = run_dir / RESULTS_FILE
-    eval_seed = 1_000_000 + 1_000 * cfg.seed  # disjoint from the seeds used to generate data
+
+def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, static: dict, run_dir: Path, log) -> None:
+    """Update, and every `eval_every` updates evaluate, checkpoint, then write the results row."""
+    agent, sampler = setup.agent, setup.sampler
     losses: dict[str, list[float]] = defaultdict(list)
     window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(
-        total=cfg.steps, initial=start_step, desc=cfg.name, unit="step", disable=_progress_off(cfg), dynamic_ncols=True
-    )
-    for step in range(start_step + 1, cfg.steps + 1):
-        info = agent.update(sampler.sample(algo_config.batch_size))
+    bar_off = _progress_off(cfg)
+    # no terminal to draw a bar on (a log file, a cluster job, CI): one line per evaluation instead
+    lines = cfg.progress is None and not sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=progress.step, desc=cfg.name, unit="step", disable=bar_off, dynamic_ncols=True)
+    for step in range(progress.step + 1, cfg.steps + 1):
+        info = agent.update(sampler.sample(setup.algo_config.batch_size))
         diverged = [k for k, v in info.items() if not math.isfinite(v)]
         if diverged:  # stop before a bad state is checkpointed; the last good checkpoint stays
             bar.close()
@@ -244,58 +301,70 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         bar.update(1)
         if step % cfg.eval_every and step != cfg.steps:
             continue
-        mean_losses = {f"loss_{k}": float(np.mean(v)) for k, v in losses.items()}
         elapsed = time.perf_counter() - window_start
-        train_seconds += elapsed
-        eval_start = time.perf_counter()
-        episode_rewards = rollouts(agent.act, env, cfg.eval_episodes, eval_seed, getattr(agent, "reset", None))
-        returns = returns_of(episode_rewards)
-        # algorithm-specific measurements, e.g. a world model's prediction errors
-        extra = agent.evaluation_metrics(sampler, episode_rewards) if hasattr(agent, "evaluation_metrics") else {}
-        row = {
-            **static,
-            "step": step,
-            **summarize(returns, dataset.env_id),
-            "eval_episodes": cfg.eval_episodes,
-            **mean_losses,
-            **extra,
-            "steps_per_s": window_steps / elapsed if elapsed > 0 else float("nan"),
-            "train_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - eval_start,
-            "timestamp": pd.Timestamp.now(tz="UTC"),
-        }
-        append_rows(results_path, [row])
-        save_atomic(
-            {
-                "step": step,
-                "train_seconds": train_seconds,
-                "modules": {n: m.state_dict() for n, m in agent.modules.items()},
-                "optimizers": {n: o.state_dict() for n, o in agent.optimizers.items()},
-                "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "masks": masks,
-                "kernels": kernels,
-                "kernel_speedup": kernel_speedup,
-                "kernel_estimate": kernel_estimate,
-                "config": cfg.to_dict(),
-                # what rebuilds the agent without the dataset (storage, export)
-                "agent": {
-                    "algo": cfg.algo,
-                    "obs_dim": dataset.obs_dim,
-                    "act_dim": dataset.act_dim,
-                    "max_action": max_action,
-                    "config": dataclasses.asdict(algo_config),
-                },
-            },
-            checkpoint_path,
-        )
+        progress.train_seconds += elapsed
+        progress.step = step
+        row = evaluation_row(cfg, setup, static, step, losses, window_steps / elapsed if elapsed > 0 else float("nan"),
+                             progress.train_seconds)
+        checkpoint.save(run_dir, checkpoint_state(cfg, setup, progress, row))
+        append_rows(run_dir / RESULTS_FILE, [row])
         bar.set_postfix(score=f"{row['normalized_score']:.1f}", refresh=False)
+        if lines:
+            log(f"{cfg.name}: step {step:,}/{cfg.steps:,}, normalised score {row['normalized_score']:.1f}, "
+                f"{row['steps_per_s']:.1f} updates/s")
         losses.clear()
         window_start, window_steps = time.perf_counter(), 0
     bar.close()
-    env.close()
-    rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
-    return RunResult(run_dir, rows, layers)
+
+
+def evaluation_row(cfg: RunConfig, setup: Setup, static: dict, step: int, losses: dict, steps_per_s: float,
+                   train_seconds: float) -> dict:
+    eval_seed = 1_000_000 + 1_000 * cfg.seed  # disjoint from the seeds used to generate data
+    agent = setup.agent
+    eval_start = time.perf_counter()
+    episode_rewards = rollouts(agent.act, setup.env, cfg.eval_episodes, eval_seed, getattr(agent, "reset", None))
+    returns = returns_of(episode_rewards)
+    # algorithm-specific measurements, e.g. a world model's prediction errors
+    extra = agent.evaluation_metrics(setup.sampler, episode_rewards) if hasattr(agent, "evaluation_metrics") else {}
+    return {
+        **static,
+        "step": step,
+        **summarize(returns, setup.dataset.env_id),
+        "eval_episodes": cfg.eval_episodes,
+        **{f"loss_{k}": float(np.mean(v)) for k, v in losses.items()},
+        **extra,
+        "steps_per_s": steps_per_s,
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
+        "timestamp": pd.Timestamp.now(tz="UTC"),
+    }
+
+
+def checkpoint_state(cfg: RunConfig, setup: Setup, progress: Progress, row: dict) -> dict:
+    """Everything a resume needs, and the results row of this step (written after the checkpoint)."""
+    agent, dataset = setup.agent, setup.dataset
+    return {
+        "step": progress.step,
+        "train_seconds": progress.train_seconds,
+        "modules": {n: m.state_dict() for n, m in agent.modules.items()},
+        "optimizers": {n: o.state_dict() for n, o in agent.optimizers.items()},
+        "sampler": setup.sampler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "masks": progress.masks,
+        "kernels": progress.kernels,
+        "kernel_speedup": progress.kernel_speedup,
+        "kernel_estimate": progress.kernel_estimate,
+        "config": cfg.to_dict(),
+        "row": row,
+        # what rebuilds the agent without the dataset (storage, export)
+        "agent": {
+            "algo": cfg.algo,
+            "obs_dim": dataset.obs_dim,
+            "act_dim": dataset.act_dim,
+            "max_action": setup.max_action,
+            "config": dataclasses.asdict(setup.algo_config),
+        },
+    }
 
 
 def resolve_kernels(cfg: RunConfig, networks, masks, rows: int, log) -> tuple[str, float, float]:

@@ -207,7 +207,7 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write .*hopper-random-v5.hdf5: No space left on device"):
         generate_random("hopper", 50, 0, tmp_path / "hopper-random-v5.hdf5", progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from offprune import atomic
 from offprune.errors import UserError
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -207,10 +208,7 @@ def write_d4rl_file(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict
 
     `arrays` keys may contain '/' for groups (e.g. 'infos/qpos', 'metadata/algorithm').
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             for key, value in arrays.items():
                 value = np.asarray(value)
@@ -221,8 +219,5 @@ def write_d4rl_file(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict
                     f.create_dataset(key, data=value, compression="gzip", track_times=False)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic.write_with(path, write)

@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from offprune import atomic
 from offprune.data.d4rl import REQUIRED_KEYS, load_dataset, resolve_dataset_path
 from offprune.errors import UserError
 
@@ -49,9 +50,7 @@ def record(path: Path) -> dict:
                                       "normalized_score", "behaviour_policy", "seed") if k in attrs}}
     manifest = read(path.parent)
     manifest[path.name] = entry
-    tmp = path.parent / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path.parent / MANIFEST)
+    atomic.write_text(path.parent / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return entry
 
 

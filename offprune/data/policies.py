@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offprune import atomic
 from offprune.errors import UserError
 
 SHIPPED_DIR = Path(__file__).parent / "policies"
@@ -98,10 +99,9 @@ def sha256_of(path: Path) -> str:
 def save(policy: GaussianMLPPolicy, card: dict, folder: Path, name: str) -> Path:
     """Write NAME.pt and NAME.json (the card, with the .pt's sha256) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / f"{name}.pt"
-    torch.save(policy.tensors(), weights)
+    weights = atomic.torch_save(policy.tensors(), folder / f"{name}.pt")
     card = {**card, "activation": policy.activation, "file": weights.name, "sha256": sha256_of(weights)}
-    (folder / f"{name}.json").write_text(json.dumps(card, indent=1) + "\n")
+    atomic.write_json(folder / f"{name}.json", card)
     return weights
 
 

@@ -1,0 +1,178 @@
+"""A run's folder: its file names, its checkpoint (what it holds, how it is saved and read back),
+its lock, and agents rebuilt from it.
+
+OUT/RUN_ID/
+  config.json          the RunConfig (written once the run is known to start or resume cleanly)
+  masks.pt             the masks computed at initialisation
+  checkpoint.pt        everything a resume needs, written at every evaluation
+  checkpoint.prev.pt   the one before: a checkpoint that cannot be read falls back to it
+  results.parquet      one row per evaluation (written after the checkpoint it describes)
+  layers.parquet       per-layer kept counts
+  .lock                held by the process writing the run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from offprune import atomic
+from offprune.algos import ALGOS
+from offprune.errors import UserError
+
+CONFIG_FILE = "config.json"
+MASKS_FILE = "masks.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
+LOCK_FILE = ".lock"
+
+
+class CheckpointError(UserError):
+    """No checkpoint of a run could be read; the message says which and what to do."""
+
+
+# ------------------------------------------------------------------------------ saving / loading
+def save(run_dir: Path, state: dict) -> None:
+    """Write `state` as the run's checkpoint, keeping the previous one: the new file is complete
+    on disk before the old one is renamed to checkpoint.prev.pt."""
+    new = run_dir / f".{CHECKPOINT_FILE}.new"
+    current = run_dir / CHECKPOINT_FILE
+    try:
+        atomic.torch_save(state, new)
+    except atomic.WriteError as e:
+        raise atomic.WriteError(str(e).replace(str(new), str(current))) from None
+    try:
+        if current.exists():
+            os.replace(current, run_dir / PREVIOUS_CHECKPOINT_FILE)
+        os.replace(new, current)
+    except OSError as e:
+        raise atomic.WriteError(f"cannot write {current}: {e.strerror or e}") from None
+
+
+def _read(path: Path, device) -> dict:
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or "modules" not in ckpt or "step" not in ckpt:
+        raise ValueError("not an offprune checkpoint")
+    return ckpt
+
+
+def load(run_dir: Path, device="cpu", log=lambda message: None) -> dict | None:
+    """The newest readable checkpoint of a run (None when it has none). Falls back to the previous
+    generation, saying so; raises CheckpointError naming the files when none can be read."""
+    candidates = [run_dir / CHECKPOINT_FILE, run_dir / PREVIOUS_CHECKPOINT_FILE]
+    present = [p for p in candidates if p.is_file()]
+    if not present:
+        return None
+    problems = []
+    for path in present:
+        try:
+            ckpt = _read(path, device)
+        except Exception as e:  # truncated, corrupt, foreign: try the older one
+            problems.append(f"{path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if problems:
+            log(f"warning: {problems[0]}; resuming from {path.name} (step {ckpt['step']})")
+        return ckpt
+    raise CheckpointError(f"cannot read the checkpoint of {run_dir} ({'; '.join(problems)}); move it aside to "
+                          f"restart the run from scratch (mv {present[0]} {present[0]}.bad) or delete {run_dir}")
+
+
+def move_aside(run_dir: Path) -> list[Path]:
+    """Rename the run's checkpoints to *.unreadable-TIMESTAMP (kept for inspection); returns them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        path = run_dir / name
+        if path.is_file():
+            target = path.with_name(f"{name}.unreadable-{stamp}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+# ------------------------------------------------------------------------------ the lock
+@contextlib.contextmanager
+def locked(run_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the run's lock while writing it. `wait`: block until another process releases it
+    (a sweep waiting for an orphaned worker), else fail at once with one line."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"run {run_dir} is being written by another process; wait for it to end "
+                            "or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock."""
+    try:
+        with open(run_dir / LOCK_FILE, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------ agents from runs
+def config_from_dict(config_cls, values: dict):
+    """Rebuild an algorithm's Config; JSON turns tuples into lists, so turn them back."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def build_agent(spec: dict, device: str | torch.device = "cpu"):
+    algo = ALGOS[spec["algo"]]
+    config = config_from_dict(algo.Config, spec["config"])
+    return algo.Agent(spec["obs_dim"], spec["act_dim"], spec["max_action"], config, torch.device(device))
+
+
+def stored_networks(agent) -> dict[str, nn.Module]:
+    """The networks an agent needs to act and to keep training; target copies are left out
+    (they are training-time copies, rebuilt from their sources)."""
+    return {name: m for name, m in agent.modules.items() if not name.endswith("_target")}
+
+
+def load_run(path: str | Path):
+    """(agent on CPU with dense masked modules, checkpoint dict) from a run folder or a checkpoint file."""
+    from offprune.sparse import convert_to_dense, convert_to_sparse
+
+    path = Path(path)
+    if path.is_dir():
+        ckpt = load(path)
+        if ckpt is None:
+            raise UserError(f"no checkpoint at {path / CHECKPOINT_FILE} (a run writes one at its first evaluation)")
+    else:
+        if not path.is_file():
+            raise UserError(f"no checkpoint at {path} (a run writes one at its first evaluation)")
+        try:
+            ckpt = _read(path, "cpu")
+        except Exception as e:
+            raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if "agent" not in ckpt:
+        raise UserError(f"{path}: not an offprune checkpoint (or written before offprune recorded agent specs)")
+    agent = build_agent(ckpt["agent"])
+    sparse = ckpt.get("kernels") == "sparse"
+    if sparse:  # trained with sparse kernels: rebuild that layout, load, then turn back to dense
+        convert_to_sparse(agent.prunable_networks(), ckpt["masks"], [])
+    for name, module in agent.modules.items():
+        module.load_state_dict(ckpt["modules"][name])
+        if sparse:
+            convert_to_dense(module)
+    return agent, ckpt
