@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +20,18 @@ class WriteError(UserError):
     """A file could not be written; the message names it and the reason."""
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+def _reason(e: BaseException, path: Path) -> str:
+    if isinstance(e, FileExistsError) or isinstance(e, NotADirectoryError):
+        for parent in path.parents:
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    text = str(e)
+    found = re.search(r"errno = (\d+)", text)  # libraries that wrap the OS error in their own message
+    if found:
+        return os.strerror(int(found.group(1)))
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def write_with(path: str | Path, write: Callable[[Path], None], fsync: bool = True) -> Path:
@@ -37,7 +46,7 @@ def write_with(path: str | Path, write: Callable[[Path], None], fsync: bool = Tr
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as e:  # RuntimeError / ValueError: writers that wrap OSError
-        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
+        raise WriteError(f"cannot write {path}: {_reason(e, path)}") from None
     finally:
         try:
             tmp.unlink()

@@ -7,6 +7,7 @@ files add provenance as root attributes (`env_id`, versions, ...).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -209,7 +210,10 @@ def write_d4rl_file(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict
     `arrays` keys may contain '/' for groups (e.g. 'infos/qpos', 'metadata/algorithm').
     """
     def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
+        # built in memory, then written as plain bytes: HDF5's own writer reports a full disk
+        # only when it closes the file, and may leave it behind
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as f:
             for key, value in arrays.items():
                 value = np.asarray(value)
                 # no object timestamps: the same arrays give a byte-identical file
@@ -219,5 +223,6 @@ def write_d4rl_file(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict
                     f.create_dataset(key, data=value, compression="gzip", track_times=False)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
+        tmp.write_bytes(buffer.getvalue())
 
     return atomic.write_with(path, write)
