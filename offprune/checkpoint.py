@@ -85,11 +85,12 @@ def load(run_dir: Path, device="cpu", log=lambda message: None) -> dict | None:
                           f"restart the run from scratch (mv {present[0]} {present[0]}.bad) or delete {run_dir}")
 
 
-def move_aside(run_dir: Path) -> list[Path]:
-    """Rename the run's checkpoints to *.unreadable-TIMESTAMP (kept for inspection); returns them."""
+def move_aside(run_dir: Path, names: tuple[str, ...] = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE)) -> list[Path]:
+    """Rename the run's checkpoints (or other `names`) to *.unreadable-TIMESTAMP (kept for
+    inspection); returns them."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+    for name in names:
         path = run_dir / name
         if path.is_file():
             target = path.with_name(f"{name}.unreadable-{stamp}")

@@ -28,12 +28,29 @@ def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     atomic.write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+class ResultsError(UserError):
+    """A results file that exists cannot be read."""
+
+
+def read_rows(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame | None:
+    """A run's results file (None when there is none); ResultsError names a damaged one."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as e:  # truncated, overwritten, not parquet
+        raise ResultsError(f"cannot read {path} ({type(e).__name__}); move it aside (mv {path} {path}.bad) and "
+                           "rerun: a sweep does this by itself and restarts the run") from None
+
+
 def append_rows(path: str | Path, rows: Iterable[dict], key: Sequence[str] = ROW_KEY) -> pd.DataFrame:
     """Add rows to a parquet file; a row whose key is already there replaces the old one."""
     path = Path(path)
     new = pd.DataFrame(list(rows))
-    if path.exists():
-        new = pd.concat([pd.read_parquet(path), new], ignore_index=True)
+    old = read_rows(path)
+    if old is not None:
+        new = pd.concat([old, new], ignore_index=True)
     new = new.drop_duplicates(subset=list(key), keep="last").sort_values(list(key)).reset_index(drop=True)
     write_parquet_atomic(new, path)
     return new

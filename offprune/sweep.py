@@ -33,7 +33,7 @@ from offprune.algos import ALGOS
 from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
-from offprune.results import RESULTS_FILE
+from offprune.results import RESULTS_FILE, ResultsError
 
 MANIFEST = "sweep.json"
 STATUS_FILE = "status.json"
@@ -163,9 +163,12 @@ def _run_one(cfg_dict: dict, cwd: str | None = None) -> tuple[str, str | None, l
             write_status(run_dir, "running")
             try:  # waits for an orphan of a killed sweep that still writes this run
                 run(cfg, resume=True, log=log, wait_for_lock=True)
-            except checkpoint.CheckpointError as e:
-                moved = checkpoint.move_aside(run_dir)
-                notes.append(f"run {cfg.name}: unreadable checkpoint moved aside "
+            except (checkpoint.CheckpointError, ResultsError) as e:
+                # restart from scratch: a run's rows must all come from one training
+                moved = checkpoint.move_aside(run_dir, (checkpoint.CHECKPOINT_FILE, checkpoint.PREVIOUS_CHECKPOINT_FILE,
+                                                        RESULTS_FILE))
+                what = "checkpoint" if isinstance(e, checkpoint.CheckpointError) else "results file"
+                notes.append(f"run {cfg.name}: unreadable {what} moved aside "
                              f"({', '.join(p.name for p in moved)}); restarting it from scratch")
                 log(f"{e}\n{notes[-1]}")
                 run(cfg, resume=True, log=log, wait_for_lock=True)
@@ -296,7 +299,11 @@ def status(out: str) -> dict[str, list[str]]:
     if not manifest.is_file():
         raise UserError(f"no sweep in {out} (no {MANIFEST}); start one with 'offprune sweep ... --out {out}'")
     groups: dict[str, list[str]] = {"done": [], "running": [], "failed": [], "left": []}
-    for cfg_dict in json.loads(manifest.read_text()):
+    try:
+        grid = json.loads(manifest.read_text())
+    except ValueError:
+        raise UserError(f"{manifest} is not valid JSON; rerun the sweep's command to rewrite it") from None
+    for cfg_dict in grid:
         name = RunConfig(**cfg_dict).name
         groups[read_state(Path(out) / name)].append(name)
     return groups

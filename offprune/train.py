@@ -35,7 +35,7 @@ from offprune.envs import env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
 from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
-from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, write_parquet_atomic
+from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.sparse import apply_masks, choose_kernels, kernels_by_rule
 
 # file names of a run folder (kept here too: tools import them from train)
@@ -206,8 +206,8 @@ def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Pro
     pending = ckpt.get("row")
     if pending is not None:
         results_path = run_dir / RESULTS_FILE
-        have = pd.read_parquet(results_path, columns=["step"]).step if results_path.exists() else pd.Series([])
-        if pending["step"] not in set(have):
+        have = read_rows(results_path, columns=["step"])
+        if have is None or pending["step"] not in set(have.step):
             append_rows(results_path, [pending])
             log(f"wrote the results row of step {pending['step']} that an interruption had kept from the file")
     return Progress(ckpt["masks"], ckpt.get("kernels", "dense"), ckpt.get("kernel_estimate", nan),

@@ -207,3 +207,28 @@ def test_sweep_workers_end_when_the_sweep_dies(tmp_path, hopper_file):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert alive == [], "workers outlived their sweep"
+
+
+def test_a_damaged_results_file_is_one_line_for_run_and_restarted_by_a_sweep(capsys, tmp_path, hopper_file):
+    args = list(bc_mlp(hopper_file, tmp_path))
+    assert run_cli(capsys, *args)[0] == 0
+    run_dir = tmp_path / RUN
+    (run_dir / "results.parquet").write_text("garbage")
+    args[args.index("--steps") + 1] = "6"
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 2 and err.count("\n") == 1 and f"cannot read {run_dir / 'results.parquet'}" in err
+
+    sweep = ("sweep", "--algo", "bc-mlp", "--prune", "snip", "--sparsity", "0.9", "--dataset", hopper_file,
+             "--seeds", "0", "--steps", "6", "--eval-every", "2", "--eval-episodes", "1", "--jobs", "1",
+             "--out", tmp_path, "--no-progress")
+    code, _, err = run_cli(capsys, *sweep)
+    assert code == 0, err
+    assert "unreadable results file moved aside" in err
+    assert list(pd.read_parquet(run_dir / "results.parquet").step) == [2, 4, 6]
+    assert len(list(run_dir.glob("results.parquet.unreadable-*"))) == 1
+
+
+def test_a_damaged_sweep_manifest_is_one_line(capsys, tmp_path):
+    (tmp_path / "sweep.json").write_text("[")
+    code, _, err = run_cli(capsys, "sweep", "--status", "--out", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "sweep.json is not valid JSON" in err
