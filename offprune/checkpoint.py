@@ -26,6 +26,7 @@ from torch import nn
 
 from offprune import atomic
 from offprune.algos import ALGOS
+from offprune.algos.base import stored_modules
 from offprune.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -145,9 +146,9 @@ def build_agent(spec: dict, device: str | torch.device = "cpu"):
 
 
 def stored_networks(agent) -> dict[str, nn.Module]:
-    """The networks an agent needs to act and to keep training; target copies are left out
-    (they are training-time copies, rebuilt from their sources)."""
-    return {name: m for name, m in agent.modules.items() if not name.endswith("_target")}
+    """The networks an agent needs to act and to keep training; target copies (AgentBase.targets)
+    are left out: they are training-time copies, rebuilt from their sources."""
+    return stored_modules(agent)
 
 
 def load_run(path: str | Path):

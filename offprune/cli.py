@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,14 +9,19 @@ import click
 from tqdm import tqdm
 
 from offprune.algos import ALGOS
-from offprune.config import PROFILES, RunConfig, parse_pairs, profile_budget
+from offprune.config import PROFILES, RunConfig, parse_pairs
 from offprune.errors import UserError
-from offprune.prune import METHODS, SCOPES
+from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES
 from offprune.sparse import KERNELS, MIN_ESTIMATED_SPEEDUP
 
 KERNELS_HELP = ("dense: masked dense matrices. sparse: store and train only kept weights (CSR). auto: sparse when "
                 f"a fixed rule on layer shapes and densities estimates >= {MIN_ESTIMATED_SPEEDUP}x (never timing-dependent, so "
                 "reruns are identical). measure: time both here, take sparse if >= 1.1x faster (recorded).")
+
+# help shared by run and sweep, built from the code so it cannot drift from the defaults
+ALGO_HELP = " ".join(f"{name}: {module.__doc__.split(chr(10))[0].rstrip('.')}." for name, module in sorted(ALGOS.items()))
+PRUNE_BATCH_DEFAULT = ("[default: " + ", ".join(f"{n} for {m}" for m, n in DEFAULT_PRUNE_BATCH.items())
+                       + " (the paper's); 100 for the others]")
 
 EXIT_USER_ERROR = 2
 
@@ -30,8 +34,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True,
-              help="bcq: Fujimoto's BCQ. bc: the paper's BC (BCQ's VAE as policy). bc-mlp: MLP 256-256 + MSE.")
+@click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True, help=ALGO_HELP)
 @click.option("--prune", "prune", type=click.Choice(METHODS), default="snip", show_default=True,
               help="Pruning criterion, scored on ONE batch per network before training; 'dense' prunes nothing.")
 @click.option("--sparsity", type=float, default=None,
@@ -48,8 +51,7 @@ def cli() -> None:
 @click.option("--steps", type=int, default=None, help="Gradient updates (overrides the profile).")
 @click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
-@click.option("--prune-batch", type=int, default=None,
-              help="Samples in the pruning batch.  [default: 100 for SNIP, 200 for GraSP, as the paper]")
+@click.option("--prune-batch", type=int, default=None, help=f"Samples in the pruning batch.  {PRUNE_BATCH_DEFAULT}")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads (default: torch's; 1 with sparse kernels; 1 per process when running several).")
@@ -78,19 +80,20 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
     from offprune.data.generate import ensure_default_dataset
     from offprune.train import run as train_run
 
-    if seq_len is not None and "seq_len" not in {f.name for f in dataclasses.fields(ALGOS[algo].Config)}:
+    if seq_len is not None and not ALGOS[algo].Agent.sequential:
         raise UserError(f"--seq-len: {algo} trains on single transitions, not sequences")
-    budget = profile_budget(profile, algo)  # an algorithm may refine a profile; explicit flags win
-    cfg = RunConfig(
-        algo=algo,
+    cfg = RunConfig.from_profile(  # an algorithm may refine a profile; explicit flags win
+        profile,
+        algo,
+        parse_pairs(algo_opts, "--algo-opt") + ((("seq_len", str(seq_len)),) if seq_len is not None else ()),
         dataset=dataset,
         prune=prune,
         sparsity=(0.0 if prune == "dense" else 0.9) if sparsity is None else sparsity,
         scope=scope,
         seed=seed,
-        steps=budget["steps"] if steps is None else steps,
-        eval_every=budget["eval_every"] if eval_every is None else eval_every,
-        eval_episodes=budget["eval_episodes"] if eval_episodes is None else eval_episodes,
+        steps=steps,
+        eval_every=eval_every,
+        eval_episodes=eval_episodes,
         prune_batch=prune_batch,
         env=env,
         device=device,
@@ -100,8 +103,6 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         run_id=run_id,
         progress=progress,
         sparsity_of=parse_pairs(sparsity_of, "--sparsity-of", float),
-        algo_options=budget["algo_options"] + parse_pairs(algo_opts, "--algo-opt")
-        + ((("seq_len", str(seq_len)),) if seq_len is not None else ()),
     ).validate()
     if dataset == RunConfig.dataset:
         ensure_default_dataset(dataset, log=lambda m: click.echo(m, err=True))
@@ -113,7 +114,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with any of these options as keys (algo = ['bc', 'bcq'], seeds = '0-4', ...); "
                    "flags given here override it.")
-@click.option("--algo", default=None, help="Comma list, e.g. bc,bcq.  [default: bc]")
+@click.option("--algo", default=None, help=f"Comma list of {', '.join(sorted(ALGOS))}, e.g. bc,bcq.  [default: bc]")
 @click.option("--prune", default=None,
               help="Comma list of criteria; a dense baseline per (algo, dataset, seed) is always added.  "
                    "[default: snip,grasp]")
@@ -129,7 +130,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 @click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
 @click.option("--prune-batch", default=None,
-              help="Comma list of pruning batch sizes (a grid axis).  [default: 100 for SNIP, 200 for GraSP]")
+              help=f"Comma list of pruning batch sizes (a grid axis).  {PRUNE_BATCH_DEFAULT}")
 @click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from each dataset).")
 @click.option("--kernels", type=click.Choice(KERNELS), default=None, help=KERNELS_HELP + "  [default: auto]")
 @click.option("--device", default=None, help="[default: cpu]")
@@ -526,7 +527,7 @@ def storage(run_dir, table1, latency, repeats) -> None:
         click.echo("\nlatency, 1 thread, ms per pass through each network's Linear layers (median):")
         click.echo(st.layer_latency_table(st.stored_networks(agent), repeats=repeats).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
-        batch = st.act_batch_size(agent)
+        batch = agent.act_batch
         engine_dense = st.sparse_inference_agent(agent, batch, "dense", repeats)
         engine_auto = st.sparse_inference_agent(agent, batch, "auto", repeats)
         dense_ms, ed_ms, auto_ms = (1e3 * st.act_latency(a, ckpt["agent"]["obs_dim"]) for a in (agent, engine_dense, engine_auto))

@@ -93,6 +93,17 @@ class RunConfig:
         self.algo_config()  # unknown or malformed --algo-opt fails here, before any work
         return self
 
+    @classmethod
+    def from_profile(cls, profile: str, algo: str, algo_options: tuple[tuple[str, str], ...] = (),
+                     **fields: Any) -> "RunConfig":
+        """The one budget merge: the profile's steps, evaluation cadence and algorithm options for
+        `algo` (as refined by the algorithm), overridden by `fields` that are not None; extra
+        `algo_options` come after the profile's, so they win."""
+        budget = profile_budget(profile, algo)
+        values = {k: budget[k] for k in ("steps", "eval_every", "eval_episodes")}
+        values.update({k: v for k, v in fields.items() if v is not None})
+        return cls(algo=algo, algo_options=budget["algo_options"] + tuple(algo_options), **values)
+
     def algo_config(self):
         """The algorithm's Config with `algo_options` applied (values parsed by the field's type)."""
         from offprune.algos import ALGOS
@@ -275,14 +286,7 @@ class SweepConfig:
 
     def base_run(self, algo: str = "bc") -> RunConfig:
         """The RunConfig every grid point of `algo` starts from."""
-        budget = profile_budget(self.profile, algo)
-        steps = dict(self.algo_steps).get(algo, budget["steps"] if self.steps is None else self.steps)
-        return RunConfig(
-            algo=algo,
-            scope=self.scope,
-            steps=steps,
-            eval_every=budget["eval_every"] if self.eval_every is None else self.eval_every,
-            eval_episodes=budget["eval_episodes"] if self.eval_episodes is None else self.eval_episodes,
-            env=self.env, kernels=self.kernels, device=self.device,
-            threads=self.threads, out=self.out, algo_options=budget["algo_options"],
-        )
+        return RunConfig.from_profile(
+            self.profile, algo, scope=self.scope, steps=dict(self.algo_steps).get(algo, self.steps),
+            eval_every=self.eval_every, eval_episodes=self.eval_episodes, env=self.env, kernels=self.kernels,
+            device=self.device, threads=self.threads, out=self.out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 
 from offprune.errors import UserError
 
@@ -20,3 +21,8 @@ def env_versions() -> dict[str, str]:
     import mujoco
 
     return {"gymnasium": gym.__version__, "mujoco": mujoco.__version__}
+
+
+def uniform_log_prob(space) -> float:
+    """Log-density of a uniform random action over a Box: the random policy's log-probability."""
+    return -float(np.sum(np.log(space.high - space.low)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,17 +12,19 @@ from torch import Tensor, nn
 
 class MLP(nn.Sequential):
     """Linear-act-...-Linear. Once `offprune.sparse.convert_to_sparse` has made every Linear a
-    SparseLinear it sets `sparse_chain`, and the whole stack runs as one fused autograd function
+    SparseLinear it sets `fused_forward`, and the whole stack runs as one fused autograd function
     (one graph node instead of one per layer and activation: the per-layer overhead was a third of
     a sparse BCQ update). Parameter names stay '0.weight', '2.weight', ... (stable mask keys)."""
 
-    sparse_chain: bool = False
+    fused_forward: Callable[["MLP", Tensor], Tensor] | None = None  # set by offprune.sparse
+
+    @property
+    def sparse_chain(self) -> bool:
+        return self.fused_forward is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.sparse_chain:
-            from offprune.sparse import chain_forward, chain_parts  # offprune.sparse builds on this module
-
-            return chain_forward(*chain_parts(self), x)
+        if self.fused_forward is not None:
+            return self.fused_forward(self, x)
         return super().forward(x)
 
 
@@ -135,73 +137,15 @@ class ObsNormalizer(nn.Module):
         return (obs - self.mean) / self.std
 
 
-class RSSM(nn.Module):
-    """Dreamer's recurrent state-space model (Hafner et al. 2019) on embedded vector observations.
-
-    State = (deterministic GRU state h, stochastic Gaussian z). Prior: h_t = GRU(h_t-1, f(z_t-1,
-    a_t-1)), z_t ~ p(z | h_t); posterior: z_t ~ q(z | h_t, embed(o_t)). For offline use the prior
-    has `ensemble` heads (each trained against the posterior); their disagreement measures how far
-    an imagined state is from the data. Std = softplus + min_std, as Dreamer v1. Prunable weights:
-    every Linear and the GRU cell's weight_ih / weight_hh.
-    """
-
-    def __init__(self, embed_dim: int, act_dim: int, deter: int = 200, stoch: int = 30, hidden: int = 200,
-                 min_std: float = 0.1, ensemble: int = 1):
+class TwinCritic(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...]):
         super().__init__()
-        self.deter, self.stoch, self.min_std = deter, stoch, min_std
-        self.img_in = nn.Sequential(nn.Linear(stoch + act_dim, hidden), nn.ELU())
-        self.cell = nn.GRUCell(hidden, deter)
-        self.priors = nn.ModuleList(
-            nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch)) for _ in range(ensemble)
-        )
-        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
+        self.q1 = mlp(obs_dim + act_dim, hidden, 1)
+        self.q2 = mlp(obs_dim + act_dim, hidden, 1)
 
-    def initial(self, batch: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        return torch.zeros(batch, self.deter, device=device), torch.zeros(batch, self.stoch, device=device)
+    def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([obs, action], 1)
+        return self.q1(x), self.q2(x)
 
-    def _stats(self, out: Tensor) -> tuple[Tensor, Tensor]:
-        mean, std = out.chunk(2, -1)
-        return mean, F.softplus(std) + self.min_std
-
-    def prior_stats(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and std of every prior head: [ensemble, batch, stoch] each."""
-        stats = [self._stats(head(h)) for head in self.priors]
-        return torch.stack([m for m, _ in stats]), torch.stack([s for _, s in stats])
-
-    def img_step(self, h: Tensor, z: Tensor, action: Tensor) -> Tensor:
-        """The next deterministic state from the previous state and action."""
-        return self.cell(self.img_in(torch.cat([z, action], -1)), h)
-
-    def post_stats(self, h: Tensor, embed: Tensor) -> tuple[Tensor, Tensor]:
-        return self._stats(self.posterior(torch.cat([h, embed], -1)))
-
-    def observe(self, embed: Tensor, prev_actions: Tensor, state: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        """Filter a sequence. embed [B, T, E]: the embedded observations o_0..o_T-1;
-        prev_actions [B, T, A]: at step t the action taken before o_t (zeros where o_t starts an
-        episode); state: (h, z) before step 0. Returns h, z and the posterior statistics, each
-        [B, T, ...], and the prior statistics [ensemble, B, T, stoch]."""
-        h, z = state
-        out: dict[str, list[Tensor]] = {k: [] for k in ("h", "z", "post_mean", "post_std")}
-        for t in range(embed.shape[1]):
-            h = self.img_step(h, z, prev_actions[:, t])
-            post_mean, post_std = self.post_stats(h, embed[:, t])
-            z = post_mean + post_std * torch.randn(post_std.shape, device=post_std.device)
-            for k, v in (("h", h), ("z", z), ("post_mean", post_mean), ("post_std", post_std)):
-                out[k].append(v)
-        stacked = {k: torch.stack(v, 1) for k, v in out.items()}
-        # the priors read only h: one call over all steps instead of one per step
-        stacked["prior_mean"], stacked["prior_std"] = self.prior_stats(stacked["h"])
-        return stacked
-
-
-def lambda_return(rewards: Tensor, values: Tensor, discounts: Tensor, bootstrap: Tensor, lam: float) -> Tensor:
-    """TD(lambda) returns along dim 0 (time), as Dreamer: R_t = r_t + d_t ((1 - lam) v_t+1 + lam R_t+1),
-    with v_H = R_H = `bootstrap`. rewards, values, discounts: [H, ...]; bootstrap: [...]. values[t]
-    is the value of the state reached before r_t, so v_t+1 = values[t + 1] (bootstrap at the end)."""
-    next_values = torch.cat([values[1:], bootstrap.unsqueeze(0)], 0)
-    inputs = rewards + discounts * next_values * (1 - lam)
-    returns, last = [], bootstrap
-    for t in reversed(range(rewards.shape[0])):
-        last = inputs[t] + discounts[t] * lam * last
-        returns.append(last)
-    return torch.stack(returns[::-1], 0)
+    def q1_value(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.q1(torch.cat([obs, action], 1))

@@ -55,10 +55,10 @@ def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
     if cfg.prune == "dense":
         return agent, "dense"
     networks = agent.prunable_networks()
-    batch = update_batches(config, obs_dim, act_dim, 1)[0]
+    batch = update_batches(cfg.algo, config, obs_dim, act_dim, 1)[0]
     masks = compute_masks(networks, "snip", cfg.sparsity, cfg.scope, lambda: batch, torch.Generator().manual_seed(0),
                           dict(cfg.sparsity_of))
-    rows = config.batch_size * getattr(config, "seq_len", 1)
+    rows = agent.rows_per_update
     kernels = cfg.kernels if cfg.kernels in ("dense", "sparse") else kernels_by_rule(networks, masks, rows)[0]
     apply_masks(networks, masks, agent.optimizers.values(), kernels)
     return agent, kernels
@@ -80,7 +80,7 @@ def probe(cfg: RunConfig, updates: int = 8, acts: int = 50) -> tuple[Probe, str]
     try:
         with torch.random.fork_rng(devices=[]):
             agent, kernels = _agent(cfg, obs_dim, act_dim)
-            batches = update_batches(cfg.algo_config(), obs_dim, act_dim, updates + 2)
+            batches = update_batches(cfg.algo, cfg.algo_config(), obs_dim, act_dim, updates + 2)
             for b in batches[:2]:  # warm-up
                 agent.update(b)
             start = time.perf_counter()
@@ -88,8 +88,7 @@ def probe(cfg: RunConfig, updates: int = 8, acts: int = 50) -> tuple[Probe, str]
                 agent.update(b)
             update_s = (time.perf_counter() - start) / updates
             obs = np.zeros(obs_dim, np.float32)
-            if hasattr(agent, "reset"):
-                agent.reset()
+            agent.reset()
             for _ in range(5):  # warm-up: the first calls allocate
                 agent.act(obs)
             start = time.perf_counter()

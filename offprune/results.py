@@ -8,7 +8,6 @@ file or a glob into one DataFrame.
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 

@@ -300,10 +300,14 @@ def chain_forward(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tens
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
 
 
+def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
+    return chain_forward(*chain_parts(mlp), x)
+
+
 def _mark_chains(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, MLP):
-            m.sparse_chain = chain_supported(m)
+            m.fused_forward = _fused_mlp_forward if chain_supported(m) else None
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.utils.prune
 
 from offprune.algos import ALGOS
-from offprune.config import RunConfig, profile_budget
+from offprune.config import RunConfig
 from offprune.data import Batch, SequenceBatch
 from offprune.prune import compute_masks
 from offprune.sparse import apply_masks
@@ -40,14 +40,13 @@ def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int 
 
 def algo_config(algo: str, profile: str = "quick", options: tuple[tuple[str, str], ...] = ()):
     """The algorithm's Config as a run with this budget profile and these --algo-opt values has it."""
-    base = profile_budget(profile, algo)["algo_options"]
-    return RunConfig(algo=algo, algo_options=tuple(base) + tuple(options)).algo_config()
+    return RunConfig.from_profile(profile, algo, tuple(options)).algo_config()
 
 
-def update_batches(config, obs_dim: int, act_dim: int, count: int, seed: int = 1):
-    """Random batches shaped as this algorithm's updates take them: sequences when its Config has
-    a `seq_len` (the rule `run --seq-len` uses), transitions otherwise."""
-    seq_len = getattr(config, "seq_len", None)
+def update_batches(algo: str, config, obs_dim: int, act_dim: int, count: int, seed: int = 1):
+    """Random batches shaped as this algorithm's updates take them: sequences of `config.seq_len`
+    steps for a sequential algorithm (AgentBase.sequential), transitions otherwise."""
+    seq_len = config.seq_len if ALGOS[algo].Agent.sequential else None
     return random_batches(obs_dim, act_dim, config.batch_size, count, seed, seq_len)
 
 
@@ -60,7 +59,7 @@ def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, 
     if variant == "dense_unmasked":
         return agent
     networks = agent.prunable_networks()
-    pruning = update_batches(config, obs_dim, act_dim, 1, seed)[0]
+    pruning = update_batches(algo, config, obs_dim, act_dim, 1, seed)[0]
     masks = compute_masks(networks, "snip", sparsity, "global", lambda: pruning, torch.Generator().manual_seed(seed))
     if variant == "dense_reparam":
         for name, net in networks.items():
@@ -84,7 +83,7 @@ def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, rep
             variants=VARIANTS, config=None) -> dict[str, float]:
     """Median update steps/s of each variant over `repeats` interleaved rounds of `steps` updates."""
     config = config if config is not None else algo_config(algo)
-    batches = update_batches(config, obs_dim, act_dim, steps)
+    batches = update_batches(algo, config, obs_dim, act_dim, steps)
     agents = {v: build(algo, v, sparsity, obs_dim, act_dim, config=config) for v in variants}
     for agent in agents.values():  # warm-up: allocator, optimizer state
         steps_per_second(agent, batches[:3])

@@ -18,7 +18,6 @@ whose pruned weights are +0.0), so every float round-trips bit for bit, NaN payl
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import io
 import json
@@ -34,11 +33,10 @@ import torch
 from torch import Tensor, nn
 
 import offprune
-from offprune.algos import ALGOS
 from offprune import atomic
 from offprune.checkpoint import build_agent, load_run, stored_networks  # noqa: F401  (public here too)
 from offprune.errors import UserError
-from offprune.sparse import convert_to_dense, convert_to_sparse, csr_tensor, csr_times
+from offprune.sparse import csr_tensor, csr_times
 
 MAGIC = b"OFFPRUNE-PACK\n"
 FORMAT_VERSION = 1
@@ -440,11 +438,6 @@ def sparse_inference_agent(agent, batch_size: int, kernels: str = "auto", repeat
     for name, module in stored_networks(agent).items():
         setattr(fast, name, sparsify_for_inference(module, batch_size, kernels, repeats))
     return fast
-
-
-def act_batch_size(agent) -> int:
-    """Rows each act() call pushes through the networks (BCQ: its candidates)."""
-    return getattr(agent.config, "act_candidates", 1)
 
 
 def layer_latency_table(networks: dict[str, nn.Module], batch_sizes=(1, 10, 100), repeats: int = 50):

@@ -10,7 +10,6 @@ RESULTS/results.parquet, so a study continues on another machine without redoing
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd

@@ -29,7 +29,7 @@ import offprune
 from offprune import atomic, checkpoint
 from offprune.algos import ALGOS
 from offprune.config import RunConfig
-from offprune.data import TransitionSampler, load_dataset
+from offprune.data import load_dataset
 from offprune.data.d4rl import OfflineDataset
 from offprune.envs import env_versions, make_env
 from offprune.errors import UserError
@@ -176,12 +176,8 @@ def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
     algo_config = cfg.algo_config()
     seed_everything(cfg.seed)
     agent = algo.Agent(dataset.obs_dim, dataset.act_dim, max_action, algo_config, device)
-    if hasattr(agent, "prepare"):  # e.g. observation statistics
-        agent.prepare(dataset)
-    if hasattr(algo, "make_sampler"):  # e.g. sequences instead of transitions
-        sampler = algo.make_sampler(dataset, algo_config, device, cfg.seed)
-    else:
-        sampler = TransitionSampler(dataset, device, cfg.seed)
+    agent.prepare(dataset)
+    sampler = algo.Agent.make_sampler(dataset, algo_config, device, cfg.seed)
     networks = agent.prunable_networks()
     check_sparsity_of(networks, dict(cfg.sparsity_of))
     return Setup(dataset, env, max_action, algo_config, agent, sampler, networks)
@@ -193,9 +189,7 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
                           lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of))
     atomic.torch_save(masks, run_dir / MASKS_FILE)
-    # rows a layer sees per update: sequence algorithms run each layer on batch x seq_len
-    rows = setup.algo_config.batch_size * getattr(setup.algo_config, "seq_len", 1)
-    kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, rows, log)
+    kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, setup.agent.rows_per_update, log)
     return Progress(masks, kernels, estimate, measured)
 
 
@@ -322,10 +316,10 @@ def evaluation_row(cfg: RunConfig, setup: Setup, static: dict, step: int, losses
     eval_seed = 1_000_000 + 1_000 * cfg.seed  # disjoint from the seeds used to generate data
     agent = setup.agent
     eval_start = time.perf_counter()
-    episode_rewards = rollouts(agent.act, setup.env, cfg.eval_episodes, eval_seed, getattr(agent, "reset", None))
+    episode_rewards = rollouts(agent.act, setup.env, cfg.eval_episodes, eval_seed, agent.reset)
     returns = returns_of(episode_rewards)
     # algorithm-specific measurements, e.g. a world model's prediction errors
-    extra = agent.evaluation_metrics(setup.sampler, episode_rewards) if hasattr(agent, "evaluation_metrics") else {}
+    extra = agent.evaluation_metrics(setup.sampler, episode_rewards)
     return {
         **static,
         "step": step,

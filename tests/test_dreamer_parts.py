@@ -2,7 +2,7 @@
 
 import torch
 
-from offprune.nets import RSSM, lambda_return
+from offprune.algos.dreamer import RSSM, lambda_return
 from offprune.prune import MaskEnforcer, compute_masks
 from offprune.prune.networks import PrunableNetwork
 from offprune.prune.scores import prunable_parameters

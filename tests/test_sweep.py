@@ -98,7 +98,6 @@ def test_a_failed_run_is_recorded_and_the_others_finish(capsys, tmp_path, hopper
 
 def test_config_file_sets_the_grid_and_flags_override_it(tmp_path):
     from offprune.config import SweepConfig
-    from offprune.config import SweepConfig
     from offprune.sweep import grid
 
     path = tmp_path / "sweep.toml"

@@ -108,3 +108,22 @@ def test_dense_masks_keep_everything_and_add_no_hooks():
     masks = compute_masks(networks, "dense", 0.0, "global", lambda: None, torch.Generator())
     assert all(bool(m.all()) for m in masks["policy"].values())
     assert MaskEnforcer(networks, masks, agent.optimizers.values()).pairs == []
+
+
+def test_the_algorithm_contract_is_declared_and_a_misspelt_hook_fails():
+    import pytest
+
+    from offprune.algos import ALGOS
+    from offprune.algos.base import AgentBase, stored_modules
+
+    for name, module in ALGOS.items():
+        assert issubclass(module.Agent, AgentBase), name
+    assert ALGOS["dreamer"].Agent.sequential and not ALGOS["bcq"].Agent.sequential
+    assert ALGOS["bcq"].Agent.targets == {"actor_target": "actor", "critic_target": "critic"}
+    bcq = ALGOS["bcq"].Agent(11, 3, 1.0, ALGOS["bcq"].Config(act_candidates=7), torch.device("cpu"))
+    assert bcq.act_batch == 7 and bcq.rows_per_update == 100
+    assert set(stored_modules(bcq)) == {"actor", "critic", "vae"}
+    with pytest.raises(TypeError, match="evaluation_metric looks like a misspelt hook 'evaluation_metrics'"):
+        class Typo(AgentBase):
+            def evaluation_metric(self, sampler, episode_rewards):
+                return {}

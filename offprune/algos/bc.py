@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.nets import VAE, adam, optimizer_step
 from offprune.prune import PrunableNetwork
@@ -27,7 +28,7 @@ class Config:
     act_latent_clip: float = 0.25  # |z| bound when decoding the action to take
 
 
-class Agent:
+class Agent(AgentBase):
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.vae = VAE(obs_dim, act_dim, 2 * act_dim, config.vae_hidden, max_action).to(device)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.nets import adam, mlp, optimizer_step
 from offprune.prune import PrunableNetwork
@@ -34,7 +35,7 @@ class Policy(nn.Module):
         return self.max_action * torch.tanh(self.net(obs))
 
 
-class Agent:
+class Agent(AgentBase):
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.policy = Policy(obs_dim, act_dim, config.hidden, max_action).to(device)

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offprune.algos.base import AgentBase
 from offprune.data import Batch
-from offprune.nets import VAE, adam, frozen, mlp, optimizer_step, soft_update
+from offprune.nets import VAE, TwinCritic, adam, frozen, mlp, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -47,21 +48,9 @@ class Actor(nn.Module):
         return (action + delta).clamp(-self.max_action, self.max_action)
 
 
-class TwinCritic(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...]):
-        super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, hidden, 1)
-        self.q2 = mlp(obs_dim + act_dim, hidden, 1)
+class Agent(AgentBase):
+    targets = {"actor_target": "actor", "critic_target": "critic"}
 
-    def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([obs, action], 1)
-        return self.q1(x), self.q2(x)
-
-    def q1_value(self, obs: Tensor, action: Tensor) -> Tensor:
-        return self.q1(torch.cat([obs, action], 1))
-
-
-class Agent:
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.actor = Actor(obs_dim, act_dim, config.actor_hidden, max_action, config.phi).to(device)
@@ -150,6 +139,10 @@ class Agent:
         soft_update(self.critic_target, self.critic, self.config.tau)
         soft_update(self.actor_target, self.actor, self.config.tau)
         return info
+
+    @property
+    def act_batch(self) -> int:
+        return self.config.act_candidates
 
     @torch.inference_mode()  # cheaper per op than no_grad: acting is dominated by small ops
     def act(self, obs: np.ndarray) -> np.ndarray:

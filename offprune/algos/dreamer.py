@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offprune.algos.base import AgentBase
 from offprune.data import SequenceBatch, SequenceSampler
 from offprune.data.d4rl import OfflineDataset
-from offprune.nets import RSSM, ObsNormalizer, adam, frozen, lambda_return, mlp, optimizer_step, soft_update
+from offprune.nets import ObsNormalizer, adam, frozen, mlp, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -95,8 +96,76 @@ class Config:
 PROFILES = {"quick": {"steps": 2_000, "eval_every": 500, "algo_options": {"batch_size": 8, "imag_starts": 128}}}
 
 
-def make_sampler(dataset: OfflineDataset, config: Config, device: torch.device, seed: int) -> SequenceSampler:
-    return SequenceSampler(dataset, config.seq_len, device, seed, holdout_every=config.holdout_every)
+class RSSM(nn.Module):
+    """Dreamer's recurrent state-space model (Hafner et al. 2019) on embedded vector observations.
+
+    State = (deterministic GRU state h, stochastic Gaussian z). Prior: h_t = GRU(h_t-1, f(z_t-1,
+    a_t-1)), z_t ~ p(z | h_t); posterior: z_t ~ q(z | h_t, embed(o_t)). For offline use the prior
+    has `ensemble` heads (each trained against the posterior); their disagreement measures how far
+    an imagined state is from the data. Std = softplus + min_std, as Dreamer v1. Prunable weights:
+    every Linear and the GRU cell's weight_ih / weight_hh.
+    """
+
+    def __init__(self, embed_dim: int, act_dim: int, deter: int = 200, stoch: int = 30, hidden: int = 200,
+                 min_std: float = 0.1, ensemble: int = 1):
+        super().__init__()
+        self.deter, self.stoch, self.min_std = deter, stoch, min_std
+        self.img_in = nn.Sequential(nn.Linear(stoch + act_dim, hidden), nn.ELU())
+        self.cell = nn.GRUCell(hidden, deter)
+        self.priors = nn.ModuleList(
+            nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch)) for _ in range(ensemble)
+        )
+        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
+
+    def initial(self, batch: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        return torch.zeros(batch, self.deter, device=device), torch.zeros(batch, self.stoch, device=device)
+
+    def _stats(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        mean, std = out.chunk(2, -1)
+        return mean, F.softplus(std) + self.min_std
+
+    def prior_stats(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of every prior head: [ensemble, batch, stoch] each."""
+        stats = [self._stats(head(h)) for head in self.priors]
+        return torch.stack([m for m, _ in stats]), torch.stack([s for _, s in stats])
+
+    def img_step(self, h: Tensor, z: Tensor, action: Tensor) -> Tensor:
+        """The next deterministic state from the previous state and action."""
+        return self.cell(self.img_in(torch.cat([z, action], -1)), h)
+
+    def post_stats(self, h: Tensor, embed: Tensor) -> tuple[Tensor, Tensor]:
+        return self._stats(self.posterior(torch.cat([h, embed], -1)))
+
+    def observe(self, embed: Tensor, prev_actions: Tensor, state: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Filter a sequence. embed [B, T, E]: the embedded observations o_0..o_T-1;
+        prev_actions [B, T, A]: at step t the action taken before o_t (zeros where o_t starts an
+        episode); state: (h, z) before step 0. Returns h, z and the posterior statistics, each
+        [B, T, ...], and the prior statistics [ensemble, B, T, stoch]."""
+        h, z = state
+        out: dict[str, list[Tensor]] = {k: [] for k in ("h", "z", "post_mean", "post_std")}
+        for t in range(embed.shape[1]):
+            h = self.img_step(h, z, prev_actions[:, t])
+            post_mean, post_std = self.post_stats(h, embed[:, t])
+            z = post_mean + post_std * torch.randn(post_std.shape, device=post_std.device)
+            for k, v in (("h", h), ("z", z), ("post_mean", post_mean), ("post_std", post_std)):
+                out[k].append(v)
+        stacked = {k: torch.stack(v, 1) for k, v in out.items()}
+        # the priors read only h: one call over all steps instead of one per step
+        stacked["prior_mean"], stacked["prior_std"] = self.prior_stats(stacked["h"])
+        return stacked
+
+
+def lambda_return(rewards: Tensor, values: Tensor, discounts: Tensor, bootstrap: Tensor, lam: float) -> Tensor:
+    """TD(lambda) returns along dim 0 (time), as Dreamer: R_t = r_t + d_t ((1 - lam) v_t+1 + lam R_t+1),
+    with v_H = R_H = `bootstrap`. rewards, values, discounts: [H, ...]; bootstrap: [...]. values[t]
+    is the value of the state reached before r_t, so v_t+1 = values[t + 1] (bootstrap at the end)."""
+    next_values = torch.cat([values[1:], bootstrap.unsqueeze(0)], 0)
+    inputs = rewards + discounts * next_values * (1 - lam)
+    returns, last = [], bootstrap
+    for t in reversed(range(rewards.shape[0])):
+        last = inputs[t] + discounts[t] * lam * last
+        returns.append(last)
+    return torch.stack(returns[::-1], 0)
 
 
 class TanhGaussianActor(nn.Module):
@@ -128,7 +197,14 @@ def _kl_normal(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) -> 
     return 0.5 * (var_ratio + ((mean_q - mean_p) / std_p).pow(2) - 1 - var_ratio.log()).sum(-1)
 
 
-class Agent:
+class Agent(AgentBase):
+    sequential = True
+    targets = {"value_target": "value"}
+
+    @classmethod
+    def make_sampler(cls, dataset: OfflineDataset, config: Config, device: torch.device, seed: int) -> SequenceSampler:
+        return SequenceSampler(dataset, config.seq_len, device, seed, holdout_every=config.holdout_every)
+
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device, self.max_action, self.act_dim = config, device, max_action, act_dim
         c = config
@@ -138,7 +214,7 @@ class Agent:
         self.rssm = RSSM(c.embed, act_dim, c.deter, c.stoch, c.hidden, c.min_std, c.ensemble).to(device)
         self.decoder = mlp(feat, c.decoder_hidden, obs_dim, nn.ELU).to(device)
         self.reward = mlp(feat, c.reward_hidden, 1, nn.ELU).to(device)
-        self.cont = mlp(feat, c.reward_hidden, 1, nn.ELU).to(device) if c.continuation else None
+        self.continuation = mlp(feat, c.reward_hidden, 1, nn.ELU).to(device) if c.continuation else None
         self.actor = TanhGaussianActor(feat, act_dim, c.actor_hidden, c.actor_init_std, c.actor_mean_scale).to(device)
         self.value = mlp(feat, c.value_hidden, 1, nn.ELU).to(device)
         self.value_target = copy.deepcopy(self.value)
@@ -154,14 +230,14 @@ class Agent:
 
     @property
     def world_model(self) -> list[nn.Module]:
-        return [m for m in (self.encoder, self.rssm, self.decoder, self.reward, self.cont) if m is not None]
+        return [m for m in (self.encoder, self.rssm, self.decoder, self.reward, self.continuation) if m is not None]
 
     # --- what the generic loop uses ---------------------------------------------------------
     @property
     def modules(self) -> dict[str, nn.Module]:
         mods = {"normalizer": self.normalizer, "encoder": self.encoder, "rssm": self.rssm, "decoder": self.decoder,
                 "reward": self.reward, "actor": self.actor, "value": self.value, "value_target": self.value_target}
-        return mods | ({"continuation": self.cont} if self.cont is not None else {})
+        return mods | ({"continuation": self.continuation} if self.continuation is not None else {})
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -180,8 +256,8 @@ class Agent:
             return self.world_model_loss(batch, free_nats=False)[0]
 
         groups = {"encoder": self.encoder, "rssm": self.rssm, "decoder": self.decoder, "reward": self.reward}
-        if self.cont is not None:
-            groups["continuation"] = self.cont
+        if self.continuation is not None:
+            groups["continuation"] = self.continuation
         networks = {name: PrunableNetwork(module, model_loss) for name, module in groups.items()}
         networks["actor"] = PrunableNetwork(self.actor, lambda b: self.actor_loss(self._starts(b))[0])
         networks["value"] = PrunableNetwork(self.value, self._value_pruning_loss, (self.value_target,))
@@ -220,9 +296,9 @@ class Agent:
                           .mean(0), mask)  # averaged over the prior heads
         loss = obs_nll + reward_nll + c.kl_scale * (kl.clamp_min(c.free_nats) if free_nats else kl)
         info = {"obs_nll": obs_nll.item(), "reward_nll": reward_nll.item(), "kl": kl.item()}
-        if self.cont is not None:
+        if self.continuation is not None:
             cont_nll = _masked_mean(F.binary_cross_entropy_with_logits(
-                self.cont(feat[:, 1:]).squeeze(-1), 1.0 - batch.terminals, reduction="none"), batch.mask)
+                self.continuation(feat[:, 1:]).squeeze(-1), 1.0 - batch.terminals, reduction="none"), batch.mask)
             loss = loss + cont_nll
             info["cont_nll"] = cont_nll.item()
         info["model_loss"] = loss.item()
@@ -276,8 +352,8 @@ class Agent:
             reward = reward.clamp(self.reward.low, self.reward.high)
         reward = reward - c.penalty * torch.stack(penalties)
         value = self.value_target(feat).squeeze(-1)
-        if self.cont is not None:
-            discount = c.gamma * torch.sigmoid(self.cont(feat).squeeze(-1))
+        if self.continuation is not None:
+            discount = c.gamma * torch.sigmoid(self.continuation(feat).squeeze(-1))
         else:
             discount = torch.full_like(reward, c.gamma)
         returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], c.lam)

@@ -17,7 +17,6 @@ return is closest to a third of it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from offprune import atomic
 from offprune.data.d4rl import ENV_OF_FAMILY, datasets_dir
-from offprune.data.generate import uniform_log_prob
+from offprune.envs import uniform_log_prob
 from offprune.errors import UserError
 
 BEHAVIOUR_ALGOS = ("sac", "ppo")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import offprune
 from offprune.data.d4rl import ENV_OF_FAMILY, datasets_dir, normalized_score, write_d4rl_file
-from offprune.envs import env_versions, make_env
+from offprune.envs import env_versions, make_env, uniform_log_prob
 from offprune.errors import UserError
 
 QUALITIES = ("random", "medium", "expert", "medium-replay", "medium-expert")
@@ -110,11 +110,6 @@ def _write(out: Path, env: str | None, quality: str, data: dict, seed: int | Non
     path = write_d4rl_file(out, data, attrs)
     record(path)
     return path
-
-
-def uniform_log_prob(space) -> float:
-    """Log-density of a uniform random action over a Box: the random policy's log-probability."""
-    return -float(np.sum(np.log(space.high - space.low)))
 
 
 def generate_random(env: str, transitions: int, seed: int, out: str | Path, progress: bool = True) -> Path:
@@ -283,7 +278,6 @@ def concatenate(paths: list[Path], out: Path, env: str, seed: int) -> Path:
 
 def ensure_default_dataset(name: str, log=print, transitions: int = 10_000) -> None:
     """Make `<env>-random-v5` on first use so a fresh checkout runs without a download."""
-    from offprune.data.d4rl import datasets_dir
 
     path = datasets_dir() / f"{name}.hdf5"
     env, _, quality = name.partition("-")
