@@ -583,12 +583,14 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
         if value < 1:
             raise UserError(f"--{name} must be at least 1")
     torch.set_num_threads(threads)
+    from offprune.envs import cpu_model
+
     r = measure(algo, sparsity, obs_dim, act_dim, repeats, steps, config=config)
     if as_json:
-        click.echo(json.dumps({"algo": algo, "sparsity": sparsity, "threads": threads, **r}))
+        click.echo(json.dumps({"algo": algo, "sparsity": sparsity, "threads": threads, "cpu": cpu_model(), **r}))
         return
     click.echo(f"{algo}, SNIP {sparsity}, {threads} thread(s), obs {obs_dim}, act {act_dim}, "
-               f"median of {repeats} interleaved rounds x {steps} updates")
+               f"median of {repeats} interleaved rounds x {steps} updates, CPU: {cpu_model()}")
     for name, value in r.items():
         click.echo(f"  {name:<15} {value:8.1f} steps/s   {value / r['dense_masked']:5.2f}x dense masked   "
                    f"{value / r['dense_reparam']:5.2f}x dense reparam")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 
@@ -26,3 +28,16 @@ def env_versions() -> dict[str, str]:
 def uniform_log_prob(space) -> float:
     """Log-density of a uniform random action over a Box: the random policy's log-probability."""
     return -float(np.sum(np.log(space.high - space.low)))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (e.g. 'AMD EPYC 7B13'), for results and speed figures; else the architecture."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

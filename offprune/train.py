@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import random
 import sys
 import time
@@ -31,7 +30,7 @@ from offprune.algos import ALGOS
 from offprune.config import RunConfig
 from offprune.data import load_dataset
 from offprune.data.d4rl import OfflineDataset
-from offprune.envs import env_versions, make_env
+from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
 from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
@@ -264,7 +263,7 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "algo_options": ",".join(f"{k}={v}" for k, v in cfg.algo_options),
         "d4rl_refs_approximate": dataset.env_id.endswith("-v5"),
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "offprune_version": offprune.__version__,
         "torch_version": torch.__version__,
