@@ -302,6 +302,7 @@ def test_shipped_policy_makes_byte_identical_data_without_a_local_training(tmp_p
     arrays, attrs = read_all(first)
     assert arrays["observations"].shape == (300, 11) and attrs["behaviour_policy_sha256"] == card["sha256"]
     assert attrs["behaviour_policy_file"] == "hopper-expert.pt" and attrs["behaviour_policy_step"] == card["step"]
+    assert f"(policy sha256 {card['sha256'][:16]}...)" in "".join(verify(str(first)))
 
     with open(shipped_dir / "hopper-medium.pt", "r+b") as f:  # one flipped byte
         f.seek(100)

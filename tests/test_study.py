@@ -114,3 +114,30 @@ def test_the_committed_study_files_parse():
     # paper-95: 2 algos x 3 envs x 3 seeds x (dense + 3 criteria); bc-sparsity: 2 envs x 3 seeds x (1 + 3 x 6);
     # prune-batch: 3 seeds x (1 + 2 sparsities x 4 batch sizes)
     assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27}
+
+
+def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path, hopper_file, monkeypatch):
+    from offprune import plan
+
+    probed = []
+
+    def fake_probe(cfg, updates=8, acts=50):
+        probed.append((cfg.algo, cfg.prune, cfg.sparsity))
+        # 100 updates/s, 1 ms per act, 1 ms per env step
+        return plan.Probe(update_s=0.01, act_s=0.001, env_step_s=0.001), "sparse" if cfg.prune != "dense" else "dense"
+
+    monkeypatch.setattr(plan, "probe", fake_probe)
+    path = study_file(tmp_path, hopper_file)  # 1 dense + 2 sparsities, seed 0, 4 updates, eval every 2 over 1 episode
+    code, out, err = run_cli(capsys, "sweep", "--config", path, "--plan", "--seeds", "0-1")
+    assert code == 0, err
+    assert out.splitlines()[0] == "6 runs in the sweep: 0 done, 6 to run (2 at a time)"
+    assert sorted(probed) == [("bc-mlp", "dense", 0.0), ("bc-mlp", "snip", 0.5), ("bc-mlp", "snip", 0.9)]  # once per kind
+    # per run: 4 updates x 0.01 s + 2 evaluations x 1 episode x 1,000 steps x 2 ms = 4.04 s; 6 runs on 2 workers
+    assert "total 0.01 h of run time; wall time with --jobs 2: ~0.00 h" in out
+    assert plan.run_seconds(grid(SweepConfig.build(path))[0], plan.Probe(0.01, 0.001, 0.001)) == pytest.approx(4.04)
+    assert plan.wall_seconds([4.04] * 6, 2) == pytest.approx(3 * 4.04)
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+    assert run_cli(capsys, "sweep", "--config", path, "--no-progress")[0] == 0
+    code, out, _ = run_cli(capsys, "sweep", "--config", path, "--plan", "--seeds", "0-1")
+    assert out.splitlines()[0] == "6 runs in the sweep: 3 done, 3 to run (2 at a time)"

@@ -81,7 +81,11 @@ def verify(name_or_path: str) -> list[str]:
             if len(array) != n:
                 raise UserError(f"{path}: '{key}' has {len(array)} rows, 'observations' has {n}")
             checked.append(f"{key}: {array.dtype} {array.shape}")
-    load_dataset(str(path))  # the reader's own checks (NaN/inf, 2-D arrays, ...)
+    dataset = load_dataset(str(path))  # the reader's own checks (NaN/inf, 2-D arrays, ...)
+    policy = dataset.attrs.get("behaviour_policy")
+    if policy:
+        sha = dataset.attrs.get("behaviour_policy_sha256")
+        checked.append(f"behaviour policy: {policy}" + (f" (policy sha256 {str(sha)[:16]}...)" if sha else ""))
     entry = read(path.parent).get(path.name)
     if entry is None:
         checked.append("sha256: not in the manifest (nothing to compare)")
