@@ -163,12 +163,18 @@ def test_console_script_prints_one_line_on_error():
                                                 "(the fraction of weights removed), got 2.0"]
 
 
-def test_help_explains_the_flags(capsys):
-    code, out, _ = offprune(capsys, "run", "--help")
-    assert code == 0
-    for flag in ("--algo", "--prune", "--sparsity", "--dataset", "--seed", "--steps", "--eval-every",
-                 "--eval-episodes", "--prune-batch", "--device", "--out", "--resume"):
-        assert flag in out, flag
+def test_help_states_the_defaults_the_code_uses(capsys):
+    from offprune.algos import ALGOS
+    from offprune.prune import DEFAULT_PRUNE_BATCH
+
+    for command in ("run", "sweep"):
+        code, out, _ = offprune(capsys, command, "--help")
+        flat = " ".join(out.split())
+        assert code == 0
+        for method, size in DEFAULT_PRUNE_BATCH.items():  # the pruning batch defaults, from the code
+            assert f"{size} for {method}" in flat, (command, method)
+        for algo in ALGOS:  # every algorithm is named
+            assert algo in flat, (command, algo)
 
 
 def test_diverged_training_stops_with_one_line_and_keeps_last_checkpoint(capsys, tmp_path, hopper_file, monkeypatch):

@@ -232,6 +232,7 @@ def test_medium_replay_ends_an_episode_cut_by_a_resume(tmp_path, monkeypatch):
     assert not data["terminals"].any()
 
 
+@pytest.mark.slow
 def test_ppo_behaviour_uses_the_env_settings_and_records_its_log_probs(tmp_path, monkeypatch):
     import torch
 
@@ -265,6 +266,7 @@ def test_ppo_behaviour_uses_the_env_settings_and_records_its_log_probs(tmp_path,
     assert behaviour.ppo_kwargs("hopper") == {}  # SB3 defaults (the PPO paper's MuJoCo settings)
 
 
+@pytest.mark.slow
 def test_shipped_policy_makes_byte_identical_data_without_a_local_training(tmp_path, monkeypatch):
     """ship-policies -> a fresh datasets folder (no training) -> the shipped policy acts: same seed,
     same bytes; the file names the policy; the converted actor is SB3's, mean for mean."""

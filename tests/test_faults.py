@@ -177,6 +177,7 @@ def test_without_a_terminal_a_run_prints_a_line_per_evaluation(capsys, tmp_path,
     assert [line.split(",")[0] for line in lines] == [f"{RUN}: step 2/4", f"{RUN}: step 4/4"]
 
 
+@pytest.mark.slow
 def test_sweep_workers_end_when_the_sweep_dies(tmp_path, hopper_file):
     args = ["sweep", "--algo", "bc-mlp", "--prune", "snip", "--sparsity", "0.9", "--dataset", str(hopper_file),
             "--seeds", "0", "--steps", "100000", "--eval-every", "50000", "--eval-episodes", "1",

@@ -133,6 +133,7 @@ def test_ray_errors_say_what_to_do(capsys, tmp_path, hopper_file, monkeypatch):
     assert code == 2 and "pip install 'ray>=2.9'" in err
 
 
+@pytest.mark.slow
 def test_ray_executor_on_a_local_instance(capsys, tmp_path, hopper_file):
     pytest.importorskip("ray")
     args = list(sweep_args(tmp_path, hopper_file, "--executor", "ray"))
@@ -144,6 +145,7 @@ def test_ray_executor_on_a_local_instance(capsys, tmp_path, hopper_file):
     assert len(rows) == 3 * 2 and not rows.duplicated(["run_id", "step"]).any()
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_from_checkpoints_without_duplicates(capsys, tmp_path, hopper_file):
     import os
     import signal

@@ -49,7 +49,19 @@ def test_one_update_gives_finite_losses_and_valid_actions(algo):
     info = agent.update(batch_for(algo))
     assert info and all(np.isfinite(v) for v in info.values())
     action = agent.act(np.zeros(OBS, np.float32))
-    assert action.shape == (ACT,) and np.all(np.abs(action) <= 1.0)
+    assert action.shape == (ACT,) and action.dtype == np.float32 and np.isfinite(action).all()
+
+
+def test_bc_mlp_acts_with_its_policy_computed_by_hand():
+    agent = tiny_agent("bc-mlp")
+    agent.update(batch_for("bc-mlp"))
+    obs = np.linspace(-1, 1, OBS).astype(np.float32)
+    layers = [m for m in agent.policy.net if isinstance(m, torch.nn.Linear)]
+    x = torch.as_tensor(obs)
+    for i, layer in enumerate(layers):
+        x = x @ layer.weight.detach().T + layer.bias.detach()
+        x = torch.relu(x) if i < len(layers) - 1 else torch.tanh(x)
+    np.testing.assert_allclose(agent.act(obs), x.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def pruned_values(agent, masks):
@@ -107,7 +119,12 @@ def test_dense_masks_keep_everything_and_add_no_hooks():
     networks = agent.prunable_networks()
     masks = compute_masks(networks, "dense", 0.0, "global", lambda: None, torch.Generator())
     assert all(bool(m.all()) for m in masks["policy"].values())
+    optimizer = agent.optimizers["policy"]
     assert MaskEnforcer(networks, masks, agent.optimizers.values()).pairs == []
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    sparse_masks = compute_masks(networks, "snip", 0.5, "global", lambda: batch_for("bc-mlp"), torch.Generator())
+    MaskEnforcer(networks, sparse_masks, agent.optimizers.values())  # the same check sees hooks when there are some
+    assert optimizer._optimizer_step_pre_hooks and optimizer._optimizer_step_post_hooks
 
 
 def test_the_algorithm_contract_is_declared_and_a_misspelt_hook_fails():
