@@ -68,3 +68,58 @@ def test_kept_count_and_realised_sparsity():
     assert kept_count(7, 0.5) == 4  # round half to even: 3.5 -> 4
     masks = {"a": torch.tensor([True, False, False, False])}
     assert realised_sparsity(masks) == 0.75
+
+
+def _mlp_net(seed=0):
+    import torch
+    from torch import nn
+
+    from offprune.prune import PrunableNetwork
+
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    return PrunableNetwork(module, lambda batch: ((module(batch[0]) - batch[1]) ** 2).mean(),
+                           output=lambda batch: module(batch[0])), (x, y)
+
+
+def test_iterative_rounds_keep_exact_counts_restore_weights_and_rescore():
+    import torch
+
+    from offprune.prune import compute_masks, round_sparsity
+
+    net, batch = _mlp_net()
+    before = {n: p.detach().clone() for n, p in net.module.named_parameters()}
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    once = compute_masks({"n": net}, "snip", 0.95, "global", lambda: batch, g())["n"]
+    five = compute_masks({"n": net}, "snip", 0.95, "global", lambda: batch, g(), rounds=5)["n"]
+    total = sum(m.numel() for m in five.values())
+    assert sum(int(m.sum()) for m in five.values()) == round(total * 0.05) == sum(int(m.sum()) for m in once.values())
+    assert any(not torch.equal(once[k], five[k]) for k in once)  # scored again on the masked network
+    for n, p in net.module.named_parameters():  # the scoring copy is the network itself: restored
+        assert torch.equal(p, before[n])
+    # magnitude: masking zeroes the pruned weights, so re-ranking keeps the same weights as one shot
+    mag1 = compute_masks({"n": net}, "magnitude", 0.9, "global", lambda: batch, g())["n"]
+    mag4 = compute_masks({"n": net}, "magnitude", 0.9, "global", lambda: batch, g(), rounds=4)["n"]
+    assert all(torch.equal(mag1[k], mag4[k]) for k in mag1)
+    assert round_sparsity(0.99, 1, 2) == pytest.approx(0.9) and round_sparsity(0.99, 2, 2) == pytest.approx(0.99)
+
+
+def test_a_criterion_receives_the_network_and_the_batch(monkeypatch):
+    import torch
+
+    from offprune.prune import CRITERIA, compute_masks
+
+    net, batch = _mlp_net()
+    seen = []
+
+    def output_sensitivity(n, params, b, generator):  # a criterion that needs the network's output
+        seen.append(b)
+        out = n.output(b).sum()
+        grads = torch.autograd.grad(out, list(params.values()))
+        return {k: (w * g).abs().detach() for (k, w), g in zip(params.items(), grads)}
+
+    monkeypatch.setitem(CRITERIA, "output", output_sensitivity)
+    masks = compute_masks({"n": net}, "output", 0.5, "layer", lambda: batch, torch.Generator())["n"]
+    assert seen == [batch] and sorted(masks) == ["0.weight", "2.weight", "4.weight"]
+    assert [int(m.sum()) for m in masks.values()] == [96, 512, 32]  # half of 192, 1024, 64 per layer

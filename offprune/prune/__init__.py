@@ -2,8 +2,8 @@
 
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.masks import SCOPES, kept_count, layer_densities, masks_from_scores, realised_sparsity
-from offprune.prune.networks import DEFAULT_PRUNE_BATCH, METHODS, PrunableNetwork, check_sparsity_of, compute_masks
-from offprune.prune.scores import CRITERIA, prunable_parameters, score
+from offprune.prune.networks import DEFAULT_PRUNE_BATCH, METHODS, check_sparsity_of, compute_masks, round_sparsity
+from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
 
 __all__ = [
     "CRITERIA",
@@ -19,5 +19,7 @@ __all__ = [
     "masks_from_scores",
     "prunable_parameters",
     "realised_sparsity",
+    "round_sparsity",
     "score",
+    "score_network",
 ]

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from offprune.errors import UserError
 from offprune.prune.masks import masks_from_scores
-from offprune.prune.scores import prunable_parameters, score
+from offprune.prune.scores import PrunableNetwork, prunable_parameters, score_network
 
 METHODS = ("dense", "random", "magnitude", "snip", "grasp")
 
 # Batch sizes of the paper (SNIP 100 samples, GraSP 200); other criteria take SNIP's.
 DEFAULT_PRUNE_BATCH = {"snip": 100, "grasp": 200}
-
-
-@dataclass
-class PrunableNetwork:
-    """One network an algorithm exposes to pruning."""
-
-    module: nn.Module  # scored and masked; its named_parameters() names key the masks
-    loss: Callable[..., Tensor]  # loss(batch) -> the network's own training loss
-    mask_copies: tuple[nn.Module, ...] = field(default=())  # same-shaped modules sharing the mask
 
 
 def compute_masks(
@@ -35,11 +25,15 @@ def compute_masks(
     sample_batch: Callable[[], object],
     generator: torch.Generator,
     sparsity_of: dict[str, float] | None = None,
+    rounds: int = 1,
 ) -> dict[str, dict[str, Tensor]]:
     """Masks per network (True = kept), all scored at initialisation before any mask is applied.
 
     Each network draws its own batch from `sample_batch()`, as in Algorithm 1. 'dense' keeps all.
-    `sparsity_of` sets another sparsity for the networks it names (0 keeps them dense).
+    `sparsity_of` sets another sparsity for the networks it names (0 keeps them dense). With
+    `rounds` > 1 each network is scored again `rounds` times on the same batch, its weights masked
+    by the previous round's mask, the sparsity rising on the exponential schedule
+    1 - (1 - s)^(r / rounds) (iterative pruning at initialisation); the weights are restored after.
     """
     sparsity_of = sparsity_of or {}
     check_sparsity_of(networks, sparsity_of)
@@ -50,9 +44,36 @@ def compute_masks(
             masks[name] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(net.module).items()}
             continue
         batch = sample_batch()
-        scores = score(method, net.module, lambda: net.loss(batch), generator=generator)
-        masks[name] = masks_from_scores(scores, net_sparsity, scope)
+        masks[name] = _scored_masks(method, net, batch, net_sparsity, scope, generator, rounds)
     return masks
+
+
+def round_sparsity(sparsity: float, r: int, rounds: int) -> float:
+    """The exponential schedule of iterative pruning: sparsity after round r of `rounds`."""
+    return 1.0 - (1.0 - sparsity) ** (r / rounds)
+
+
+def _scored_masks(method: str, net: PrunableNetwork, batch, sparsity: float, scope: str,
+                  generator: torch.Generator, rounds: int) -> dict[str, Tensor]:
+    if rounds == 1:
+        return masks_from_scores(score_network(method, net, batch, generator), sparsity, scope)
+    params = prunable_parameters(net.module)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        mask = None
+        for r in range(1, rounds + 1):
+            scores = score_network(method, net, batch, generator)
+            if mask is not None:  # a weight pruned in an earlier round stays pruned
+                scores = {n: s.masked_fill(~mask[n], -float("inf")) for n, s in scores.items()}
+            mask = masks_from_scores(scores, round_sparsity(sparsity, r, rounds), scope)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.mul_(mask[n])
+        return mask
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
 
 
 def check_sparsity_of(networks: dict[str, PrunableNetwork], sparsity_of: dict[str, float]) -> None:

@@ -1,11 +1,15 @@
-"""Pruning criteria: each maps (module, prunable weights, loss, generator) to one importance per weight.
+"""Pruning criteria: each maps (network, prunable weights, pruning batch, generator) to one
+importance per weight.
 
 Higher score = kept. A criterion is a small function; the rule that turns scores into masks lives in
-masks.py. `loss_fn()` computes the network's own training loss on the single pruning batch.
+masks.py. The network is a `PrunableNetwork`: `net.loss(batch)` is its own training loss on the
+pruning batch, `net.output(batch)` (where the algorithm gives it) its output, for criteria that
+need the network's function rather than its loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -14,6 +18,16 @@ from torch import Tensor, nn
 LossFn = Callable[[], Tensor]
 Params = dict[str, nn.Parameter]
 Scores = dict[str, Tensor]
+
+
+@dataclass
+class PrunableNetwork:
+    """One network an algorithm exposes to pruning."""
+
+    module: nn.Module  # scored and masked; its named_parameters() names key the masks
+    loss: Callable[..., Tensor]  # loss(batch) -> the network's own training loss
+    mask_copies: tuple[nn.Module, ...] = field(default=())  # same-shaped modules sharing the mask
+    output: Callable[..., Tensor] | None = None  # output(batch) -> the network's output (data-free criteria)
 
 
 def prunable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -39,14 +53,14 @@ def _grads(loss: Tensor, params: list[Tensor], create_graph: bool = False) -> li
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def snip(module: nn.Module, params: Params, loss_fn: LossFn, generator: torch.Generator) -> Scores:
+def snip(net: PrunableNetwork, params: Params, batch, generator: torch.Generator) -> Scores:
     """SNIP (Lee et al. 2019): connection sensitivity |w * dL/dw|."""
     weights = list(params.values())
-    grads = _grads(loss_fn(), weights)
+    grads = _grads(net.loss(batch), weights)
     return {n: (w.detach() * g).abs() for n, w, g in zip(params, weights, grads)}
 
 
-def grasp(module: nn.Module, params: Params, loss_fn: LossFn, generator: torch.Generator) -> Scores:
+def grasp(net: PrunableNetwork, params: Params, batch, generator: torch.Generator) -> Scores:
     """GraSP (Wang et al. 2020): importance w * (H g), H the loss Hessian, g the gradient.
 
     GraSP removes the weights with the largest -w * Hg, i.e. keeps the largest w * Hg. Hg is
@@ -57,7 +71,7 @@ def grasp(module: nn.Module, params: Params, loss_fn: LossFn, generator: torch.G
     change which weights are kept, so it is left out.
     """
     weights = list(params.values())
-    grads = _grads(loss_fn(), weights, create_graph=True)
+    grads = _grads(net.loss(batch), weights, create_graph=True)
     z = sum((g.detach() * g).sum() for g in grads if g.requires_grad)
     if not isinstance(z, Tensor):  # the loss is linear in every weight: H = 0
         return {n: torch.zeros_like(w) for n, w in params.items()}
@@ -65,17 +79,18 @@ def grasp(module: nn.Module, params: Params, loss_fn: LossFn, generator: torch.G
     return {n: w.detach() * h for n, w, h in zip(params, weights, hg)}
 
 
-def magnitude(module: nn.Module, params: Params, loss_fn: LossFn, generator: torch.Generator) -> Scores:
+def magnitude(net: PrunableNetwork, params: Params, batch, generator: torch.Generator) -> Scores:
     """|w| at initialisation (no data used)."""
     return {n: w.detach().abs() for n, w in params.items()}
 
 
-def random(module: nn.Module, params: Params, loss_fn: LossFn, generator: torch.Generator) -> Scores:
+def random(net: PrunableNetwork, params: Params, batch, generator: torch.Generator) -> Scores:
     """Uniform random scores: a random mask with exactly k kept."""
     return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in params.items()}
 
 
-CRITERIA: dict[str, Callable[[nn.Module, Params, LossFn, torch.Generator], Scores]] = {
+Criterion = Callable[[PrunableNetwork, Params, object, torch.Generator], Scores]
+CRITERIA: dict[str, Criterion] = {
     "snip": snip,
     "grasp": grasp,
     "magnitude": magnitude,
@@ -83,16 +98,15 @@ CRITERIA: dict[str, Callable[[nn.Module, Params, LossFn, torch.Generator], Score
 }
 
 
-def score(
-    method: str,
-    module: nn.Module,
-    loss_fn: LossFn,
-    generator: torch.Generator | None = None,
-) -> dict[str, Tensor]:
-    """One importance score per prunable weight of `module` (higher = kept).
+def score_network(method: str, net: PrunableNetwork, batch, generator: torch.Generator | None = None) -> Scores:
+    """One importance score per prunable weight of `net.module` on the pruning `batch` (higher = kept).
 
-    `generator` seeds the `random` criterion (default: torch's global generator).
-    """
+    `generator` seeds the `random` criterion (default: torch's global generator)."""
     if method not in CRITERIA:
         raise ValueError(f"unknown pruning criterion '{method}' (choose from {', '.join(CRITERIA)})")
-    return CRITERIA[method](module, prunable_parameters(module), loss_fn, generator or torch.default_generator)
+    return CRITERIA[method](net, prunable_parameters(net.module), batch, generator or torch.default_generator)
+
+
+def score(method: str, module: nn.Module, loss_fn: LossFn, generator: torch.Generator | None = None) -> Scores:
+    """`score_network` for a bare module and a loss closure on the pruning batch."""
+    return score_network(method, PrunableNetwork(module, lambda _batch: loss_fn()), None, generator)
