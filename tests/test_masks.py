@@ -123,3 +123,42 @@ def test_a_criterion_receives_the_network_and_the_batch(monkeypatch):
     masks = compute_masks({"n": net}, "output", 0.5, "layer", lambda: batch, torch.Generator())["n"]
     assert seen == [batch] and sorted(masks) == ["0.weight", "2.weight", "4.weight"]
     assert [int(m.sum()) for m in masks.values()] == [96, 512, 32]  # half of 192, 1024, 64 per layer
+
+
+def test_masks_replaced_during_training_zero_weights_and_moments_where_newly_pruned():
+    import torch
+
+    from offprune.algos import ALGOS
+    from offprune.prune import MaskEnforcer, compute_masks
+
+    from conftest import random_batch
+
+    torch.manual_seed(0)
+    agent = ALGOS["bcq"].Agent(11, 3, 1.0, ALGOS["bcq"].Config(actor_hidden=(32, 32), critic_hidden=(32, 32),
+                                                             vae_hidden=(32, 32)), torch.device("cpu"))
+    networks = agent.prunable_networks()
+    dense = compute_masks(networks, "dense", 0.0, "global", lambda: None, torch.Generator())
+    enforcer = MaskEnforcer(networks, dense, agent.optimizers.values())  # starts dense, as GMP does
+    for step in range(3):
+        agent.update(random_batch(11, 3, 16, step))
+    new = compute_masks(networks, "magnitude", 0.8, "global", lambda: None, torch.Generator())
+    enforcer.set_masks(new)
+    critic_opt = agent.optimizers["critic"]
+    for step in range(3, 6):
+        agent.update(random_batch(11, 3, 16, step))
+        for name, module in (("critic", agent.critic.q1), ("critic", agent.critic.q2),
+                             ("critic", agent.critic_target.q1), ("actor", agent.actor_target)):
+            for pname, mask in new[name].items():
+                w = dict(module.named_parameters())[pname]
+                assert torch.count_nonzero(w[~mask]) == 0, (name, pname)
+        for pname, mask in new["critic"].items():
+            w = dict(agent.critic.q1.named_parameters())[pname]
+            state = critic_opt.state[w]
+            assert torch.count_nonzero(state["exp_avg"][~mask]) == 0
+            assert torch.count_nonzero(state["exp_avg_sq"][~mask]) == 0
+    # regrowth: a position pruned now and kept later starts from zero and learns again
+    regrown = {net: {k: torch.ones_like(m) for k, m in layers.items()} for net, layers in new.items()}
+    enforcer.set_masks(regrown)
+    agent.update(random_batch(11, 3, 16, 9))
+    w = agent.critic.q1[2].weight
+    assert torch.count_nonzero(w[~new["critic"]["2.weight"]]) > 0

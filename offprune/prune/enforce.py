@@ -4,6 +4,10 @@ Hooks on each optimizer's `step`: before it, gradients at pruned positions are z
 moment estimates stay exactly 0 there); after it, pruned weights are zeroed again (so any
 optimizer, e.g. one with weight decay or momentum, cannot revive them). Target copies are updated
 by soft updates from masked sources and so stay exactly zero without a hook.
+
+`set_masks` replaces the masks during training (schedules, regrowth): newly pruned positions get
+zero weights (in the network and its mask copies) and zero optimizer moments; newly kept ones
+start from their zero weight, as RigL and SET regrow.
 """
 
 from __future__ import annotations
@@ -23,23 +27,56 @@ class MaskEnforcer:
         masks: dict[str, dict[str, Tensor]],
         optimizers: Iterable[torch.optim.Optimizer],
     ):
+        self.networks = networks
+        self.optimizers = list(optimizers)
         self.pairs: list[tuple[Tensor, Tensor]] = []  # (parameter, float mask), fully dense masks left out
-        for name, net in networks.items():
+        self._by_optimizer: dict[int, list[tuple[Tensor, Tensor]]] = {id(opt): [] for opt in self.optimizers}
+        self._handles = []
+        self._add(masks)
+        self.zero_pruned_weights()
+
+    def _add(self, masks: dict[str, dict[str, Tensor]]) -> None:
+        """Enforce the masks that keep less than everything on parameters not enforced yet."""
+        known = {id(p) for p, _ in self.pairs}
+        owner = {id(p): opt for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        for name, net in self.networks.items():
+            for module in (net.module, *net.mask_copies):
+                params = dict(module.named_parameters())
+                for pname, mask in masks.get(name, {}).items():
+                    p = params[pname]
+                    if bool(mask.all()) or id(p) in known:
+                        continue
+                    pair = (p, mask.to(device=p.device, dtype=p.dtype))
+                    self.pairs.append(pair)
+                    known.add(id(p))
+                    if id(p) in owner:
+                        opt = owner[id(p)]
+                        pairs = self._by_optimizer[id(opt)]
+                        if not pairs:  # hooks only where something is masked (dense runs get none)
+                            self._handles.append(opt.register_step_pre_hook(_mask_grads_hook(pairs)))
+                            self._handles.append(opt.register_step_post_hook(_mask_weights_hook(pairs)))
+                        pairs.append(pair)
+
+    @torch.no_grad()
+    def set_masks(self, masks: dict[str, dict[str, Tensor]]) -> None:
+        """Replace the masks of the networks named in `masks` (see the module docstring)."""
+        self._add(masks)
+        current = {id(p): m for p, m in self.pairs}
+        for name, net in self.networks.items():
+            if name not in masks:
+                continue
             for module in (net.module, *net.mask_copies):
                 params = dict(module.named_parameters())
                 for pname, mask in masks[name].items():
-                    if not bool(mask.all()):
-                        p = params[pname]
-                        self.pairs.append((p, mask.to(device=p.device, dtype=p.dtype)))
+                    p = params[pname]
+                    if id(p) in current:
+                        current[id(p)].copy_(mask.to(device=p.device, dtype=p.dtype))  # hooks see it in place
+        for opt in self.optimizers:
+            for p, m in self._by_optimizer[id(opt)]:
+                for value in opt.state.get(p, {}).values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value.masked_fill_(m == 0, 0.0)  # moments at newly pruned positions
         self.zero_pruned_weights()
-
-        mask_of = {id(p): m for p, m in self.pairs}
-        self._handles = []
-        for opt in optimizers:
-            pairs = [(p, mask_of[id(p)]) for g in opt.param_groups for p in g["params"] if id(p) in mask_of]
-            if pairs:
-                self._handles.append(opt.register_step_pre_hook(_mask_grads_hook(pairs)))
-                self._handles.append(opt.register_step_post_hook(_mask_weights_hook(pairs)))
 
     @torch.no_grad()
     def zero_pruned_weights(self) -> None:
@@ -55,6 +92,7 @@ class MaskEnforcer:
 
 
 def _mask_grads_hook(pairs: list[tuple[Tensor, Tensor]]):
+    # `pairs` is the enforcer's own list: masks added later by set_masks are seen here
     @torch.no_grad()
     def hook(optimizer, args, kwargs):
         with_grad = [(p.grad, m) for p, m in pairs if p.grad is not None]
@@ -65,10 +103,9 @@ def _mask_grads_hook(pairs: list[tuple[Tensor, Tensor]]):
 
 
 def _mask_weights_hook(pairs: list[tuple[Tensor, Tensor]]):
-    params, masks = [p for p, _ in pairs], [m for _, m in pairs]
-
     @torch.no_grad()
     def hook(optimizer, args, kwargs):
-        torch._foreach_mul_(params, masks)
+        if pairs:
+            torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
 
     return hook
