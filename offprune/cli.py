@@ -496,6 +496,7 @@ def storage(run_dir, table1, latency, repeats) -> None:
     """
     import torch
 
+    from offprune import checkpoint, inference
     from offprune import storage as st
 
     if table1:
@@ -514,7 +515,7 @@ def storage(run_dir, table1, latency, repeats) -> None:
                        f"smaller than dense, {total['coo'] / total['packed']:.2f}x than COO)")
         click.echo(f"wrote storage.parquet in {len(runs)} run folders (offprune report {run_dir} plots them)")
         return
-    agent, ckpt = st.load_run(run_dir)
+    agent, ckpt = checkpoint.load_run(run_dir)
     table = st.run_storage(run_dir, (agent, ckpt))
     total = table.iloc[-1]
     click.echo(f"bytes per network ({Path(run_dir)}):")
@@ -525,12 +526,12 @@ def storage(run_dir, table1, latency, repeats) -> None:
     if latency:
         torch.set_num_threads(1)
         click.echo("\nlatency, 1 thread, ms per pass through each network's Linear layers (median):")
-        click.echo(st.layer_latency_table(st.stored_networks(agent), repeats=repeats).to_string(
+        click.echo(inference.layer_latency_table(checkpoint.stored_networks(agent), repeats=repeats).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
         batch = agent.act_batch
-        engine_dense = st.sparse_inference_agent(agent, batch, "dense", repeats)
-        engine_auto = st.sparse_inference_agent(agent, batch, "auto", repeats)
-        dense_ms, ed_ms, auto_ms = (1e3 * st.act_latency(a, ckpt["agent"]["obs_dim"]) for a in (agent, engine_dense, engine_auto))
+        engine_dense = inference.sparse_inference_agent(agent, batch, "dense", repeats)
+        engine_auto = inference.sparse_inference_agent(agent, batch, "auto", repeats)
+        dense_ms, ed_ms, auto_ms = (1e3 * inference.act_latency(a, ckpt["agent"]["obs_dim"]) for a in (agent, engine_dense, engine_auto))
         click.echo(f"\nact() with {batch} row(s) per call: dense modules {dense_ms:.3f} ms; inference path dense "
                    f"{ed_ms:.3f} ms; inference path auto-sparse {auto_ms:.3f} ms -> {dense_ms / auto_ms:.2f}x vs dense "
                    f"modules ({ed_ms / auto_ms:.2f}x from sparse kernels alone)")
@@ -541,12 +542,13 @@ def storage(run_dir, table1, latency, repeats) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Packed file to write.")
 def export(run_dir, out) -> None:
     """Write a run's networks to one compact, lossless, checksummed file (load with
-    offprune.storage.load_packed)."""
+    offprune.packed.load_packed)."""
+    from offprune import checkpoint, packed
     from offprune import storage as st
 
-    agent, ckpt = st.load_run(run_dir)
-    path = st.write_packed(agent, ckpt, out)
-    dense = sum(st.saved_size(m.state_dict()) for m in st.stored_networks(agent).values())
+    agent, ckpt = checkpoint.load_run(run_dir)
+    path = packed.write_packed(agent, ckpt, out)
+    dense = sum(st.saved_size(m.state_dict()) for m in checkpoint.stored_networks(agent).values())
     click.echo(f"wrote {path}: {path.stat().st_size} bytes ({dense / path.stat().st_size:.2f}x smaller than "
                f"dense torch.save, {dense} bytes)")
 

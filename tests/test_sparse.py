@@ -12,7 +12,7 @@ from torch import nn
 from offprune.algos import ALGOS
 from offprune.prune import MaskEnforcer, compute_masks
 from offprune.results import load
-from offprune.storage import load_run
+from offprune.checkpoint import load_run
 from offprune import sparse as sparse_module
 from offprune.sparse import SparseLinear, convert_to_dense, convert_to_sparse, has_sparse_layers, product_for
 
@@ -250,7 +250,7 @@ def test_sparse_and_dense_kernels_learn_the_same_for_300_bcq_updates(product):
 
 
 def test_run_records_kernels_and_storage_reads_sparse_runs(capsys, tmp_path, hopper_file):
-    from offprune import storage as st
+    from offprune import checkpoint
 
     code, out, err = run_cli(capsys, "run", "--algo", "bcq", "--sparsity", "0.95", "--kernels", "sparse",
                             "--dataset", str(hopper_file), "--out", str(tmp_path), "--steps", "4",
@@ -259,7 +259,7 @@ def test_run_records_kernels_and_storage_reads_sparse_runs(capsys, tmp_path, hop
     rows = load(tmp_path)
     assert (rows.kernels == "sparse").all() and (rows.torch_threads == 1).all()
     run_dir = tmp_path / "bcq_hopper-random-v5_snip_s0.95_seed0"
-    agent, ckpt = st.load_run(run_dir)
+    agent, ckpt = checkpoint.load_run(run_dir)
     masks = ckpt["masks"]
     assert not has_sparse_layers(agent.actor)
     for pname, mask in masks["actor"].items():

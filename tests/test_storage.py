@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from offprune import checkpoint, inference, packed
 from offprune import storage as st
 from offprune.errors import UserError
 
@@ -66,8 +67,8 @@ class Odd(nn.Module):
 def test_packed_round_trip_is_bit_exact(tmp_path, sparsity):
     module = Odd(sparsity)
     path = tmp_path / "odd.pack"
-    path.write_bytes(st.pack_networks({"odd": module}))
-    header, states = st.read_packed(path)
+    path.write_bytes(packed.pack_networks({"odd": module}))
+    header, states = packed.read_packed(path)
     for key, value in module.state_dict().items():
         got = states["odd"][key]
         assert got.dtype == value.dtype and got.shape == value.shape, key
@@ -92,13 +93,13 @@ def test_export_and_load_give_identical_weights_and_actions(tmp_path, hopper_fil
     code, out, _ = run_cli(capsys, "export", str(run_dir), "--out", str(tmp_path / "agent.pack"))
     assert code == 0 and "smaller than dense torch.save" in out
 
-    original, _ = st.load_run(run_dir)
-    loaded = st.load_packed(tmp_path / "agent.pack")
+    original, _ = checkpoint.load_run(run_dir)
+    loaded = packed.load_packed(tmp_path / "agent.pack")
     assert set(loaded) == {"actor", "critic", "vae"}
-    for name, module in st.stored_networks(original).items():
+    for name, module in checkpoint.stored_networks(original).items():
         for key, value in module.state_dict().items():
             assert torch.equal(loaded[name].state_dict()[key].view(torch.int32), value.view(torch.int32))
-    agent = st.load_packed_agent(tmp_path / "agent.pack")
+    agent = packed.load_packed_agent(tmp_path / "agent.pack")
     for seed in range(5):
         obs = np.random.default_rng(seed).normal(size=11).astype(np.float32)
         torch.manual_seed(seed)
@@ -133,23 +134,23 @@ def test_inference_path_matches_dense_outputs():
     with torch.inference_mode():
         expected = seq(x)
         for kernels in ("dense", "sparse", "auto"):
-            fast = st.InferenceMLP(seq, 10, kernels, repeats=3)
+            fast = inference.InferenceMLP(seq, 10, kernels, repeats=3)
             assert len(fast.kernels) == 3
             torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
-        assert st.InferenceMLP(seq, 10, "sparse").kernels == ["csr"] * 3
+        assert inference.InferenceMLP(seq, 10, "sparse").kernels == ["csr"] * 3
         for kernel in ("addmm", "bag"):
-            torch.testing.assert_close(st.CSRLinear(seq[2], kernel)(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
-        bag = st.InferenceMLP(seq, 10, "sparse")  # every layer on the embedding-bag kernel
+            torch.testing.assert_close(inference.CSRLinear(seq[2], kernel)(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
+        bag = inference.InferenceMLP(seq, 10, "sparse")  # every layer on the embedding-bag kernel
         bag.steps = [("bag" if kind == "csr" else kind, a, b) for kind, a, b in bag.steps]
         torch.testing.assert_close(bag(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def corrupt_variants(data: bytes):
-    fixed = len(st.MAGIC) + 12
+    fixed = len(packed.MAGIC) + 12
     flipped = bytearray(data)
     flipped[fixed + 40] ^= 0x01
     newer = bytearray(data)
-    newer[len(st.MAGIC) : len(st.MAGIC) + 4] = struct.pack("<I", st.FORMAT_VERSION + 1)
+    newer[len(packed.MAGIC) : len(packed.MAGIC) + 4] = struct.pack("<I", packed.FORMAT_VERSION + 1)
     return [
         (data[: len(data) - 100], "truncated"),
         (data[:20], "truncated"),
@@ -161,12 +162,12 @@ def corrupt_variants(data: bytes):
 
 @pytest.mark.parametrize("case", range(5))
 def test_bad_packed_files_raise_clear_errors(tmp_path, case):
-    data = st.pack_networks({"odd": Odd(0.9)})
+    data = packed.pack_networks({"odd": Odd(0.9)})
     blob, message = corrupt_variants(data)[case]
     path = tmp_path / "bad.pack"
     path.write_bytes(blob)
     with pytest.raises(UserError, match=message):
-        st.read_packed(path)
+        packed.read_packed(path)
 
 
 def test_run_dir_without_checkpoint_is_a_user_error(tmp_path, capsys):
