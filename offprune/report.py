@@ -271,7 +271,8 @@ def plot_layers(layers: pd.DataFrame, sparsity: float, path: Path) -> Path:
     import seaborn as sns
 
     data = layers[np.isclose(layers.target_sparsity, sparsity) & (layers.prune != "dense")].copy()
-    data["panel"] = data.algo + " · " + data.network
+    # a panel per dataset too: layer sizes depend on the environment's observation and action sizes
+    data["panel"] = data.algo + " · " + data.dataset + " · " + data.network
     collapsed = set(data.loc[data.kept == 0, "layer"] + "@" + data.loc[data.kept == 0, "panel"])
     data["label"] = [f"{layer.removesuffix('.weight')}\n{total:,} w" + ("\nCOLLAPSED" if f"{layer}@{panel}" in collapsed else "")
                      for layer, total, panel in zip(data.layer, data.total, data.panel)]
@@ -284,7 +285,7 @@ def plot_layers(layers: pd.DataFrame, sparsity: float, path: Path) -> Path:
     grid.set_axis_labels("layer (input -> output), weights", "fraction of weights kept")
     for ax in grid.axes.flat:
         ax.axhline(1 - sparsity, color="0.3", lw=1, ls="--")
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=35)
     grid.figure.suptitle(f"Weights kept per layer at sparsity {sparsity:g} (dashed: uniform {1 - sparsity:.2f})", y=1.03)
     n_seeds = data.groupby(["algo", "criterion"]).seed.nunique().min()
     return _save(grid.figure, path, f"mean over {n_seeds} seed(s) per criterion; masks are fixed at initialisation; "
