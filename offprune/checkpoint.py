@@ -132,6 +132,72 @@ def is_locked(run_dir: Path) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------ the dense layout
+# Checkpoints hold every module and optimizer state in the dense masked layout (an [out, in]
+# weight with zeros where pruned, and moments of the same shape), whatever kernels trained the
+# run, so any tool loads them into a freshly built agent. A run on sparse kernels converts on save
+# and back on resume (values = dense[kept positions]: bit for bit).
+LAYOUT = "dense"
+
+
+def _sparse_layers(agent) -> dict[int, object]:
+    from offprune.sparse import SparseLinear
+
+    return {id(m.values): m for module in agent.modules.values() for m in module.modules() if isinstance(m, SparseLinear)}
+
+
+def dense_module_states(agent) -> dict[str, dict]:
+    from offprune.sparse import SparseLinear
+
+    states = {}
+    for name, module in agent.modules.items():
+        state = module.state_dict()
+        for prefix, m in module.named_modules():
+            if isinstance(m, SparseLinear):
+                head = f"{prefix}." if prefix else ""
+                for key in [k for k in state if k.startswith(head) and k[len(head):].count(".") == 0]:
+                    del state[key]
+                state[f"{head}weight"] = m.dense_weight(m.values.detach()).clone()
+                state[f"{head}bias"] = m.bias.detach().clone()
+        states[name] = state
+    return states
+
+
+def _optimizer_params(opt) -> list:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def dense_optimizer_states(agent) -> dict[str, dict]:
+    layers = _sparse_layers(agent)
+    states = {}
+    for name, opt in agent.optimizers.items():
+        state = opt.state_dict()
+        for index, p in enumerate(_optimizer_params(opt)):
+            layer = layers.get(id(p))
+            if layer is not None and index in state["state"]:
+                state["state"][index] = {k: layer.dense_weight(v) if torch.is_tensor(v) and v.shape == p.shape else v
+                                         for k, v in state["state"][index].items()}
+        states[name] = state
+    return states
+
+
+def load_optimizer_states(agent, states: dict[str, dict]) -> None:
+    """Optimizer states saved in the dense layout, into optimizers whose parameters may be sparse."""
+    layers = _sparse_layers(agent)
+    for name, opt in agent.optimizers.items():
+        state = states[name]
+        params = _optimizer_params(opt)
+        converted = {}
+        for index, entry in state["state"].items():
+            layer = layers.get(id(params[int(index)]))
+            if layer is None:
+                converted[index] = entry
+                continue
+            converted[index] = {k: v.flatten()[layer.flat_index].clone() if torch.is_tensor(v) and v.dim() == 2 else v
+                                for k, v in entry.items()}
+        opt.load_state_dict({**state, "state": converted})
+
+
 # ------------------------------------------------------------------------------ agents from runs
 def config_from_dict(config_cls, values: dict):
     """Rebuild an algorithm's Config; JSON turns tuples into lists, so turn them back."""
@@ -170,7 +236,8 @@ def load_run(path: str | Path):
     if "agent" not in ckpt:
         raise UserError(f"{path}: not an offprune checkpoint (or written before offprune recorded agent specs)")
     agent = build_agent(ckpt["agent"])
-    sparse = ckpt.get("kernels") == "sparse"
+    # checkpoints before the dense layout kept a sparse run's modules in its sparse layout
+    sparse = ckpt.get("kernels") == "sparse" and ckpt.get("layout") != LAYOUT
     if sparse:  # trained with sparse kernels: rebuild that layout, load, then turn back to dense
         convert_to_sparse(agent.prunable_networks(), ckpt["masks"], [])
     for name, module in agent.modules.items():

@@ -151,9 +151,14 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         progress = restore(ckpt, cfg, setup, run_dir, log) if ckpt else start(cfg, setup, run_dir, log)
         if progress.kernels == "sparse" and cfg.threads is None:
             torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
+        dense_layout = ckpt is not None and ckpt.get("layout") == checkpoint.LAYOUT
+        if dense_layout:  # weights before the kernels: a sparse conversion reads them
+            load_module_states(ckpt, setup)
         layer_kernels = apply_masks(setup.networks, progress.masks, setup.agent.optimizers.values(), progress.kernels)
         if ckpt:
-            load_training_state(ckpt, setup)
+            if not dense_layout:  # a checkpoint written before the dense layout: in the kernels' own
+                load_module_states(ckpt, setup)
+            load_training_state(ckpt, setup, dense_layout)
             log(f"resuming {cfg.name} from step {progress.step}")
         atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
         layers = write_layers(cfg, setup, progress.masks, layer_kernels, run_dir, log)
@@ -207,11 +212,18 @@ def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Pro
                     ckpt.get("kernel_speedup", nan), ckpt["step"], ckpt["train_seconds"])
 
 
-def load_training_state(ckpt: dict, setup: Setup) -> None:
+def load_module_states(ckpt: dict, setup: Setup) -> None:
     for name, module in setup.agent.modules.items():
         module.load_state_dict(ckpt["modules"][name])
-    for name, opt in setup.agent.optimizers.items():
-        opt.load_state_dict(ckpt["optimizers"][name])
+
+
+def load_training_state(ckpt: dict, setup: Setup, dense_layout: bool) -> None:
+    """Optimizers, sampler and random state (the modules are loaded by then)."""
+    if dense_layout:
+        checkpoint.load_optimizer_states(setup.agent, ckpt["optimizers"])
+    else:
+        for name, opt in setup.agent.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
     setup.sampler.load_state_dict(ckpt["sampler"])
     torch.set_rng_state(ckpt["torch_rng"])
 
@@ -339,8 +351,9 @@ def checkpoint_state(cfg: RunConfig, setup: Setup, progress: Progress, row: dict
     return {
         "step": progress.step,
         "train_seconds": progress.train_seconds,
-        "modules": {n: m.state_dict() for n, m in agent.modules.items()},
-        "optimizers": {n: o.state_dict() for n, o in agent.optimizers.items()},
+        "layout": checkpoint.LAYOUT,  # modules and optimizers as dense masked tensors, whatever the kernels
+        "modules": checkpoint.dense_module_states(agent),
+        "optimizers": checkpoint.dense_optimizer_states(agent),
         "sampler": setup.sampler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "masks": progress.masks,

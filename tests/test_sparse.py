@@ -335,3 +335,26 @@ def test_speed_measures_dreamer_on_sequences(capsys):
     assert code == 0, err
     figures = json.loads(out)
     assert all(figures[k] > 0 for k in ("dense_unmasked", "dense_masked", "sparse", "dense_reparam"))
+
+
+def test_a_sparse_runs_checkpoint_is_in_the_dense_masked_layout(capsys, tmp_path, hopper_file):
+    from offprune.checkpoint import build_agent
+
+    code, _, err = run_cli(capsys, "run", "--algo", "bcq", "--sparsity", "0.95", "--dataset", str(hopper_file),
+                           "--out", str(tmp_path), "--steps", "2", "--eval-every", "2", "--eval-episodes", "1",
+                           "--kernels", "sparse", "--no-progress")
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "bcq_hopper-random-v5_snip_s0.95_seed0" / "checkpoint.pt", weights_only=False)
+    assert ckpt["kernels"] == "sparse" and ckpt["layout"] == "dense"
+    agent = build_agent(ckpt["agent"])
+    for name, module in agent.modules.items():  # a freshly built dense agent takes them as they are
+        module.load_state_dict(ckpt["modules"][name])
+    mask = ckpt["masks"]["vae"]["decoder.2.weight"]
+    weight = agent.vae.decoder[2].weight
+    assert weight.shape == mask.shape and torch.count_nonzero(weight[~mask]) == 0
+    assert torch.count_nonzero(weight[mask]) == int(mask.sum())
+    index = [n for n, _ in agent.vae.named_parameters()].index("decoder.2.weight")  # the optimizer's order
+    moments = ckpt["optimizers"]["vae"]["state"][index]
+    for key in ("exp_avg", "exp_avg_sq"):  # in the weight's shape, zero where pruned, trained where kept
+        assert moments[key].shape == mask.shape and torch.count_nonzero(moments[key][~mask]) == 0
+        assert torch.count_nonzero(moments[key][mask]) > 0
