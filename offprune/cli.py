@@ -164,7 +164,12 @@ def sweep(config_file, show_status, show_plan, only_consolidate, progress, **fla
 
     cfg = SweepConfig.build(config_file, **flags)
     if show_status:
-        groups = sw.status(cfg.out)
+        if cfg.results:  # a study: its grid, with runs finished on any machine (the consolidated results)
+            from offprune import study
+
+            groups = sw.status_of(sw.grid(cfg), cfg.out, study.finished_runs(cfg.results, sw.grid(cfg)))
+        else:
+            groups = sw.status(cfg.out)
         for state, names in groups.items():
             click.echo(f"{state:<8} {len(names):>4}" + (f"  {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
                                                        if names and state != "done" else ""))

@@ -298,12 +298,17 @@ def status(out: str) -> dict[str, list[str]]:
     manifest = Path(out) / MANIFEST
     if not manifest.is_file():
         raise UserError(f"no sweep in {out} (no {MANIFEST}); start one with 'offprune sweep ... --out {out}'")
-    groups: dict[str, list[str]] = {"done": [], "running": [], "failed": [], "left": []}
     try:
         grid = json.loads(manifest.read_text())
     except ValueError:
         raise UserError(f"{manifest} is not valid JSON; rerun the sweep's command to rewrite it") from None
-    for cfg_dict in grid:
-        name = RunConfig(**cfg_dict).name
-        groups[read_state(Path(out) / name)].append(name)
+    return status_of([RunConfig(**cfg_dict) for cfg_dict in grid], out)
+
+
+def status_of(runs: list[RunConfig], out: str, finished: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Run ids grouped by state; `finished`: runs done elsewhere (a study's consolidated results)."""
+    groups: dict[str, list[str]] = {"done": [], "running": [], "failed": [], "left": []}
+    for cfg in runs:
+        state = "done" if cfg.name in finished else read_state(Path(out) / cfg.name)
+        groups[state].append(cfg.name)
     return groups

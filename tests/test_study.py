@@ -141,3 +141,13 @@ def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path,
     assert run_cli(capsys, "sweep", "--config", path, "--no-progress")[0] == 0
     code, out, _ = run_cli(capsys, "sweep", "--config", path, "--plan", "--seeds", "0-1")
     assert out.splitlines()[0] == "6 runs in the sweep: 3 done, 3 to run (2 at a time)"
+
+
+def test_status_of_a_study_counts_runs_finished_on_another_machine(capsys, tmp_path, hopper_file):
+    path = study_file(tmp_path, hopper_file)
+    assert run_cli(capsys, "sweep", "--config", path, "--no-progress")[0] == 0
+    code, out, _ = run_cli(capsys, "sweep", "--config", path, "--status", "--out", tmp_path / "new-machine",
+                           "--seeds", "0-1")
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert lines == {"done": "3", "running": "0", "failed": "0", "left": "3"}  # seed 1 not run anywhere yet
