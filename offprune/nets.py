@@ -83,9 +83,8 @@ def adam(params, lr: float) -> torch.optim.Adam:
     """Adam with the fused kernel where torch has one for the parameters' device.
 
     Why fused: Adam's foreach path takes sqrt(exp_avg_sq), and with pruned positions held at
-    exactly 0 that sqrt runs ~6x slower on x86 CPUs (a slow path for zero inputs), making a
-    95%-masked BC update ~15-20% slower than dense. The fused kernel has no such cost (and is
-    faster for dense nets too); see benchmarks/bench_masked_update.py.
+    exactly 0 that sqrt takes a slow path on x86 CPUs, enough to make a masked update slower than
+    a dense one. The fused kernel has no such cost (benchmarks/README.md, bench_masked_update.py).
     """
     params = list(params)
     try:

@@ -14,19 +14,16 @@ Why this shape: on CPU a dense update is compute-bound, and 95% sparsity removes
 multiply-adds only if no step materialises a dense [out, in] matrix. A CSR row times a
 feature-major activation is exactly an embedding bag (rows of the activation gathered by column
 index, weighted by the values, summed per output row), and PyTorch's CPU embedding_bag (FBGEMM)
-runs it ~2x faster than MKL's CSR x dense product (`torch.addmm` with a CSR weight) at batch
-10-1000, one thread (measured here, BCQ's 750x750 layer at 8% density, batch 1000: 3.1 ms vs
-6.1 ms; dense 13.4 ms). The same kernel with the transposed structure gives the input gradient
-(0.32 ms vs 0.54 ms for the CSR product at batch 100). sampled_addmm computes the weight
-gradient at the nnz kept positions only (gathering x[:, cols] * dy[:, rows] allocates
-[nnz, batch] and is ~20x slower; letting autograd differentiate embedding_bag is ~5x slower).
-COO `torch.sparse.mm` is slower than all of these.
+runs it faster than MKL's CSR x dense product (`torch.addmm` with a CSR weight) at batch 10-1000;
+the same kernel with the transposed structure gives the input gradient. sampled_addmm computes the
+weight gradient at the kept positions only (gathering x[:, cols] * dy[:, rows] allocates
+[nnz, batch]; letting autograd differentiate embedding_bag is slower too). COO `torch.sparse.mm`
+is slower than all of these. The measurements behind these choices are in benchmarks/README.md.
 
 Fusion: a network's Linear-activation-...-Linear stack (`offprune.nets.MLP`, ReLU or ELU) runs as
 ONE autograd function whose backward walks the layers itself (activation gradients from the saved
-outputs), and a lone SparseLinear is a chain of one. Per layer, PyTorch's autograd and module
-machinery cost ~40-80 us, a third of a sparse BCQ update at 95%; fused, BCQ's update at 95% went
-from 2.9x to 3.5x faster than dense masked training (one thread).
+outputs), and a lone SparseLinear is a chain of one: per-layer autograd and module machinery was
+a third of a sparse BCQ update at 95 % before fusion.
 
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
 agent turned back gives dense masked modules with bit-identical weights.
@@ -72,18 +69,16 @@ def _feature_major(t: Tensor) -> Tensor:
 
 
 # Wide activations (BCQ's critic target decodes 1,000 candidates: a [750, 1000] activation is
-# 3 MB) are multiplied in blocks of 128 columns, so the rows a block gathers stay in L2 cache:
-# BCQ's 750x750 layer at 8% density, batch 1000, took 2.2 ms instead of 2.9 ms here. Block
-# widths that are not a multiple of 16 floats measured slower than no blocking at all.
-# Columns are independent, so the result is bit-identical. Blocking pays only where each input
-# row is gathered many times (nnz / in_features: 60 for that layer); BCQ's 400x300 layers at 95%
-# (~11 gathers a row) took 310 us in one call and 375 us blocked, so they are not blocked.
+# 3 MB) are multiplied in blocks of 128 columns, so the rows a block gathers stay in L2 cache
+# (block widths not a multiple of 16 floats lose). Columns are independent, so the result is
+# bit-identical. Blocking pays only where each input row is gathered many times (nnz /
+# in_features); BCQ's 400x300 layers at 95 % lose from it, so they are not blocked.
 BLOCK_COLUMNS = 128
 BLOCK_MIN_REUSE = 24  # kept weights per input feature from which wide products are blocked
 
 
 def _bag(x_t: Tensor, col: Tensor, crow: Tensor, values: Tensor) -> Tensor:
-    # torch.embedding_bag directly: F.embedding_bag's argument checks cost a few us a call
+    # torch.embedding_bag directly: F.embedding_bag's argument checks cost time on every call
     return torch.embedding_bag(x_t, col, crow, False, 0, False, values, True)[0]  # mode 0 = sum
 
 
@@ -145,8 +140,8 @@ class SparseLinear(nn.Module):
 
     def pattern(self) -> Tensor:
         """The mask as a CSR tensor (values unused), for sampled_addmm. Built once per device:
-        constructing a CSR tensor inside backward costs ~25 us (torch raises its 'beta' warning,
-        which the autograd engine replays through Python), a tenth of a small layer's backward."""
+        constructing a CSR tensor inside backward is slow (torch raises its 'beta' warning, which
+        the autograd engine replays through Python)."""
         if self._pattern is None or self._pattern.device != self.crow.device:
             self._pattern = csr_tensor(self.crow, self.col, self.pattern_values, (self.out_features, self.in_features))
         return self._pattern
@@ -236,8 +231,8 @@ def _wide_chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: T
                      params: tuple[Tensor, ...]) -> Tensor:
     """The graph-free forward. A wide batch through a chain with a blocked (high-reuse) product
     runs in blocks of BLOCK_COLUMNS rows through the whole chain, so each block's activations stay
-    in cache from layer to layer: BCQ's decoder on 1,000 target candidates, ~4% faster than
-    blocking inside each product. Rows are independent, so the result is bit-identical."""
+    in cache from layer to layer (BCQ's decoder on 1,000 target candidates), faster than blocking
+    inside each product. Rows are independent, so the result is bit-identical."""
     rows = x.shape[0]
     if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(
             layer.product == "csr" and _reuses_rows(layer.col, layer.in_features) for layer in layers):
@@ -319,12 +314,11 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
 
 
-# Which product each converted layer uses. Measured here (one thread, batch 100, forward +
-# backward): a CSR (embedding-bag) layer costs ~0.2 ms fixed per update plus ~3x dense BLAS's
-# time per kept multiply-add, so small layers (BCQ's 14-wide inputs, 1- to 6-wide output heads)
-# and layers denser than ~1/3 are faster multiplied as dense matrices. The rule is fixed, not
-# measured per run, so a run's kernels (and so its exact floating-point results) do not depend
-# on the machine's load.
+# Which product each converted layer uses: a CSR (embedding-bag) layer has a fixed cost per
+# update plus a few times dense BLAS's cost per kept multiply-add, so small layers (BCQ's 14-wide
+# inputs, 1- to 6-wide output heads) and dense-ish layers are faster multiplied as dense matrices.
+# The rule is fixed, not measured per run, so a run's kernels (and so its exact floating-point
+# results) do not depend on the machine's load.
 MIN_CSR_WEIGHTS = 16_384  # in_features * out_features below this: dense product
 MAX_CSR_DENSITY = 0.25  # a layer keeping more than this fraction: dense product
 
