@@ -52,6 +52,9 @@ def cli() -> None:
 @click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
 @click.option("--prune-batch", type=int, default=None, help=f"Samples in the pruning batch.  {PRUNE_BATCH_DEFAULT}")
+@click.option("--prune-rounds", type=int, default=1, show_default=True,
+              help="Score R times on one batch, masking between rounds, sparsity rising as 1 - (1 - s)^(r/R) "
+                   "(iterative pruning at initialisation); 1 is the paper's single shot.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads (default: torch's; 1 with sparse kernels; 1 per process when running several).")
@@ -67,7 +70,8 @@ def cli() -> None:
 @click.option("--seq-len", type=int, default=None,
               help="Sequence length of sequence-based algorithms (dreamer); same as --algo-opt seq_len=N.")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
-        prune_batch, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts, seq_len) -> None:
+        prune_batch, prune_rounds, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
+        seq_len) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
     \b
@@ -95,6 +99,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         eval_every=eval_every,
         eval_episodes=eval_episodes,
         prune_batch=prune_batch,
+        prune_rounds=prune_rounds,
         env=env,
         device=device,
         threads=threads,

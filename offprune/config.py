@@ -49,6 +49,7 @@ class RunConfig:
     eval_every: int = PROFILES["quick"]["eval_every"]  # updates between evaluations (and checkpoints)
     eval_episodes: int = PROFILES["quick"]["eval_episodes"]
     prune_batch: int | None = None  # samples in the ONE pruning batch; None: SNIP 100, GraSP 200
+    prune_rounds: int = 1  # scorings on the exponential schedule (iterative pruning at init); 1: single shot
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
@@ -77,6 +78,8 @@ class RunConfig:
         for name in ("steps", "eval_every", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not isinstance(self.prune_rounds, int) or self.prune_rounds < 1:
+            raise UserError("--prune-rounds must be a whole number of at least 1")
         if self.prune_batch is not None and self.prune_batch < 1:
             raise UserError("--prune-batch must be at least 1")
         if self.kernels not in KERNELS:
@@ -129,6 +132,7 @@ class RunConfig:
         scope = "" if self.scope == "global" else f"_{self.scope}"
         overrides = "".join(f"_{net}{value:g}" for net, value in self.sparsity_of)
         batch = f"_pb{self.prune_batch}" if self.prune_batch is not None and self.prune != "dense" else ""
+        batch += f"_r{self.prune_rounds}" if self.prune_rounds != 1 and self.prune != "dense" else ""
         return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}{batch}"
                 f"_seed{self.seed}")
 
@@ -136,9 +140,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def differences(self, other: dict) -> list[str]:
-        """Fields (other than RESUMABLE_CHANGES) whose value differs from a saved config."""
+        """Fields (other than RESUMABLE_CHANGES) whose value differs from a saved config. A field
+        the saved config lacks (written before the field existed) counts as its default."""
         mine = json.loads(json.dumps(self.to_dict()))  # tuples as the saved JSON has them: lists
-        return [k for k in mine if k not in RESUMABLE_CHANGES and other.get(k) != mine[k]]
+        defaults = json.loads(json.dumps(RunConfig().to_dict()))
+        return [k for k in mine if k not in RESUMABLE_CHANGES and other.get(k, defaults[k]) != mine[k]]
 
 
 def _parse_option(key: str, text: str, default: Any) -> Any:

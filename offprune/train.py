@@ -191,7 +191,8 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     """Prune at initialisation (one batch per network) and choose the kernels."""
     generator = torch.Generator().manual_seed(cfg.seed)
     masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
-                          lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of))
+                          lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of),
+                          cfg.prune_rounds)
     atomic.torch_save(masks, run_dir / MASKS_FILE)
     kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, setup.agent.rows_per_update, log)
     return Progress(masks, kernels, estimate, measured)
@@ -267,6 +268,7 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "kept_weights": int(sum(int(m.sum()) for m in all_masks.values())),
         "prunable_weights": int(sum(m.numel() for m in all_masks.values())),
         "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
+        "prune_rounds": cfg.prune_rounds if cfg.prune != "dense" else 0,
         "kernels": progress.kernels,
         "kernels_requested": cfg.kernels,
         "sparse_kernel_speedup_estimated": progress.kernel_estimate,

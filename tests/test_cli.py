@@ -202,3 +202,36 @@ def test_datasets_make_and_list(capsys, tmp_path, monkeypatch):
     assert code == 0 and "hopper-random-v5" in out and "Hopper-v5" in out and " 50 " in out
     code, _, err = offprune(capsys, "datasets", "make", "pendulum")
     assert code == 2 and "Invalid value for 'ENV'" in err
+
+
+def test_prune_rounds_rescore_and_are_recorded(capsys, tmp_path, hopper_file):
+    import torch
+
+    args = quick(hopper_file, tmp_path, "--algo", "bc-mlp", "--sparsity", "0.95", "--steps", "1")
+    assert offprune(capsys, *args)[0] == 0
+    assert offprune(capsys, *args, "--prune-rounds", "4")[0] == 0
+    rows = load(tmp_path).set_index("run_id")
+    assert rows.loc["bc-mlp_hopper-random-v5_snip_s0.95_r4_seed0", "prune_rounds"] == 4
+    assert rows.loc["bc-mlp_hopper-random-v5_snip_s0.95_seed0", "prune_rounds"] == 1
+    one = torch.load(tmp_path / "bc-mlp_hopper-random-v5_snip_s0.95_seed0" / "masks.pt")["policy"]
+    four = torch.load(tmp_path / "bc-mlp_hopper-random-v5_snip_s0.95_r4_seed0" / "masks.pt")["policy"]
+    assert sum(int(m.sum()) for m in one.values()) == sum(int(m.sum()) for m in four.values())  # same k
+    assert any(not torch.equal(one[k], four[k]) for k in one)  # but re-scored
+    code, _, err = offprune(capsys, *args, "--prune-rounds", "0")
+    assert code == 2 and "--prune-rounds must be a whole number of at least 1" in err
+
+
+def test_a_run_saved_before_a_new_config_field_still_resumes(capsys, tmp_path, hopper_file):
+    import json
+
+    args = quick(hopper_file, tmp_path, "--algo", "bc-mlp", "--sparsity", "0.9", "--steps", "2", "--eval-every", "1")
+    assert offprune(capsys, *args)[0] == 0
+    config = tmp_path / "bc-mlp_hopper-random-v5_snip_s0.9_seed0" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["prune_rounds"]  # as an older offprune wrote it
+    config.write_text(json.dumps(saved))
+    args = list(args)
+    args[args.index("--steps") + 1] = "3"
+    code, _, err = offprune(capsys, *args, "--resume")
+    assert code == 0, err
+    assert list(load(tmp_path).step) == [1, 2, 3]
