@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offprune.errors import UserError
 from offprune.nets import MLP
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
@@ -363,17 +365,32 @@ def convert_to_sparse(
     return products
 
 
+@dataclass
+class MaskHolder:
+    """The masks a run trains under, and the one place that can change them during training."""
+
+    kernels: dict[str, dict[str, str]]  # per network, each masked weight's kernel: 'dense', 'csr', 'dense-product'
+    enforcer: MaskEnforcer
+    sparse: bool  # some weights are SparseLinear values (their zeros are structural)
+
+    def set_masks(self, masks: dict[str, dict[str, Tensor]]) -> None:
+        """New masks at a step (schedules, regrowth); see MaskEnforcer.set_masks."""
+        if self.sparse:
+            raise UserError("masks that change during training need --kernels dense for now (sparse layers "
+                            "cannot change their structure yet)")
+        self.enforcer.set_masks(masks)
+
+
 def apply_masks(
     networks: dict[str, PrunableNetwork],
     masks: dict[str, dict[str, Tensor]],
     optimizers,
     kernels: str,
-) -> dict[str, dict[str, str]]:
+) -> MaskHolder:
     """Make training keep the masks: the one call a training loop makes after pruning.
 
     'dense': masked weights stay dense matrices, held at zero by a MaskEnforcer. 'sparse': every
-    masked Linear becomes a SparseLinear (its zeros are structural). Returns, per network, each
-    masked weight's kernel: 'dense', or the SparseLinear product 'csr' / 'dense-product'."""
+    masked Linear becomes a SparseLinear (its zeros are structural)."""
     optimizers = list(optimizers)
     products: dict[str, dict[str, str]] = {name: {} for name in masks}
     if kernels == "sparse":
@@ -381,9 +398,10 @@ def apply_masks(
     # what stays dense (all of it, or the weights SparseLinear cannot hold, e.g. a GRU's) is
     # held at zero by the enforcer
     rest = {net: {p: m for p, m in layer.items() if p not in products[net]} for net, layer in masks.items()}
-    MaskEnforcer(networks, rest, optimizers)
-    return {net: {p: {"csr": "csr", "dense": "dense-product"}[products[net][p]] if p in products[net] else "dense"
-                  for p in layer_masks} for net, layer_masks in masks.items()}
+    enforcer = MaskEnforcer(networks, rest, optimizers)
+    layer_kernels = {net: {p: {"csr": "csr", "dense": "dense-product"}[products[net][p]] if p in products[net]
+                           else "dense" for p in layer_masks} for net, layer_masks in masks.items()}
+    return MaskHolder(layer_kernels, enforcer, kernels == "sparse")
 
 
 def convert_to_dense(module: nn.Module) -> nn.Module:

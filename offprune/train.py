@@ -35,7 +35,8 @@ from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
 from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
-from offprune.sparse import apply_masks, choose_kernels, kernels_by_rule
+from offprune.prune import MaskSchedule
+from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule
 
 # file names of a run folder (kept here too: tools import them from train)
 CHECKPOINT_FILE, MASKS_FILE, CONFIG_FILE = checkpoint.CHECKPOINT_FILE, checkpoint.MASKS_FILE, checkpoint.CONFIG_FILE
@@ -154,16 +155,16 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         dense_layout = ckpt is not None and ckpt.get("layout") == checkpoint.LAYOUT
         if dense_layout:  # weights before the kernels: a sparse conversion reads them
             load_module_states(ckpt, setup)
-        layer_kernels = apply_masks(setup.networks, progress.masks, setup.agent.optimizers.values(), progress.kernels)
+        holder = apply_masks(setup.networks, progress.masks, setup.agent.optimizers.values(), progress.kernels)
         if ckpt:
             if not dense_layout:  # a checkpoint written before the dense layout: in the kernels' own
                 load_module_states(ckpt, setup)
             load_training_state(ckpt, setup, dense_layout)
             log(f"resuming {cfg.name} from step {progress.step}")
         atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
-        layers = write_layers(cfg, setup, progress.masks, layer_kernels, run_dir, log)
+        layers = write_layers(cfg, setup, progress.masks, holder.kernels, run_dir, log)
         static = static_columns(cfg, setup, progress, device)
-        train_loop(cfg, setup, progress, static, run_dir, log)
+        train_loop(cfg, setup, progress, holder, static, run_dir, log)
     setup.env.close()
     results_path = run_dir / RESULTS_FILE
     rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
@@ -259,14 +260,10 @@ def write_layers(cfg: RunConfig, setup: Setup, masks: dict, layer_kernels: dict,
 
 def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: torch.device) -> dict:
     """The result columns that do not change during the run."""
-    masks, dataset = progress.masks, setup.dataset
-    all_masks = {f"{net}/{layer}": m for net, layer_masks in masks.items() for layer, m in layer_masks.items()}
+    dataset = setup.dataset
     return {
         **identity_columns(cfg, dataset),
-        "realised_sparsity": realised_sparsity(all_masks),
-        **{f"sparsity_{net}": realised_sparsity(m) for net, m in masks.items()},
-        "kept_weights": int(sum(int(m.sum()) for m in all_masks.values())),
-        "prunable_weights": int(sum(m.numel() for m in all_masks.values())),
+        **sparsity_columns(progress.masks),
         "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
         "prune_rounds": cfg.prune_rounds if cfg.prune != "dense" else 0,
         "kernels": progress.kernels,
@@ -285,9 +282,30 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
     }
 
 
-def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, static: dict, run_dir: Path, log) -> None:
-    """Update, and every `eval_every` updates evaluate, checkpoint, then write the results row."""
+def mask_schedule(cfg: RunConfig, setup: Setup) -> MaskSchedule | None:
+    """The schedule that changes this run's masks during training; None: masks fixed at
+    initialisation (every criterion offprune has today)."""
+    return None
+
+
+def sparsity_columns(masks: dict) -> dict:
+    """Realised sparsity overall and per network, kept and prunable weights (each evaluation row
+    has its own: a mask schedule changes them)."""
+    all_masks = {f"{net}/{layer}": m for net, layer_masks in masks.items() for layer, m in layer_masks.items()}
+    return {
+        "realised_sparsity": realised_sparsity(all_masks),
+        **{f"sparsity_{net}": realised_sparsity(m) for net, m in masks.items()},
+        "kept_weights": int(sum(int(m.sum()) for m in all_masks.values())),
+        "prunable_weights": int(sum(m.numel() for m in all_masks.values())),
+    }
+
+
+def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHolder, static: dict, run_dir: Path,
+               log) -> None:
+    """Update, and every `eval_every` updates evaluate, checkpoint, then write the results row.
+    Where a mask schedule says so, the masks change after an update (and the checkpoint keeps them)."""
     agent, sampler = setup.agent, setup.sampler
+    schedule = mask_schedule(cfg, setup)
     losses: dict[str, list[float]] = defaultdict(list)
     window_start, window_steps = time.perf_counter(), 0
     bar_off = _progress_off(cfg)
@@ -304,6 +322,9 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, static: dict, r
             raise UserError(f"training diverged at step {step}: {', '.join(diverged)} not finite; {kept} in {run_dir}")
         for k, v in info.items():
             losses[k].append(v)
+        if schedule is not None and (new_masks := schedule.masks_at(step)) is not None:
+            holder.set_masks(new_masks)
+            progress.masks = new_masks
         window_steps += 1
         bar.update(1)
         if step % cfg.eval_every and step != cfg.steps:
@@ -311,8 +332,8 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, static: dict, r
         elapsed = time.perf_counter() - window_start
         progress.train_seconds += elapsed
         progress.step = step
-        row = evaluation_row(cfg, setup, static, step, losses, window_steps / elapsed if elapsed > 0 else float("nan"),
-                             progress.train_seconds)
+        row = evaluation_row(cfg, setup, {**static, **sparsity_columns(progress.masks)}, step, losses,
+                             window_steps / elapsed if elapsed > 0 else float("nan"), progress.train_seconds)
         checkpoint.save(run_dir, checkpoint_state(cfg, setup, progress, row))
         append_rows(run_dir / RESULTS_FILE, [row])
         bar.set_postfix(score=f"{row['normalized_score']:.1f}", refresh=False)

@@ -83,7 +83,7 @@ def test_gru_masks_hold_with_sparse_kernels():
     networks = agent.prunable_networks()
     masks = compute_masks(networks, "snip", 0.95, "global", lambda: random_sequences(OBS, ACT, 8, 6),
                           torch.Generator().manual_seed(0))
-    kernels = apply_masks(networks, masks, agent.optimizers.values(), "sparse")
+    kernels = apply_masks(networks, masks, agent.optimizers.values(), "sparse").kernels
     assert kernels["rssm"]["cell.weight_hh"] == "dense" and kernels["actor"]["net.2.weight"] == "csr"
     for i in range(5):
         agent.update(random_sequences(OBS, ACT, 4, 6, seed=i))

@@ -144,3 +144,31 @@ def test_the_algorithm_contract_is_declared_and_a_misspelt_hook_fails():
         class Typo(AgentBase):
             def evaluation_metric(self, sampler, episode_rewards):
                 return {}
+
+
+def test_a_mask_schedule_changes_the_masks_at_its_step(capsys, tmp_path, hopper_file, monkeypatch):
+    from conftest import run_cli
+
+    from offprune import train
+    from offprune.results import load
+
+    class PruneOnceAt3:
+        def __init__(self, networks):
+            self.networks = networks
+
+        def masks_at(self, step):
+            if step != 3:
+                return None
+            return compute_masks(self.networks, "magnitude", 0.8, "global", lambda: None, torch.Generator())
+
+    monkeypatch.setattr(train, "mask_schedule", lambda cfg, setup: PruneOnceAt3(setup.networks))
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--dataset", hopper_file,
+                           "--out", tmp_path, "--steps", "4", "--eval-every", "2", "--eval-episodes", "1",
+                           "--no-progress")
+    assert code == 0, err
+    rows = load(tmp_path).set_index("step")
+    assert rows.loc[2, "realised_sparsity"] == 0.0 and rows.loc[4, "realised_sparsity"] == pytest.approx(0.8, abs=1e-4)
+    ckpt = torch.load(tmp_path / "bc-mlp_hopper-random-v5_dense_s0_seed0" / "checkpoint.pt", weights_only=False)
+    for pname, mask in ckpt["masks"]["policy"].items():  # the new masks held through step 4
+        w = ckpt["modules"]["policy"][pname]
+        assert (~mask).any() and torch.count_nonzero(w[~mask]) == 0

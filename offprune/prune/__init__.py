@@ -2,7 +2,8 @@
 
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.masks import SCOPES, kept_count, layer_densities, masks_from_scores, realised_sparsity
-from offprune.prune.networks import DEFAULT_PRUNE_BATCH, METHODS, check_sparsity_of, compute_masks, round_sparsity
+from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, METHODS, MaskSchedule, check_sparsity_of, compute_masks,
+                                    round_sparsity)
 from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "METHODS",
     "SCOPES",
     "MaskEnforcer",
+    "MaskSchedule",
     "PrunableNetwork",
     "check_sparsity_of",
     "compute_masks",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -74,6 +74,13 @@ def _scored_masks(method: str, net: PrunableNetwork, batch, sparsity: float, sco
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
+
+
+class MaskSchedule(Protocol):
+    """Masks that change during training (gradual pruning, regrowth): the training loop asks after
+    every update; None keeps the current masks."""
+
+    def masks_at(self, step: int) -> dict[str, dict[str, Tensor]] | None: ...
 
 
 def check_sparsity_of(networks: dict[str, PrunableNetwork], sparsity_of: dict[str, float]) -> None:
