@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -148,3 +149,34 @@ class TwinCritic(nn.Module):
 
     def q1_value(self, obs: Tensor, action: Tensor) -> Tensor:
         return self.q1(torch.cat([obs, action], 1))
+
+
+class TanhPolicy(nn.Module):
+    """A deterministic policy: max_action * tanh(MLP(obs)) (BC-MLP; TD3+BC's actor)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], max_action: float):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+
+class TanhGaussianActor(nn.Module):
+    """Dreamer v1's action model: Normal(mean_scale * tanh(mu / mean_scale), softplus(s + c) +
+    1e-4) squashed by tanh, c chosen so the initial std is `init_std`."""
+
+    def __init__(self, feat_dim: int, act_dim: int, hidden: tuple[int, ...], init_std: float, mean_scale: float):
+        super().__init__()
+        self.net = mlp(feat_dim, hidden, 2 * act_dim, nn.ELU)
+        self.raw_init_std = math.log(math.exp(init_std) - 1)
+        self.mean_scale = mean_scale
+
+    def forward(self, feat: Tensor, deterministic: bool = False) -> Tensor:
+        mean, std = self.net(feat).chunk(2, -1)
+        mean = self.mean_scale * torch.tanh(mean / self.mean_scale)
+        if deterministic:
+            return torch.tanh(mean)
+        std = F.softplus(std + self.raw_init_std) + 1e-4
+        return torch.tanh(mean + std * torch.randn(std.shape, device=std.device))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from offprune.algos.base import AgentBase
 from offprune.data import Batch
-from offprune.nets import adam, mlp, optimizer_step
+from offprune.nets import TanhPolicy, adam, optimizer_step
 from offprune.prune import PrunableNetwork
 
 
@@ -25,20 +25,10 @@ class Config:
     batch_size: int = 256
 
 
-class Policy(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], max_action: float):
-        super().__init__()
-        self.net = mlp(obs_dim, hidden, act_dim)
-        self.max_action = max_action
-
-    def forward(self, obs: Tensor) -> Tensor:
-        return self.max_action * torch.tanh(self.net(obs))
-
-
 class Agent(AgentBase):
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
-        self.policy = Policy(obs_dim, act_dim, config.hidden, max_action).to(device)
+        self.policy = TanhPolicy(obs_dim, act_dim, config.hidden, max_action).to(device)
         self.policy_optimizer = adam(self.policy.parameters(), config.lr)
 
     @property

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from offprune.algos.base import AgentBase
 from offprune.data import SequenceBatch, SequenceSampler
 from offprune.data.d4rl import OfflineDataset
-from offprune.nets import ObsNormalizer, adam, frozen, mlp, optimizer_step, soft_update
+from offprune.nets import ObsNormalizer, TanhGaussianActor, adam, frozen, mlp, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -92,7 +92,7 @@ class Config:
 
 
 # What `--profile` sets for this algorithm on top of the generic profile: the paper's batch
-# (50 x 50, imagining from all 2,550 states) takes ~7 s per update on one CPU core, ~0.4 s here.
+# (50 x 50, imagining from all 2,550 states) is too slow for a CPU quick run (times in the README).
 PROFILES = {"quick": {"steps": 2_000, "eval_every": 500, "algo_options": {"batch_size": 8, "imag_starts": 128}}}
 
 
@@ -166,25 +166,6 @@ def lambda_return(rewards: Tensor, values: Tensor, discounts: Tensor, bootstrap:
         last = inputs[t] + discounts[t] * lam * last
         returns.append(last)
     return torch.stack(returns[::-1], 0)
-
-
-class TanhGaussianActor(nn.Module):
-    """Dreamer v1's action model: Normal(mean_scale * tanh(mu / mean_scale), softplus(s + c) +
-    1e-4) squashed by tanh, c chosen so the initial std is `init_std`."""
-
-    def __init__(self, feat_dim: int, act_dim: int, hidden: tuple[int, ...], init_std: float, mean_scale: float):
-        super().__init__()
-        self.net = mlp(feat_dim, hidden, 2 * act_dim, nn.ELU)
-        self.raw_init_std = math.log(math.exp(init_std) - 1)
-        self.mean_scale = mean_scale
-
-    def forward(self, feat: Tensor, deterministic: bool = False) -> Tensor:
-        mean, std = self.net(feat).chunk(2, -1)
-        mean = self.mean_scale * torch.tanh(mean / self.mean_scale)
-        if deterministic:
-            return torch.tanh(mean)
-        std = F.softplus(std + self.raw_init_std) + 1e-4
-        return torch.tanh(mean + std * torch.randn(std.shape, device=std.device))
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
