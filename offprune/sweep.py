@@ -23,8 +23,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
-from pyarrow import ArrowException
 from tqdm import tqdm
 
 from offprune import atomic
@@ -33,7 +31,7 @@ from offprune.algos import ALGOS
 from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
-from offprune.results import RESULTS_FILE, ResultsError
+from offprune.results import RESULTS_FILE, ResultsError, read_rows
 
 MANIFEST = "sweep.json"
 STATUS_FILE = "status.json"
@@ -106,9 +104,10 @@ def read_state(run_dir: Path) -> str:
 def trained_steps(run_dir: Path) -> int:
     """The last step with a results row (0 when none)."""
     try:
-        return int(pd.read_parquet(run_dir / RESULTS_FILE, columns=["step"]).step.max())
-    except (OSError, ValueError, KeyError, ArrowException):
+        rows = read_rows(run_dir / RESULTS_FILE, columns=["step"])
+    except ResultsError:  # damaged: the run restarts (see _run_one)
         return 0
+    return 0 if rows is None or rows.empty else int(rows.step.max())
 
 
 def is_finished(cfg: RunConfig) -> bool:

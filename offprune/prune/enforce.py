@@ -31,6 +31,7 @@ class MaskEnforcer:
         self.optimizers = list(optimizers)
         self.pairs: list[tuple[Tensor, Tensor]] = []  # (parameter, float mask), fully dense masks left out
         self._by_optimizer: dict[int, list[tuple[Tensor, Tensor]]] = {id(opt): [] for opt in self.optimizers}
+        self._lists: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         self._handles = []
         self._add(masks)
         self.zero_pruned_weights()
@@ -53,9 +54,13 @@ class MaskEnforcer:
                         opt = owner[id(p)]
                         pairs = self._by_optimizer[id(opt)]
                         if not pairs:  # hooks only where something is masked (dense runs get none)
+                            weights, float_masks = [], []  # the post-step hook's foreach lists, kept in step
+                            self._lists[id(opt)] = (weights, float_masks)
                             self._handles.append(opt.register_step_pre_hook(_mask_grads_hook(pairs)))
-                            self._handles.append(opt.register_step_post_hook(_mask_weights_hook(pairs)))
+                            self._handles.append(opt.register_step_post_hook(_mask_weights_hook(weights, float_masks)))
                         pairs.append(pair)
+                        self._lists[id(opt)][0].append(pair[0])
+                        self._lists[id(opt)][1].append(pair[1])
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, dict[str, Tensor]]) -> None:
@@ -102,10 +107,10 @@ def _mask_grads_hook(pairs: list[tuple[Tensor, Tensor]]):
     return hook
 
 
-def _mask_weights_hook(pairs: list[tuple[Tensor, Tensor]]):
+def _mask_weights_hook(params: list[Tensor], masks: list[Tensor]):
+    # the enforcer's own lists (grown by set_masks), not rebuilt at every step
     @torch.no_grad()
     def hook(optimizer, args, kwargs):
-        if pairs:
-            torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
+        torch._foreach_mul_(params, masks)
 
     return hook
