@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 from tqdm import tqdm
@@ -22,6 +24,75 @@ KERNELS_HELP = ("dense: masked dense matrices. sparse: store and train only kept
 ALGO_HELP = " ".join(f"{name}: {module.__doc__.split(chr(10))[0].rstrip('.')}." for name, module in sorted(ALGOS.items()))
 PRUNE_BATCH_DEFAULT = ("[default: " + ", ".join(f"{n} for {m}" for m, n in DEFAULT_PRUNE_BATCH.items())
                        + " (the paper's); 100 for the others]")
+PROFILE_HELP = "Budget: " + "; ".join(
+    f"{name} = {b['steps']:,} updates, eval every {b['eval_every']:,} over {b['eval_episodes']} episodes"
+    for name, b in PROFILES.items()) + "".join(
+    f"; {algo}'s {name}: " + ", ".join(f"{k}={v}" for k, v in {**refined, **refined.get("algo_options", {})}.items()
+                                        if k != "algo_options")
+    for algo, module in sorted(ALGOS.items()) for name, refined in getattr(module, "PROFILES", {}).items()) + "."
+
+# The options `run` and `sweep` share, declared once: flag -> (type for one value, help). `run`
+# takes one value (default: RunConfig's unless RUN_DEFAULTS says otherwise); `sweep` takes a comma
+# list where the option is a grid axis, and shows SweepConfig's default (a config file may set it).
+SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "algo": (click.Choice(sorted(ALGOS)), ALGO_HELP),
+    "prune": (click.Choice(METHODS), "Pruning criterion, scored on ONE batch per network before training; "
+                                     "'dense' prunes nothing."),
+    "sparsity": (float, "Fraction of prunable weights removed, in [0, 1)."),
+    "dataset": (str, "D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path."),
+    "env": (str, "Gymnasium env to evaluate in (default: from the dataset file or name)."),
+    "scope": (click.Choice(SCOPES), "global: one threshold per network (the paper). layer: same fraction in "
+                                    "every layer."),
+    "profile": (click.Choice(sorted(PROFILES)), PROFILE_HELP),
+    "steps": (int, "Gradient updates per run (overrides the profile)."),
+    "eval-every": (int, "Updates between evaluations and checkpoints."),
+    "eval-episodes": (int, "Episodes per evaluation."),
+    "prune-batch": (int, f"Samples in the pruning batch.  {PRUNE_BATCH_DEFAULT}"),
+    "kernels": (click.Choice(KERNELS), KERNELS_HELP),
+    "device": (str, "auto, cpu, cuda or cuda:N."),
+    "threads": (int, "Torch threads per run."),
+}
+# run's defaults that are not a plain RunConfig default: None = decided later (help says how)
+RUN_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "sparsity": (None, "  [default: 0.9; 0 with --prune dense]"),
+    "env": (None, ""), "steps": (None, ""), "eval_every": (None, ""), "eval_episodes": (None, ""),
+    "prune_batch": (None, ""),
+    "threads": (None, "  [default: torch's; 1 with sparse kernels]"),
+    "profile": ("quick", ""),
+    "dataset": (RunConfig.dataset, "  The default is generated on first use."),
+}
+SWEEP_HELP = {"prune": "  A dense baseline per (algo, dataset, seed) is always added."}
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def shared_options(command: str) -> Callable:
+    """Decorate `run` or `sweep` with SHARED_OPTIONS."""
+    from offprune.config import SweepConfig
+
+    sweep_defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig)}
+
+    def decorate(f: Callable) -> Callable:
+        for flag, (kind, help_text) in reversed(SHARED_OPTIONS.items()):
+            field = flag.replace("-", "_")
+            if command == "run":
+                default, note = RUN_DEFAULTS[field] if field in RUN_DEFAULTS else (getattr(RunConfig, field), "")
+                f = click.option(f"--{flag}", type=kind, default=default, show_default=default is not None,
+                                 help=help_text + note)(f)
+            elif field in SweepConfig._LISTS:  # a grid axis: a comma list
+                choices = f" Of: {', '.join(kind.choices)}." if isinstance(kind, click.Choice) else ""
+                f = click.option(f"--{flag}", default=None, help=f"Comma list (a grid axis){choices} {help_text}"
+                                 + ("" if field == "prune_batch" else f"  [default: {_shown(sweep_defaults[field])}]")
+                                 + SWEEP_HELP.get(field, ""))(f)
+            else:
+                default = sweep_defaults[field]
+                f = click.option(f"--{flag}", type=kind, default=None, help=help_text + (
+                    f"  [default: {_shown(default)}]" if default is not None else ""))(f)
+        return f
+    return decorate
+
 
 EXIT_USER_ERROR = 2
 
@@ -34,31 +105,11 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True, help=ALGO_HELP)
-@click.option("--prune", "prune", type=click.Choice(METHODS), default="snip", show_default=True,
-              help="Pruning criterion, scored on ONE batch per network before training; 'dense' prunes nothing.")
-@click.option("--sparsity", type=float, default=None,
-              help="Fraction of prunable weights removed, in [0, 1).  [default: 0.9; 0 with --prune dense]")
-@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
-              help="global: one threshold per network (the paper). layer: same fraction in every layer.")
-@click.option("--dataset", default=RunConfig.dataset, show_default=True,
-              help="D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path. "
-                   "The default is generated on first use.")
-@click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from the file or dataset name).")
+@shared_options("run")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True,
-              help="Budget: quick = 5k updates, eval every 1k over 5 episodes (dreamer: 2k updates of 8 sequences, eval every 500); paper = 1M, every 5k over 10.")
-@click.option("--steps", type=int, default=None, help="Gradient updates (overrides the profile).")
-@click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
-@click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
-@click.option("--prune-batch", type=int, default=None, help=f"Samples in the pruning batch.  {PRUNE_BATCH_DEFAULT}")
 @click.option("--prune-rounds", type=int, default=1, show_default=True,
               help="Score R times on one batch, masking between rounds, sparsity rising as 1 - (1 - s)^(r/R) "
                    "(iterative pruning at initialisation); 1 is the paper's single shot.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=None,
-              help="Torch threads (default: torch's; 1 with sparse kernels; 1 per process when running several).")
-@click.option("--kernels", type=click.Choice(KERNELS), default="auto", show_default=True, help=KERNELS_HELP)
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
@@ -119,27 +170,8 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with any of these options as keys (algo = ['bc', 'bcq'], seeds = '0-4', ...); "
                    "flags given here override it.")
-@click.option("--algo", default=None, help=f"Comma list of {', '.join(sorted(ALGOS))}, e.g. bc,bcq.  [default: bc]")
-@click.option("--prune", default=None,
-              help="Comma list of criteria; a dense baseline per (algo, dataset, seed) is always added.  "
-                   "[default: snip,grasp]")
-@click.option("--sparsity", default=None,
-              help="Comma list of fractions removed.  [default: 0.1,0.2,...,0.9,0.95]")
-@click.option("--dataset", default=None, help=f"Comma list of names or paths.  [default: {RunConfig.dataset}]")
+@shared_options("sweep")
 @click.option("--seeds", default=None, help="Comma list or range, e.g. 0-4 or 0,3,7.  [default: 0-2]")
-@click.option("--scope", type=click.Choice(SCOPES), default=None, help="[default: global]")
-@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None,
-              help="quick = 5k updates, eval every 1k over 5 episodes; paper = 1M, every 5k over 10, as the "
-                   "paper (use --seeds 0-4 for its five seeds).  [default: quick]")
-@click.option("--steps", type=int, default=None, help="Gradient updates per run (overrides the profile).")
-@click.option("--eval-every", type=int, default=None, help="Updates between evaluations and checkpoints.")
-@click.option("--eval-episodes", type=int, default=None, help="Episodes per evaluation.")
-@click.option("--prune-batch", default=None,
-              help=f"Comma list of pruning batch sizes (a grid axis).  {PRUNE_BATCH_DEFAULT}")
-@click.option("--env", default=None, help="Gymnasium env to evaluate in (default: from each dataset).")
-@click.option("--kernels", type=click.Choice(KERNELS), default=None, help=KERNELS_HELP + "  [default: auto]")
-@click.option("--device", default=None, help="[default: cpu]")
-@click.option("--threads", type=int, default=None, help="Torch threads per run.  [default: 1]")
 @click.option("--jobs", type=int, default=None, help="Runs at a time (local processes or local Ray CPUs).  [default: 2]")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
               help="local: worker processes on this machine. ray: Ray tasks (needs `pip install ray`).  [default: local]")
@@ -506,7 +538,7 @@ def storage(run_dir, table1, latency, repeats) -> None:
     """
     import torch
 
-    from offprune import checkpoint, inference
+    from offprune import checkpoint, speed
     from offprune import storage as st
 
     if table1:
@@ -536,12 +568,12 @@ def storage(run_dir, table1, latency, repeats) -> None:
     if latency:
         torch.set_num_threads(1)
         click.echo("\nlatency, 1 thread, ms per pass through each network's Linear layers (median):")
-        click.echo(inference.layer_latency_table(checkpoint.stored_networks(agent), repeats=repeats).to_string(
+        click.echo(speed.layer_latency_table(checkpoint.stored_networks(agent), repeats=repeats).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
         batch = agent.act_batch
-        engine_dense = inference.sparse_inference_agent(agent, batch, "dense", repeats)
-        engine_auto = inference.sparse_inference_agent(agent, batch, "auto", repeats)
-        dense_ms, ed_ms, auto_ms = (1e3 * inference.act_latency(a, ckpt["agent"]["obs_dim"]) for a in (agent, engine_dense, engine_auto))
+        engine_dense = speed.inference_agent(agent, batch, "dense", repeats)
+        engine_auto = speed.inference_agent(agent, batch, "auto", repeats)
+        dense_ms, ed_ms, auto_ms = (1e3 * speed.act_latency(a, ckpt["agent"]["obs_dim"]) for a in (agent, engine_dense, engine_auto))
         click.echo(f"\nact() with {batch} row(s) per call: dense modules {dense_ms:.3f} ms; inference path dense "
                    f"{ed_ms:.3f} ms; inference path auto-sparse {auto_ms:.3f} ms -> {dense_ms / auto_ms:.2f}x vs dense "
                    f"modules ({ed_ms / auto_ms:.2f}x from sparse kernels alone)")

@@ -31,16 +31,19 @@ class ResultsError(UserError):
     """A results file that exists cannot be read."""
 
 
-def read_rows(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame | None:
-    """A run's results file (None when there is none); ResultsError names a damaged one."""
+RUN_FILE_REMEDY = "move it aside (mv {path} {path}.bad) and rerun: a sweep does this by itself and restarts the run"
+
+
+def read_rows(path: str | Path, columns: list[str] | None = None, remedy: str = RUN_FILE_REMEDY) -> pd.DataFrame | None:
+    """A results file (None when there is none); ResultsError names a damaged one and says what to
+    do (`remedy`, formatted with the path)."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         return pd.read_parquet(path, columns=columns)
     except Exception as e:  # truncated, overwritten, not parquet
-        raise ResultsError(f"cannot read {path} ({type(e).__name__}); move it aside (mv {path} {path}.bad) and "
-                           "rerun: a sweep does this by itself and restarts the run") from None
+        raise ResultsError(f"cannot read {path} ({type(e).__name__}); {remedy.format(path=path)}") from None
 
 
 def append_rows(path: str | Path, rows: Iterable[dict], key: Sequence[str] = ROW_KEY) -> pd.DataFrame:

@@ -31,16 +31,16 @@ agent turned back gives dense masked modules with bit-identical weights.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from offprune.errors import UserError
 from offprune.nets import MLP
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
@@ -101,20 +101,33 @@ def csr_times(crow: Tensor, col: Tensor, values: Tensor, x_t: Tensor) -> Tensor:
     return out
 
 
+# How a masked Linear multiplies: one name per layer, used by the code, the CLI's output and the
+# `kernel` column of layers.parquet.
+LAYER_KERNELS = {
+    "dense": "a dense masked weight (nn.Linear); the mask enforcer holds its pruned weights at zero",
+    "dense-product": "only the kept values are stored; each product scatters them into a dense matrix",
+    "csr": "only the kept values are stored; products are embedding bags over the CSR rows",
+    "csr-addmm": "only the kept values are stored; the forward product is torch's CSR addmm (fastest at "
+                 "batch 1, for inference), the backward as 'csr'",
+}
+SPARSE_KERNELS = ("csr", "csr-addmm", "dense-product")  # the kernels of a SparseLinear
+
+
 class SparseLinear(nn.Module):
     """A Linear layer that stores and trains only the weights its mask keeps.
 
-    `product` is how it multiplies: 'csr' (embedding-bag kernels over the kept weights) or
-    'dense' (the kept weights scattered into a dense matrix for each product: for layers too
-    small for sparse kernels to pay). Either way only the kept values are parameters, and
-    activations stay feature-major, so a network can mix both without transposing between layers.
+    `kernel` is how it multiplies (LAYER_KERNELS): 'csr', 'csr-addmm' or 'dense-product'. Either
+    way only the kept values are parameters, and activations stay feature-major, so a network can
+    mix kernels without transposing between layers. `freeze()` (inference copies) keeps the
+    product's weight built once instead of rebuilding it from the values for every product.
     """
 
-    def __init__(self, linear: nn.Linear, mask: Tensor, product: str = "csr"):
+    def __init__(self, linear: nn.Linear, mask: Tensor, kernel: str = "csr"):
         super().__init__()
-        if product not in ("csr", "dense"):
-            raise ValueError(f"unknown product {product!r}")
-        self.product = product
+        if kernel not in SPARSE_KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r} (one of {', '.join(SPARSE_KERNELS)})")
+        self.kernel = kernel
+        self.frozen_weight: Tensor | None = None
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         mask = mask.to(device=weight.device, dtype=torch.bool)
@@ -151,6 +164,22 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return chain_forward((self,), None, x)
 
+    def product_weight(self, values: Tensor) -> Tensor:
+        """The weight this layer's non-'csr' forward product multiplies by: dense ('dense-product')
+        or a CSR tensor ('csr-addmm'); built once by `freeze()`, else from `values` every time."""
+        if self.frozen_weight is not None:
+            return self.frozen_weight
+        if self.kernel == "csr-addmm":
+            return csr_tensor(self.crow, self.col, values, (self.out_features, self.in_features))
+        return self.dense_weight(values)
+
+    def freeze(self) -> "SparseLinear":
+        """For inference: the values will not change, so build the product's weight once."""
+        self.frozen_weight = None
+        with torch.no_grad():
+            self.frozen_weight = self.product_weight(self.values.detach().clone())
+        return self
+
     def dense_weight(self, values: Tensor) -> Tensor:
         """The [out, in] weight with `values` at the kept positions and +0.0 elsewhere.
 
@@ -173,7 +202,7 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}, "
-                f"product={self.product}")
+                f"kernel={self.kernel}")
 
 
 # --- fused chains: a whole Linear-activation-...-Linear stack as one autograd function ---------
@@ -183,17 +212,22 @@ class SparseLinear(nn.Module):
 CHAIN_ACTIVATIONS = (nn.ReLU, nn.ELU)
 
 
-def chain_supported(mlp: nn.Sequential) -> bool:
-    """True for Linear-act-...-Linear stacks whose Linears are all SparseLinear and whose
-    activations are identical instances of one of CHAIN_ACTIVATIONS (the chain applies the first
-    one's settings, e.g. ELU's alpha, everywhere)."""
+ChainLayer = Union["SparseLinear", nn.Linear]
+
+
+def chain_supported(mlp: nn.Sequential, dense_layers: bool = False) -> bool:
+    """True for Linear-act-...-Linear stacks whose Linears are all SparseLinear (or, with
+    `dense_layers`, SparseLinear or nn.Linear: inference copies) and whose activations are
+    identical instances of one of CHAIN_ACTIVATIONS (the chain applies the first one's settings,
+    e.g. ELU's alpha, everywhere)."""
     layers, acts = list(mlp)[0::2], list(mlp)[1::2]
-    return (len(mlp) % 2 == 1 and all(isinstance(m, SparseLinear) for m in layers)
+    linear_types = (SparseLinear, nn.Linear) if dense_layers else (SparseLinear,)
+    return (len(mlp) % 2 == 1 and all(isinstance(m, linear_types) for m in layers)
             and all(isinstance(a, CHAIN_ACTIVATIONS) and type(a) is type(acts[0])
                     and getattr(a, "alpha", None) == getattr(acts[0], "alpha", None) for a in acts))
 
 
-def chain_parts(mlp: nn.Sequential) -> tuple[list[SparseLinear], nn.Module | None]:
+def chain_parts(mlp: nn.Sequential) -> tuple[list[ChainLayer], nn.Module | None]:
     """The chain's layers and its activation (slicing the Sequential would build a new module)."""
     modules = list(mlp._modules.values())
     return modules[0::2], (modules[1] if len(modules) > 1 else None)
@@ -209,15 +243,22 @@ def _activation_grad(grad: Tensor, y: Tensor, act: nn.Module) -> Tensor:
     return torch.ops.aten.elu_backward(grad, act.alpha, 1, 1, True, y)
 
 
-def _layer_product(layer: SparseLinear, values: Tensor, bias: Tensor, h_t: Tensor) -> Tensor:
-    """W h_t + b for a feature-major h_t: a row-major [out, batch] tensor."""
-    if layer.product == "csr":
-        return csr_times(layer.crow, layer.col, values, h_t if h_t.is_contiguous() else h_t.contiguous()).add_(
+def _layer_product(layer: ChainLayer, weight: Tensor, bias: Tensor, h_t: Tensor) -> Tensor:
+    """W h_t + b for a feature-major h_t: a row-major [out, batch] tensor. `weight` is the layer's
+    parameter: a SparseLinear's kept values or an nn.Linear's dense weight."""
+    if isinstance(layer, nn.Linear):
+        return torch.addmm(bias.unsqueeze(1), weight, h_t)
+    if layer.kernel == "csr":
+        return csr_times(layer.crow, layer.col, weight, h_t if h_t.is_contiguous() else h_t.contiguous()).add_(
             bias.unsqueeze(1))
-    return torch.addmm(bias.unsqueeze(1), layer.dense_weight(values), h_t)
+    return torch.addmm(bias.unsqueeze(1), layer.product_weight(weight), h_t)
 
 
-def _chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor,
+def _uses_blocked_csr(layer: ChainLayer) -> bool:
+    return isinstance(layer, SparseLinear) and layer.kernel == "csr" and _reuses_rows(layer.col, layer.in_features)
+
+
+def _chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
                 params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
     """Forward through the chain: the output ([batch, out] view) and each layer's feature-major input."""
     h_t, inputs = x.T, []
@@ -229,15 +270,14 @@ def _chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor
     return h_t.T, inputs
 
 
-def _wide_chain_pass(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor,
+def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
                      params: tuple[Tensor, ...]) -> Tensor:
     """The graph-free forward. A wide batch through a chain with a blocked (high-reuse) product
     runs in blocks of BLOCK_COLUMNS rows through the whole chain, so each block's activations stay
     in cache from layer to layer (BCQ's decoder on 1,000 target candidates), faster than blocking
     inside each product. Rows are independent, so the result is bit-identical."""
     rows = x.shape[0]
-    if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(
-            layer.product == "csr" and _reuses_rows(layer.col, layer.in_features) for layer in layers):
+    if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(_uses_blocked_csr(layer) for layer in layers):
         return _chain_pass(layers, act, x, params)[0]
     return torch.cat([_chain_pass(layers, act, x[start:start + BLOCK_COLUMNS], params)[0]
                       for start in range(0, rows, BLOCK_COLUMNS)])
@@ -266,19 +306,24 @@ class _SparseChainFunction(torch.autograd.Function):
         grad_t = _feature_major(grad_out)
         for i in range(len(layers) - 1, lowest - 1, -1):
             layer, h_t = layers[i], inputs[i]
+            dense = isinstance(layer, nn.Linear)
             if needs[2 * i]:
-                if layer.product == "csr":
-                    grads[2 * i] = torch.sparse.sampled_addmm(layer.pattern(), grad_t, h_t.T, beta=0.0).values()
-                else:
+                if dense:
+                    grads[2 * i] = torch.mm(grad_t, h_t.T)
+                elif layer.kernel == "dense-product":
                     grads[2 * i] = torch.mm(grad_t, h_t.T).view(-1).index_select(0, layer.flat_index)
+                else:
+                    grads[2 * i] = torch.sparse.sampled_addmm(layer.pattern(), grad_t, h_t.T, beta=0.0).values()
             if needs[2 * i + 1]:
                 grads[2 * i + 1] = grad_t.sum(1)
             if i == 0 and not needs_x:
                 break
-            if layer.product == "csr":
-                below = csr_times(layer.crow_t, layer.col_t, values[i].index_select(0, layer.perm_t), grad_t)
-            else:
+            if dense:
+                below = torch.mm(values[i].T, grad_t)
+            elif layer.kernel == "dense-product":
                 below = torch.mm(layer.dense_weight(values[i]).T, grad_t)
+            else:
+                below = csr_times(layer.crow_t, layer.col_t, values[i].index_select(0, layer.perm_t), grad_t)
             if i == 0:
                 grad_x = below.T
             else:
@@ -286,10 +331,10 @@ class _SparseChainFunction(torch.autograd.Function):
         return grad_x, None, None, *grads
 
 
-def chain_forward(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tensor) -> Tensor:
+def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor) -> Tensor:
     """layers[-1](act(...act(layers[0](x)))) for x [..., in]: one autograd node for the whole stack."""
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
-    params = tuple(p for layer in layers for p in (layer.values, layer.bias))
+    params = tuple(p for layer in layers for p in _layer_params(layer))
     if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
         out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
@@ -297,14 +342,21 @@ def chain_forward(layers: Sequence[SparseLinear], act: nn.Module | None, x: Tens
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
 
 
+def _layer_params(layer: ChainLayer) -> tuple[Tensor, Tensor]:
+    if isinstance(layer, nn.Linear):
+        bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+        return layer.weight, bias
+    return layer.values, layer.bias
+
+
 def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
     return chain_forward(*chain_parts(mlp), x)
 
 
-def _mark_chains(module: nn.Module) -> None:
+def _mark_chains(module: nn.Module, dense_layers: bool = False) -> None:
     for m in module.modules():
         if isinstance(m, MLP):
-            m.fused_forward = _fused_mlp_forward if chain_supported(m) else None
+            m.fused_forward = _fused_mlp_forward if chain_supported(m, dense_layers) else None
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
@@ -316,19 +368,19 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
 
 
-# Which product each converted layer uses: a CSR (embedding-bag) layer has a fixed cost per
+# Which kernel each converted layer uses: a 'csr' (embedding-bag) layer has a fixed cost per
 # update plus a few times dense BLAS's cost per kept multiply-add, so small layers (BCQ's 14-wide
-# inputs, 1- to 6-wide output heads) and dense-ish layers are faster multiplied as dense matrices.
+# inputs, 1- to 6-wide output heads) and dense-ish layers are faster as 'dense-product'.
 # The rule is fixed, not measured per run, so a run's kernels (and so its exact floating-point
 # results) do not depend on the machine's load.
-MIN_CSR_WEIGHTS = 16_384  # in_features * out_features below this: dense product
-MAX_CSR_DENSITY = 0.25  # a layer keeping more than this fraction: dense product
+MIN_CSR_WEIGHTS = 16_384  # in_features * out_features below this: dense-product
+MAX_CSR_DENSITY = 0.25  # a layer keeping more than this fraction: dense-product
 
 
-def product_for(mask: Tensor) -> str:
-    """'csr' or 'dense': how a SparseLinear with this mask multiplies."""
+def kernel_for(mask: Tensor) -> str:
+    """'csr' or 'dense-product': the kernel a trained SparseLinear with this mask uses."""
     csr = mask.numel() >= MIN_CSR_WEIGHTS and float(mask.float().mean()) <= MAX_CSR_DENSITY
-    return "csr" if csr else "dense"
+    return "csr" if csr else "dense-product"
 
 
 @torch.no_grad()
@@ -336,14 +388,14 @@ def convert_to_sparse(
     networks: dict[str, PrunableNetwork],
     masks: dict[str, dict[str, Tensor]],
     optimizers,
-    product: str | None = None,
+    kernel: str | None = None,
 ) -> dict[str, dict[str, str]]:
     """Replace every masked Linear (in each network and its mask copies) by a SparseLinear and
     point the optimizers at the new parameters. Call before any optimizer step (optimizer state
-    must be empty). `product` forces 'csr' or 'dense' for every layer (default: `product_for`).
-    Returns, per network, each converted weight's product."""
+    must be empty). `kernel` forces one of SPARSE_KERNELS for every layer (default: `kernel_for`).
+    Returns, per network, each converted weight's kernel."""
     replaced: dict[int, nn.Parameter] = {}
-    products: dict[str, dict[str, str]] = {name: {} for name in networks}
+    kernels: dict[str, dict[str, str]] = {name: {} for name in networks}
     for name, net in networks.items():
         for module in (net.module, *net.mask_copies):
             for layer_name, linear in _linear_names(module).items():
@@ -351,8 +403,8 @@ def convert_to_sparse(
                 mask = masks[name].get(pname)
                 if mask is None:
                     continue
-                products[name][pname] = product or product_for(mask)
-                sparse = SparseLinear(linear, mask, products[name][pname])
+                kernels[name][pname] = kernel or kernel_for(mask)
+                sparse = SparseLinear(linear, mask, kernels[name][pname])
                 replaced[id(linear.weight)] = sparse.values
                 replaced[id(linear.bias)] = sparse.bias
                 _replace(module, layer_name, sparse)
@@ -362,23 +414,30 @@ def convert_to_sparse(
             raise RuntimeError("convert_to_sparse must run before the first optimizer step")
         for group in opt.param_groups:
             group["params"] = [replaced.get(id(p), p) for p in group["params"]]
-    return products
+    return kernels
 
 
 @dataclass
 class MaskHolder:
     """The masks a run trains under, and the one place that can change them during training."""
 
-    kernels: dict[str, dict[str, str]]  # per network, each masked weight's kernel: 'dense', 'csr', 'dense-product'
+    kernels: dict[str, dict[str, str]]  # per network, each masked weight's kernel (LAYER_KERNELS)
     enforcer: MaskEnforcer
     sparse: bool  # some weights are SparseLinear values (their zeros are structural)
 
+    networks: dict[str, PrunableNetwork]
+    optimizers: list[torch.optim.Optimizer]
+
     def set_masks(self, masks: dict[str, dict[str, Tensor]]) -> None:
-        """New masks at a step (schedules, regrowth); see MaskEnforcer.set_masks."""
-        if self.sparse:
-            raise UserError("masks that change during training need --kernels dense for now (sparse layers "
-                            "cannot change their structure yet)")
-        self.enforcer.set_masks(masks)
+        """New masks at a step (schedules, regrowth). Dense layers: MaskEnforcer.set_masks.
+        SparseLinear layers are rebuilt on the new structure (`rebuild_sparse_layers`). Either way
+        newly pruned weights and their optimizer moments become zero and newly kept weights start
+        at zero with zero moments, so dense and sparse kernels train the same."""
+        rebuilt = rebuild_sparse_layers(self.networks, masks, self.optimizers) if self.sparse else {}
+        for net, layer_kernels in rebuilt.items():
+            self.kernels[net].update(layer_kernels)
+        self.enforcer.set_masks({net: {p: m for p, m in layer.items() if p not in rebuilt.get(net, {})}
+                                 for net, layer in masks.items()})
 
 
 def apply_masks(
@@ -392,16 +451,63 @@ def apply_masks(
     'dense': masked weights stay dense matrices, held at zero by a MaskEnforcer. 'sparse': every
     masked Linear becomes a SparseLinear (its zeros are structural)."""
     optimizers = list(optimizers)
-    products: dict[str, dict[str, str]] = {name: {} for name in masks}
+    converted: dict[str, dict[str, str]] = {name: {} for name in masks}
     if kernels == "sparse":
-        products = convert_to_sparse(networks, masks, optimizers)
+        converted = convert_to_sparse(networks, masks, optimizers)
     # what stays dense (all of it, or the weights SparseLinear cannot hold, e.g. a GRU's) is
     # held at zero by the enforcer
-    rest = {net: {p: m for p, m in layer.items() if p not in products[net]} for net, layer in masks.items()}
+    rest = {net: {p: m for p, m in layer.items() if p not in converted[net]} for net, layer in masks.items()}
     enforcer = MaskEnforcer(networks, rest, optimizers)
-    layer_kernels = {net: {p: {"csr": "csr", "dense": "dense-product"}[products[net][p]] if p in products[net]
-                           else "dense" for p in layer_masks} for net, layer_masks in masks.items()}
-    return MaskHolder(layer_kernels, enforcer, kernels == "sparse")
+    layer_kernels = {net: {p: converted[net].get(p, "dense") for p in layer_masks} for net, layer_masks in masks.items()}
+    return MaskHolder(layer_kernels, enforcer, kernels == "sparse", networks, optimizers)
+
+
+@torch.no_grad()
+def _rebuilt(layer: SparseLinear, mask: Tensor) -> SparseLinear:
+    """`layer` on a new mask: kept weights keep their values, newly kept ones start at 0. The bias
+    stays the same Parameter (its optimizer state stays valid)."""
+    new = SparseLinear(layer.to_linear(), mask, kernel_for(mask))
+    new.bias = layer.bias
+    return new
+
+
+def _move_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: SparseLinear, new: SparseLinear) -> None:
+    """Point the optimizer holding `old.values` at `new.values`, carrying per-weight state
+    (Adam's moments) over by position: zero where a weight is newly kept, dropped where pruned."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["params"] = [new.values if p is old.values else p for p in group["params"]]
+        state = opt.state.pop(old.values, None)
+        if state is None:
+            continue
+        moved = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == old.values.shape:
+                flat = value.new_zeros(old.out_features * old.in_features).index_copy_(0, old.flat_index, value)
+                value = flat.index_select(0, new.flat_index)
+            moved[key] = value
+        opt.state[new.values] = moved
+
+
+def rebuild_sparse_layers(networks: dict[str, PrunableNetwork], masks: dict[str, dict[str, Tensor]],
+                          optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, dict[str, str]]:
+    """Give the SparseLinear layers named in `masks` (in each network and its mask copies) the
+    new masks' structure, moving the optimizers' state with them. Returns, per network, each
+    rebuilt weight's kernel (`kernel_for` the new mask)."""
+    kernels: dict[str, dict[str, str]] = {}
+    for name, net in networks.items():
+        for module in (net.module, *net.mask_copies):
+            for layer_name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, SparseLinear)]:
+                pname = f"{layer_name}.weight"
+                mask = masks.get(name, {}).get(pname)
+                if mask is None:
+                    continue
+                new = _rebuilt(layer, mask)
+                _move_optimizer_state(optimizers, layer, new)
+                _replace(module, layer_name, new)
+                kernels.setdefault(name, {})[pname] = new.kernel
+            _mark_chains(module)
+    return kernels
 
 
 def convert_to_dense(module: nn.Module) -> nn.Module:
@@ -417,8 +523,8 @@ def has_sparse_layers(module: nn.Module) -> bool:
     return any(isinstance(m, SparseLinear) for m in module.modules())
 
 
-# The rule behind --kernels auto: an update's cost in dense multiply-adds. A dense (or
-# dense-product) layer costs in * out per row; a CSR layer costs CSR_COST_PER_KEPT per kept
+# The rule behind --kernels auto: an update's cost in dense multiply-adds. A 'dense' (or
+# 'dense-product') layer costs in * out per row; a CSR layer costs CSR_COST_PER_KEPT per kept
 # weight per row, plus CSR_FIXED_COST per update (autograd and indexing work that does not shrink
 # with the batch). The constants are fitted to `offprune speed` (the estimates against the
 # measurements are in benchmarks/README.md); the rule only has to rank, not to predict exactly.
@@ -438,7 +544,7 @@ def estimated_speedup(masks: dict[str, dict[str, Tensor]], linear_shapes: dict[s
                 continue  # not a Linear (e.g. a GRU's weights): dense in both cases
             out_f, in_f = linear_shapes[net][pname]
             dense += out_f * in_f * rows
-            if product_for(mask) == "csr":
+            if kernel_for(mask) == "csr":
                 sparse += CSR_COST_PER_KEPT * int(mask.sum()) * rows + CSR_FIXED_COST
             else:
                 sparse += out_f * in_f * rows
@@ -455,13 +561,16 @@ def kernels_by_rule(networks: dict[str, PrunableNetwork], masks: dict[str, dict[
     return ("sparse" if ratio >= MIN_ESTIMATED_SPEEDUP else "dense"), ratio
 
 
-def _train_step_seconds(layer: nn.Module, x: Tensor, repeats: int) -> float:
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of `call()` over `repeats` timed calls after `warmup` untimed ones: the
+    one timing loop behind every measured kernel choice and latency table."""
+    for _ in range(warmup):
+        call()
     times = []
-    for i in range(repeats + 2):
+    for _ in range(repeats):
         start = time.perf_counter()
-        layer(x).sum().backward()
-        if i >= 2:  # warm-up
-            times.append(time.perf_counter() - start)
+        call()
+        times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
@@ -486,7 +595,52 @@ def choose_kernels(
                     continue
                 x = torch.randn(batch_size, linear.in_features, device=linear.weight.device, requires_grad=True)
                 probe = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device)
-                dense_s += _train_step_seconds(probe, x, repeats)
-                sparse_s += _train_step_seconds(SparseLinear(linear, mask, product_for(mask)), x, repeats)
+                sparse = SparseLinear(linear, mask, kernel_for(mask))
+                dense_s += median_seconds(lambda: probe(x).sum().backward(), repeats)
+                sparse_s += median_seconds(lambda: sparse(x).sum().backward(), repeats)
     ratio = dense_s / sparse_s if sparse_s else 0.0
     return ("sparse" if ratio >= margin else "dense"), ratio
+
+
+# --- inference copies: the same layers, each on the kernel that is fastest for acting ----------
+
+INFERENCE_KERNELS = ("auto", "dense", "sparse")  # per copy: time per layer / all dense / all csr-addmm
+INFERENCE_MARGIN = 1.05  # auto: a sparse kernel replaces dense only when at least this much faster
+
+
+def _inference_layer(linear: nn.Linear, rows: int, kernels: str, repeats: int) -> nn.Module:
+    """`linear` itself, or a frozen SparseLinear over its non-zero weights on the kernel `kernels`
+    asks for ('sparse': csr-addmm; 'auto': the fastest of dense, csr-addmm and csr for `rows` rows)."""
+    if kernels == "dense":
+        return linear
+    mask = linear.weight.detach() != 0
+    if kernels == "sparse":
+        return SparseLinear(linear, mask, "csr-addmm").freeze()
+    x = torch.randn(rows, linear.in_features, device=linear.weight.device)
+    with torch.inference_mode():
+        dense_s = median_seconds(lambda: linear(x), repeats)
+        candidates = [SparseLinear(linear, mask, k).freeze() for k in ("csr-addmm", "csr")]
+        times = [median_seconds(lambda c=c: c(x), repeats) for c in candidates]
+    best = min(range(len(times)), key=times.__getitem__)
+    return candidates[best] if dense_s > INFERENCE_MARGIN * times[best] else linear
+
+
+def inference_copy(module: nn.Module, rows: int, kernels: str = "auto", repeats: int = 30) -> nn.Module:
+    """A copy of a trained (dense masked) `module` for inference on `rows` rows per call: each
+    Linear keeps its dense weight or becomes a frozen SparseLinear over its non-zero weights
+    (INFERENCE_KERNELS), and every MLP runs as one fused chain, dense layers included (one loop
+    without per-module overhead, which dominates when acting on a few rows)."""
+    if kernels not in INFERENCE_KERNELS:
+        raise ValueError(f"unknown inference kernels {kernels!r}")
+    module = copy.deepcopy(module)
+    with torch.random.fork_rng(devices=[]):
+        for name, linear in _linear_names(module).items():
+            _replace(module, name, _inference_layer(linear, rows, kernels, repeats))
+    _mark_chains(module, dense_layers=True)
+    return module
+
+
+def layer_kernels_in(module: nn.Module) -> list[str]:
+    """Each Linear's kernel in module order ('dense' for an nn.Linear)."""
+    return [m.kernel if isinstance(m, SparseLinear) else "dense" for m in module.modules()
+            if isinstance(m, (SparseLinear, nn.Linear))]

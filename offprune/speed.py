@@ -1,19 +1,26 @@
-"""Update throughput of one algorithm: dense unmasked, dense masked and sparse kernels, measured
-interleaved in one process so the machine's noise hits all three alike."""
+"""How fast a pruned agent runs. Training: update throughput of one algorithm (dense unmasked,
+dense masked, sparse kernels), measured interleaved in one process so the machine's noise hits
+all variants alike. Inference: per-layer latency by kernel, and act() of inference copies
+(`offprune storage --latency`)."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.utils.prune
+from torch import nn
 
 from offprune.algos import ALGOS
+from offprune.checkpoint import stored_networks
 from offprune.config import RunConfig
 from offprune.data import Batch, SequenceBatch
 from offprune.prune import compute_masks
-from offprune.sparse import apply_masks
+from offprune.sparse import SparseLinear, apply_masks, inference_copy, median_seconds
 
 VARIANTS = ("dense_unmasked", "dense_masked", "sparse", "dense_reparam")
 # dense_masked: offprune's dense training (masked gradients, pruned weights zeroed after each step);
@@ -92,3 +99,47 @@ def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, rep
         for v, agent in agents.items():
             rounds[v].append(steps_per_second(agent, batches))
     return {v: statistics.median(r) for v, r in rounds.items()}
+
+
+# --- inference -------------------------------------------------------------------------------
+
+def inference_agent(agent, rows: int, kernels: str = "auto", repeats: int = 30):
+    """A shallow copy of `agent` whose stored networks are inference copies
+    (`offprune.sparse.inference_copy`); the agent's own modules are left untouched."""
+    fast = copy.copy(agent)
+    for name, module in stored_networks(agent).items():
+        setattr(fast, name, inference_copy(module, rows, kernels, repeats))
+    return fast
+
+
+def layer_latency_table(networks: dict[str, nn.Module], batch_sizes=(1, 10, 100), repeats: int = 50) -> pd.DataFrame:
+    """Per network and batch size: milliseconds for one pass through its Linear layers on each
+    kernel (dense, csr-addmm, csr), and 'auto' (the fastest per layer, what inference copies pick)."""
+    rows = []
+    with torch.inference_mode():
+        for name, module in networks.items():
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            for batch in batch_sizes:
+                total = {"dense": 0.0, "csr-addmm": 0.0, "csr": 0.0, "auto": 0.0}
+                for layer in linears:
+                    x = torch.randn(batch, layer.in_features)
+                    seconds = {"dense": median_seconds(lambda: layer(x), repeats)}
+                    for kernel in ("csr-addmm", "csr"):
+                        sparse = SparseLinear(layer, layer.weight != 0, kernel).freeze()
+                        seconds[kernel] = median_seconds(lambda: sparse(x), repeats)
+                    for kernel, s in seconds.items():
+                        total[kernel] += s
+                    total["auto"] += min(seconds.values())
+                rows.append({"network": name, "batch": batch, **{f"{k.replace('-', '_')}_ms": 1e3 * v for k, v in total.items()},
+                             "speedup_auto": total["dense"] / total["auto"] if total["auto"] else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def act_latency(agent, obs_dim: int, rounds: int = 5, calls: int = 100, seed: int = 0) -> float:
+    """Median seconds per agent.act(obs) over `rounds` rounds of `calls` random observations."""
+    observations = np.random.default_rng(seed).normal(size=(calls, obs_dim)).astype(np.float32)
+
+    def one_round() -> None:
+        for obs in observations:
+            agent.act(obs)
+    return median_seconds(one_round, rounds, warmup=1) / calls

@@ -1,6 +1,6 @@
 """What a pruned agent costs to keep: byte counts of every storage format (the paper's
 torch.sparse COO among them, offprune's packed format), per run and for the paper's Table 1.
-The packed format itself is `offprune.packed`; the sparse inference path `offprune.inference`.
+The packed format itself is `offprune.packed`; inference latency `offprune.speed`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import pandas as pd
 from offprune import atomic
 from offprune.config import RunConfig
 from offprune.errors import UserError
-from offprune.results import LAYERS_FILE, RESULTS_FILE, ROW_KEY, write_parquet_atomic
+from offprune.results import LAYERS_FILE, RESULTS_FILE, ROW_KEY, read_rows, write_parquet_atomic
 
 SCHEMA_VERSION = 1  # of the consolidated files; raise it when a column changes meaning
 RUNS_FILE = "runs.json"
@@ -26,12 +26,9 @@ LAYER_KEY = ("run_id", "network", "layer")
 
 def _read(path: Path) -> pd.DataFrame | None:
     """A consolidated parquet file, or None when there is none; one-line errors for a foreign one."""
-    if not path.is_file():
+    df = read_rows(path, remedy="move it aside to rebuild it (nothing was changed)")
+    if df is None:
         return None
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # damaged or not parquet
-        raise UserError(f"cannot read {path} as parquet ({type(e).__name__}); move it aside to rebuild it") from None
     versions = set(df["schema_version"].unique()) if "schema_version" in df.columns else {None}
     if versions != {SCHEMA_VERSION} and len(df):
         raise UserError(f"{path} was written with results schema {sorted(map(str, versions))}, this offprune "

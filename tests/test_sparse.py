@@ -1,5 +1,6 @@
 """Sparse execution: same learning as dense masked training, exact conversion both ways."""
 
+import copy
 import dataclasses
 import json
 
@@ -14,7 +15,8 @@ from offprune.prune import MaskEnforcer, compute_masks
 from offprune.results import load
 from offprune.checkpoint import load_run
 from offprune import sparse as sparse_module
-from offprune.sparse import SparseLinear, convert_to_dense, convert_to_sparse, has_sparse_layers, product_for
+from offprune.sparse import (SparseLinear, apply_masks, convert_to_dense, convert_to_sparse, has_sparse_layers,
+                             kernel_for)
 
 from conftest import random_batch, run_cli
 
@@ -28,13 +30,13 @@ def masked_linear(out_f=30, in_f=40, density=0.1, seed=0):
     return lin, mask
 
 
-@pytest.mark.parametrize("product", ["csr", "dense"])
+@pytest.mark.parametrize("kernel", ["csr", "csr-addmm", "dense-product"])
 @pytest.mark.parametrize("shape", [(16, 40), (2, 5, 40), (300, 40)])
-def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape, product, monkeypatch):
+def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape, kernel, monkeypatch):
     monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 64)  # batch 300: the blocked csr path
     monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
     lin, mask = masked_linear()
-    sparse = SparseLinear(lin, mask, product)
+    sparse = SparseLinear(lin, mask, kernel)
     x = torch.randn(*shape, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = lin(x), sparse(x2)
@@ -48,10 +50,10 @@ def test_sparse_linear_matches_dense_masked_outputs_and_gradients(shape, product
     assert sparse.values.numel() == int(mask.sum())
 
 
-@pytest.mark.parametrize("product", ["csr", "dense"])
-def test_no_grad_forward_equals_the_autograd_forward_and_follows_weight_updates(product):
+@pytest.mark.parametrize("kernel", ["csr", "csr-addmm", "dense-product"])
+def test_no_grad_forward_equals_the_autograd_forward_and_follows_weight_updates(kernel):
     lin, mask = masked_linear(density=0.2)
-    sparse = SparseLinear(lin, mask, product)
+    sparse = SparseLinear(lin, mask, kernel)
     x = torch.randn(7, 40)
     with torch.no_grad():
         before = sparse(x)
@@ -97,13 +99,13 @@ def test_wide_chain_runs_in_row_blocks_with_bit_identical_results(monkeypatch):
     assert torch.equal(whole, blocked)
 
 
-def test_product_rule_keeps_small_or_dense_layers_on_dense_products():
+def test_kernel_rule_keeps_small_or_dense_layers_on_dense_products():
     g = torch.Generator().manual_seed(0)
-    assert product_for(torch.rand(750, 750, generator=g) < 0.05) == "csr"
-    assert product_for(torch.rand(300, 400, generator=g) < 0.2) == "csr"
-    assert product_for(torch.rand(750, 750, generator=g) < 0.5) == "dense"  # too dense to pay
-    assert product_for(torch.rand(3, 300, generator=g) < 0.05) == "dense"  # output head: too small
-    assert product_for(torch.rand(400, 14, generator=g) < 0.05) == "dense"  # input layer: too small
+    assert kernel_for(torch.rand(750, 750, generator=g) < 0.05) == "csr"
+    assert kernel_for(torch.rand(300, 400, generator=g) < 0.2) == "csr"
+    assert kernel_for(torch.rand(750, 750, generator=g) < 0.5) == "dense-product"  # too dense to pay
+    assert kernel_for(torch.rand(3, 300, generator=g) < 0.05) == "dense-product"  # output head: too small
+    assert kernel_for(torch.rand(400, 14, generator=g) < 0.05) == "dense-product"  # input layer: too small
 
 
 def masked_mlp(activation, seed=0, widths=(14, 200, 150, 3)):
@@ -129,8 +131,8 @@ def test_fused_chain_matches_the_dense_masked_mlp(activation, x_needs_grad):
 
     dense, masks = masked_mlp(activation)
     fused, _ = masked_mlp(activation)
-    products = convert_to_sparse({"net": PrunableNetwork(fused, lambda b: None)}, {"net": masks}, [])
-    assert products["net"] == {"0.weight": "dense", "2.weight": "csr", "4.weight": "dense"}
+    kernels = convert_to_sparse({"net": PrunableNetwork(fused, lambda b: None)}, {"net": masks}, [])
+    assert kernels["net"] == {"0.weight": "dense-product", "2.weight": "csr", "4.weight": "dense-product"}
     assert fused.sparse_chain
     x = torch.randn(64, 14, requires_grad=x_needs_grad)
     x2 = x.detach().clone().requires_grad_(x_needs_grad)
@@ -200,7 +202,7 @@ def test_conversion_back_is_bit_exact_and_keeps_the_mask():
     assert not torch.signbit(back.weight[~mask]).any()  # pruned entries are +0.0
 
 
-def agent_pair(sparsity=0.9, product=None):
+def agent_pair(sparsity=0.9, kernel=None):
     module = ALGOS["bcq"]
     config = dataclasses.replace(module.Config(), actor_hidden=(64, 48), critic_hidden=(64, 48), vae_hidden=(96, 96),
                                  batch_size=32)
@@ -214,8 +216,8 @@ def agent_pair(sparsity=0.9, product=None):
         if kernels == "dense":
             MaskEnforcer(nets, masks, agent.optimizers.values())
         else:
-            products = convert_to_sparse(nets, masks, agent.optimizers.values(), product)
-            assert {n: len(p) for n, p in products.items()} == {"actor": 3, "critic": 3, "vae": 7}
+            kernels = convert_to_sparse(nets, masks, agent.optimizers.values(), kernel)
+            assert {n: len(p) for n, p in kernels.items()} == {"actor": 3, "critic": 3, "vae": 7}
             converted = sum(isinstance(m, SparseLinear) for n in nets.values() for mod in (n.module, *n.mask_copies)
                             for m in mod.modules())
             assert converted == 3 * 2 + 3 * 4 + 7  # actor + target, Q1, Q2 + targets, VAE
@@ -223,9 +225,9 @@ def agent_pair(sparsity=0.9, product=None):
     return agents
 
 
-@pytest.mark.parametrize("product", ["csr", "dense"])
-def test_sparse_and_dense_kernels_learn_the_same_for_300_bcq_updates(product):
-    (dense, masks), (sparse, _) = agent_pair(product=product)
+@pytest.mark.parametrize("kernel", ["csr", "dense-product"])
+def test_sparse_and_dense_kernels_learn_the_same_for_300_bcq_updates(kernel):
+    (dense, masks), (sparse, _) = agent_pair(kernel=kernel)
     losses = {"dense": [], "sparse": []}
     for step in range(300):
         batch = random_batch(11, 3, 32, seed=1000 + step)
@@ -358,3 +360,66 @@ def test_a_sparse_runs_checkpoint_is_in_the_dense_masked_layout(capsys, tmp_path
     for key in ("exp_avg", "exp_avg_sq"):  # in the weight's shape, zero where pruned, trained where kept
         assert moments[key].shape == mask.shape and torch.count_nonzero(moments[key][~mask]) == 0
         assert torch.count_nonzero(moments[key][mask]) > 0
+
+
+def holder_pair(sparsity=0.9):
+    """The same BCQ agent trained under dense and sparse kernels through apply_masks."""
+    module = ALGOS["bcq"]
+    config = dataclasses.replace(module.Config(), actor_hidden=(64, 48), critic_hidden=(64, 48), vae_hidden=(96, 96),
+                                 batch_size=32)
+    pairs = []
+    for kernels in ("dense", "sparse"):
+        torch.manual_seed(0)
+        agent = module.Agent(11, 3, 1.0, config, torch.device("cpu"))
+        nets = agent.prunable_networks()
+        masks = compute_masks(nets, "snip", sparsity, "global", lambda: random_batch(11, 3, 100, 7),
+                              torch.Generator().manual_seed(0))
+        pairs.append((agent, apply_masks(nets, masks, agent.optimizers.values(), kernels), masks))
+    return pairs
+
+
+def train_both(agents, steps):
+    for step in steps:
+        batch = random_batch(11, 3, 32, seed=1000 + step)
+        for agent in agents:
+            torch.manual_seed(step)
+            agent.update(batch)
+
+
+def test_new_masks_rebuild_sparse_layers_and_train_as_dense_kernels_do():
+    (dense, dense_holder, masks), (sparse, sparse_holder, _) = holder_pair()
+    train_both((dense, sparse), range(20))
+    # the new masks: drop a third of each kept set, regrow as many positions elsewhere (as SET does)
+    g = torch.Generator().manual_seed(5)
+    new = {}
+    for net, layers in masks.items():
+        new[net] = {}
+        for pname, mask in layers.items():
+            flat = mask.flatten().clone()
+            kept, pruned = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+            k = min(len(kept) // 3, len(pruned))
+            flat[kept[torch.randperm(len(kept), generator=g)[:k]]] = False
+            flat[pruned[torch.randperm(len(pruned), generator=g)[:k]]] = True
+            new[net][pname] = flat.view_as(mask)
+    dense_holder.set_masks(new)
+    sparse_holder.set_masks(new)
+    layer = sparse.vae.decoder[2]
+    assert isinstance(layer, SparseLinear) and layer.values.numel() == int(new["vae"]["decoder.2.weight"].sum())
+    assert torch.equal(layer.mask(), new["vae"]["decoder.2.weight"])
+    moments = sparse.optimizers["vae"].state[layer.values]["exp_avg"]
+    dense_moments = dense.optimizers["vae"].state[dense.vae.decoder[2].weight]["exp_avg"]
+    new_mask, old_mask = new["vae"]["decoder.2.weight"], masks["vae"]["decoder.2.weight"]
+    torch.testing.assert_close(moments, dense_moments[new_mask], rtol=1e-4, atol=1e-7)  # moved by position
+    regrown = (new_mask & ~old_mask)[new_mask]
+    assert regrown.any() and torch.count_nonzero(moments[regrown]) == 0  # newly kept: zero moments
+    assert sparse_holder.kernels["vae"]["decoder.2.weight"] in ("csr", "dense-product")
+    train_both((dense, sparse), range(20, 40))
+    for name, net in sparse.prunable_networks().items():
+        dense_net = dense.prunable_networks()[name]
+        for module, dense_module in zip((net.module, *net.mask_copies), (dense_net.module, *dense_net.mask_copies)):
+            params = dict(convert_to_dense(copy.deepcopy(module)).named_parameters())
+            dense_params = dict(dense_module.named_parameters())
+            for pname, mask in new[name].items():
+                assert torch.count_nonzero(params[pname][~mask]) == 0
+                assert torch.count_nonzero(dense_params[pname][~mask]) == 0
+                torch.testing.assert_close(params[pname], dense_params[pname], rtol=1e-4, atol=1e-5)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from offprune import checkpoint, inference, packed
+from offprune import checkpoint, packed, sparse, speed
+from offprune.nets import mlp
 from offprune import storage as st
 from offprune.errors import UserError
 
@@ -123,9 +124,9 @@ def test_storage_command_writes_table_and_parquet(tmp_path, hopper_file, capsys)
     assert df[df.network == "actor"].nonzero_weights.iloc[0] == round(0.05 * (14 * 400 + 400 * 300 + 300 * 3))
 
 
-def test_inference_path_matches_dense_outputs():
+def test_inference_copies_match_dense_outputs_and_leave_the_original_alone():
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+    seq = mlp(20, (64, 64), 3, nn.ELU)
     with torch.no_grad():
         for m in seq:
             if isinstance(m, nn.Linear):
@@ -133,16 +134,26 @@ def test_inference_path_matches_dense_outputs():
     x = torch.randn(10, 20)
     with torch.inference_mode():
         expected = seq(x)
-        for kernels in ("dense", "sparse", "auto"):
-            fast = inference.InferenceMLP(seq, 10, kernels, repeats=3)
-            assert len(fast.kernels) == 3
+        for kernels, chosen in (("dense", ["dense"] * 3), ("sparse", ["csr-addmm"] * 3), ("auto", None)):
+            fast = sparse.inference_copy(seq, 10, kernels, repeats=3)
+            assert fast.sparse_chain  # one fused loop, dense layers included
+            assert chosen is None or sparse.layer_kernels_in(fast) == chosen
             torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
-        assert inference.InferenceMLP(seq, 10, "sparse").kernels == ["csr"] * 3
-        for kernel in ("addmm", "bag"):
-            torch.testing.assert_close(inference.CSRLinear(seq[2], kernel)(x[:, :0].new_ones(4, 64)), seq[2](torch.ones(4, 64)))
-        bag = inference.InferenceMLP(seq, 10, "sparse")  # every layer on the embedding-bag kernel
-        bag.steps = [("bag" if kind == "csr" else kind, a, b) for kind, a, b in bag.steps]
-        torch.testing.assert_close(bag(x), expected, rtol=1e-5, atol=1e-6)
+    assert sparse.layer_kernels_in(seq) == ["dense"] * 3 and not seq.sparse_chain
+    csr = sparse.SparseLinear(seq[2], seq[2].weight != 0, "csr").freeze()  # the embedding-bag kernel
+    torch.testing.assert_close(csr(torch.ones(4, 64)), seq[2](torch.ones(4, 64)).detach())
+
+
+def test_inference_agent_acts_as_the_trained_agent(tmp_path, hopper_file, capsys):
+    agent, ckpt = checkpoint.load_run(run_bcq(capsys, tmp_path, hopper_file))
+    fast = speed.inference_agent(agent, agent.act_batch, "sparse", repeats=1)
+    assert all(k == "csr-addmm" for m in checkpoint.stored_networks(fast).values() for k in sparse.layer_kernels_in(m))
+    assert all(k == "dense" for m in checkpoint.stored_networks(agent).values() for k in sparse.layer_kernels_in(m))
+    obs = np.linspace(-1, 1, ckpt["agent"]["obs_dim"], dtype=np.float32)
+    torch.manual_seed(3)
+    expected = agent.act(obs)
+    torch.manual_seed(3)
+    np.testing.assert_allclose(fast.act(obs), expected, rtol=1e-5, atol=1e-6)
 
 
 def corrupt_variants(data: bytes):

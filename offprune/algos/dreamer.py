@@ -68,7 +68,7 @@ class Config:
     ensemble: int = 7  # prior heads (offline DreamerV2 / LOMPO use 7)
     penalty: float = 1.0  # imagined reward -= penalty * head disagreement; 0 = plain Dreamer
     # > 0: actor loss = -return / mean|return| + bc_weight * MSE(actor mode, data action); 0 = Dreamer's.
-    # 0.4 (TD3+BC's alpha 2.5): on hopper-medium, 2k updates, the actor learned only with it (29.3 vs 0.8)
+    # 0.4 is TD3+BC's alpha 2.5 (why it is on: benchmarks/README.md, "Defaults chosen by measurement")
     bc_weight: float = 0.4
     min_std: float = 0.1  # of the stochastic state
     free_nats: float = 3.0  # KL below this is not penalised

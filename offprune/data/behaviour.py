@@ -31,9 +31,9 @@ from offprune.envs import uniform_log_prob
 from offprune.errors import UserError
 
 BEHAVIOUR_ALGOS = ("sac", "ppo")
-# PPO by default: on this 2-core CPU it runs ~1,700 env steps/s on one core against SAC's ~50, so
-# within the quick profile's 40 minutes PPO reaches expert returns and SAC (100k steps) does not
-# (hopper: SAC 100k steps -> normalised 14; PPO -> ~84 after 0.4M steps, the shipped expert policy).
+# PPO by default: on a CPU it runs many times more env steps per second than SAC, so within the
+# quick profile's wall-clock bound PPO reaches expert returns and SAC does not (the measurements:
+# benchmarks/README.md, "Defaults chosen by measurement").
 DEFAULT_ALGO = {"hopper": "ppo", "halfcheetah": "ppo", "walker2d": "ppo", "ant": "ppo"}
 # Budget profiles: env steps of behaviour training, its wall-clock bound, transitions per dataset,
 # env steps between snapshots (each one is evaluated over EVAL_EPISODES episodes).
