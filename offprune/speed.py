@@ -135,11 +135,21 @@ def layer_latency_table(networks: dict[str, nn.Module], batch_sizes=(1, 10, 100)
     return pd.DataFrame(rows)
 
 
-def act_latency(agent, obs_dim: int, rounds: int = 5, calls: int = 100, seed: int = 0) -> float:
-    """Median seconds per agent.act(obs) over `rounds` rounds of `calls` random observations."""
+def act_latencies(agents: dict[str, object], obs_dim: int, rounds: int = 15, calls: int = 100,
+                  seed: int = 0) -> dict[str, float]:
+    """Median seconds per act(obs) of each agent, over `rounds` rounds of `calls` random
+    observations, the agents' rounds interleaved so the machine's noise hits them alike."""
     observations = np.random.default_rng(seed).normal(size=(calls, obs_dim)).astype(np.float32)
 
-    def one_round() -> None:
+    def one_round(agent) -> float:
+        start = time.perf_counter()
         for obs in observations:
             agent.act(obs)
-    return median_seconds(one_round, rounds, warmup=1) / calls
+        return (time.perf_counter() - start) / calls
+    for agent in agents.values():
+        one_round(agent)  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in agents}
+    for _ in range(rounds):
+        for name, agent in agents.items():
+            seconds[name].append(one_round(agent))
+    return {name: statistics.median(s) for name, s in seconds.items()}

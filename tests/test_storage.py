@@ -187,3 +187,14 @@ def test_run_dir_without_checkpoint_is_a_user_error(tmp_path, capsys):
     assert code == 2 and "no checkpoint at" in err and err.count("\n") == 1
     assert run_cli(capsys, "export", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x.pack"))[0] == 2
     assert not (tmp_path / "x.pack").exists()
+
+
+def test_storage_latency_times_every_network_and_batch_and_act(tmp_path, hopper_file, capsys):
+    run_dir = run_bcq(capsys, tmp_path, hopper_file)
+    code, out, err = run_cli(capsys, "storage", str(run_dir), "--latency", "--repeats", "1")
+    assert code == 0, err
+    table = out[out.index("network  batch"):out.index("act()")].strip().splitlines()
+    assert table[0].split() == ["network", "batch", "dense_ms", "csr_addmm_ms", "csr_ms", "auto_ms", "speedup_auto"]
+    assert sorted((r.split()[0], int(r.split()[1])) for r in table[1:]) == sorted(
+        (n, b) for n in ("actor", "critic", "vae") for b in (1, 10, 100))
+    assert "act() with 10 row(s) per call" in out and "kernels chosen by timing" in out
