@@ -298,7 +298,7 @@ def report(results, out, layer_sparsity, threshold, reps) -> None:
 @click.option("--baseline", default="benchmarks/bench_baseline.json", show_default=True, type=click.Path(dir_okay=False),
               help="Stored baseline (JSON; its 'tolerances' set how far results may move).")
 @click.option("--update-baseline", is_flag=True, help="Rewrite the baseline with this machine's results.")
-@click.option("--algo", "algos", default="bc,bcq", show_default=True, help="Comma list of algos in the suite.")
+@click.option("--algo", "algos", default="bc,bcq,td3-bc,iql", show_default=True, help="Comma list of algos in the suite.")
 @click.option("--steps", type=int, default=300, show_default=True, help="Updates per run.")
 def bench_command(baseline, update_baseline, algos, steps) -> None:
     """Regression benchmark for CI: a fixed suite (dense, SNIP, GraSP at 0.9 and 0.95 per algo, seed 0,

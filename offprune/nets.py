@@ -106,6 +106,15 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, clip_norm: fl
     optimizer.step()
 
 
+def steps_taken(optimizer: torch.optim.Optimizer) -> int:
+    """Steps an Adam optimizer has taken (its per-parameter count, which checkpoints carry): what
+    a schedule or a delayed update counts from, so a resumed run continues it exactly."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
 @contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Gradients flow through `modules` to their inputs but not into their parameters (cheaper
@@ -129,9 +138,10 @@ class ObsNormalizer(nn.Module):
         self.register_buffer("std", torch.ones(obs_dim))
 
     @torch.no_grad()
-    def fit(self, observations: Tensor) -> None:
+    def fit(self, observations: Tensor, add_to_std: float = 0.0) -> None:
+        """Mean and std of the observations; `add_to_std` as TD3+BC adds 1e-3 to every std."""
         self.mean.copy_(observations.mean(0))
-        self.std.copy_(observations.std(0).clamp_min(1e-3))  # constant dimensions stay finite
+        self.std.copy_((observations.std(0) + add_to_std).clamp_min(1e-3))  # constant dimensions stay finite
 
     def forward(self, obs: Tensor) -> Tensor:
         return (obs - self.mean) / self.std

@@ -179,9 +179,8 @@ def load_packed_agent(path: str | Path):
     agent = build_agent(header["agent"])
     for name, state in states.items():
         agent.modules[name].load_state_dict(state)
-    for name, module in agent.modules.items():  # targets start as copies of their sources
-        if name.endswith("_target"):
-            module.load_state_dict(agent.modules[name.removesuffix("_target")].state_dict())
+    for target, source in agent.targets.items():  # targets start as copies of their sources
+        agent.modules[target].load_state_dict(agent.modules[source].state_dict())
     return agent
 
 

@@ -3,8 +3,9 @@
 
 from types import ModuleType
 
-from offprune.algos import bc, bc_mlp, bcq, dreamer
+from offprune.algos import bc, bc_mlp, bcq, dreamer, iql, td3_bc
 
-ALGOS: dict[str, ModuleType] = {"bcq": bcq, "bc": bc, "bc-mlp": bc_mlp, "dreamer": dreamer}
+ALGOS: dict[str, ModuleType] = {"bcq": bcq, "bc": bc, "bc-mlp": bc_mlp, "dreamer": dreamer, "td3-bc": td3_bc,
+                                "iql": iql}
 
 __all__ = ["ALGOS"]
