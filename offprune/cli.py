@@ -11,9 +11,9 @@ import click
 from tqdm import tqdm
 
 from offprune.algos import ALGOS
-from offprune.config import PROFILES, RunConfig, parse_pairs
+from offprune.config import MASK_TRANSFORMS, PROFILES, RunConfig, parse_pairs
 from offprune.errors import UserError
-from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES
+from offprune.prune import DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, SCOPES, default_prune_rounds
 from offprune.sparse import KERNELS, MIN_ESTIMATED_SPEEDUP
 
 KERNELS_HELP = ("dense: masked dense matrices. sparse: store and train only kept weights (CSR). auto: sparse when "
@@ -41,8 +41,9 @@ SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
     "sparsity": (float, "Fraction of prunable weights removed, in [0, 1)."),
     "dataset": (str, "D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path."),
     "env": (str, "Gymnasium env to evaluate in (default: from the dataset file or name)."),
-    "scope": (click.Choice(SCOPES), "global: one threshold per network (the paper). layer: same fraction in "
-                                    "every layer."),
+    "scope": (click.Choice(SCOPES), "How sparsity spreads over a network's weight matrices. global: one "
+                                    "threshold per network (the paper). layer: the same fraction in every matrix. "
+                                    "erk: Erdos-Renyi-kernel fractions (Evci et al. 2020), then top scores per matrix."),
     "profile": (click.Choice(sorted(PROFILES)), PROFILE_HELP),
     "steps": (int, "Gradient updates per run (overrides the profile)."),
     "eval-every": (int, "Updates between evaluations and checkpoints."),
@@ -107,9 +108,14 @@ def cli() -> None:
 @cli.command()
 @shared_options("run")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prune-rounds", type=int, default=1, show_default=True,
+@click.option("--prune-rounds", type=int, default=None,
               help="Score R times on one batch, masking between rounds, sparsity rising as 1 - (1 - s)^(r/R) "
-                   "(iterative pruning at initialisation); 1 is the paper's single shot.")
+                   "(iterative pruning at initialisation); 1 is the paper's single shot.  [default: "
+                   + ", ".join(f"{n} for {m}" for m, n in DEFAULT_PRUNE_ROUNDS.items()) + "; 1 for the others]")
+@click.option("--mask-transform", type=click.Choice(MASK_TRANSFORMS), default="none", show_default=True,
+              help="Sanity check (Frankle et al. 2021): shuffle keeps each layer's kept count at random positions.")
+@click.option("--reinit", is_flag=True,
+              help="Sanity check: re-draw the kept weights from the initialiser after the masks are computed.")
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
@@ -121,7 +127,7 @@ def cli() -> None:
 @click.option("--seq-len", type=int, default=None,
               help="Sequence length of sequence-based algorithms (dreamer); same as --algo-opt seq_len=N.")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
-        prune_batch, prune_rounds, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
+        prune_batch, prune_rounds, mask_transform, reinit, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
         seq_len) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
@@ -150,7 +156,9 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         eval_every=eval_every,
         eval_episodes=eval_episodes,
         prune_batch=prune_batch,
-        prune_rounds=prune_rounds,
+        prune_rounds=default_prune_rounds(prune) if prune_rounds is None else prune_rounds,
+        mask_transform=mask_transform,
+        reinit=reinit,
         env=env,
         device=device,
         threads=threads,

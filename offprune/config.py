@@ -33,6 +33,8 @@ def profile_budget(profile: str, algo: str) -> dict[str, Any]:
     return budget
 
 
+MASK_TRANSFORMS = ("none", "shuffle")  # what happens to a criterion's masks before training
+
 # Fields a resumed run may change: they extend or relocate the run without changing what it is.
 RESUMABLE_CHANGES = ("steps", "device", "threads", "progress")
 
@@ -50,6 +52,8 @@ class RunConfig:
     eval_episodes: int = PROFILES["quick"]["eval_episodes"]
     prune_batch: int | None = None  # samples in the ONE pruning batch; None: SNIP 100, GraSP 200
     prune_rounds: int = 1  # scorings on the exponential schedule (iterative pruning at init); 1: single shot
+    mask_transform: str = "none"  # 'shuffle': each layer's kept count at random positions (a sanity check)
+    reinit: bool = False  # kept weights re-drawn from the initialiser after pruning (a sanity check)
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
@@ -80,6 +84,10 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not isinstance(self.prune_rounds, int) or self.prune_rounds < 1:
             raise UserError("--prune-rounds must be a whole number of at least 1")
+        if self.mask_transform not in MASK_TRANSFORMS:
+            raise UserError(f"unknown --mask-transform '{self.mask_transform}' (choose from {', '.join(MASK_TRANSFORMS)})")
+        if self.prune == "dense" and (self.mask_transform != "none" or self.reinit):
+            raise UserError("--mask-transform and --reinit change a pruned network; --prune dense has none")
         if self.prune_batch is not None and self.prune_batch < 1:
             raise UserError("--prune-batch must be at least 1")
         if self.kernels not in KERNELS:
@@ -133,6 +141,8 @@ class RunConfig:
         overrides = "".join(f"_{net}{value:g}" for net, value in self.sparsity_of)
         batch = f"_pb{self.prune_batch}" if self.prune_batch is not None and self.prune != "dense" else ""
         batch += f"_r{self.prune_rounds}" if self.prune_rounds != 1 and self.prune != "dense" else ""
+        batch += "_shuffle" if self.mask_transform == "shuffle" else ""
+        batch += "_reinit" if self.reinit else ""
         return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}{batch}"
                 f"_seed{self.seed}")
 

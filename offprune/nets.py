@@ -29,6 +29,17 @@ class MLP(nn.Sequential):
         return super().forward(x)
 
 
+def ones_output(module: nn.Module) -> Callable[[object], Tensor]:
+    """`PrunableNetwork.output` of a network that is one MLP: its output on one all-ones row, in
+    the module's current dtype (SynFlow calls it in float64); the pruning batch is not needed."""
+    in_features = next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
+
+    def output(_batch: object) -> Tensor:
+        p = next(module.parameters())
+        return module(torch.ones(1, in_features, dtype=p.dtype, device=p.device))
+    return output
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Module] = nn.ReLU) -> MLP:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -64,6 +75,12 @@ class VAE(nn.Module):
         if z is None:  # sample the prior, clipped so decoded actions stay near the data
             z = torch.randn(obs.shape[0], self.latent_dim, device=obs.device).clamp(-clip, clip)
         return self.max_action * torch.tanh(self.decoder(torch.cat([obs, z], 1)))
+
+    def unsquashed_output(self, obs: Tensor, action: Tensor) -> Tensor:
+        """Every head's output without noise, clamp or tanh: the decoder's pre-tanh output at
+        z = the encoder's mean, beside the log-std head (SynFlow's path through all the weights)."""
+        h = F.relu(self.encoder(torch.cat([obs, action], 1)))
+        return torch.cat([self.decoder(torch.cat([obs, self.mean(h)], 1)), self.log_std(h)], 1)
 
     def loss(self, obs: Tensor, action: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Reconstruction MSE + 0.5 KL(q(z|s,a) || N(0, I)), as BCQ."""

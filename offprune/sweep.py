@@ -31,6 +31,7 @@ from offprune.algos import ALGOS
 from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
+from offprune.prune import default_prune_rounds
 from offprune.results import RESULTS_FILE, ResultsError, read_rows
 
 MANIFEST = "sweep.json"
@@ -66,7 +67,8 @@ def expand_grid(
                     for sparsity in levels:
                         for batch in prune_batches or [None]:
                             runs.append(dataclasses.replace(algo_base, prune=prune, sparsity=sparsity,
-                                                            prune_batch=batch, **common))
+                                                            prune_batch=batch, prune_rounds=default_prune_rounds(prune),
+                                                            **common))
     for cfg in runs:
         cfg.validate()
     names = [cfg.name for cfg in runs]

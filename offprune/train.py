@@ -33,7 +33,7 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
-from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity
+from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity, shuffle_within_layers
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
 from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule
@@ -194,9 +194,25 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
                           lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of),
                           cfg.prune_rounds)
+    if cfg.mask_transform == "shuffle":
+        masks = {net: shuffle_within_layers(layer_masks, generator) for net, layer_masks in masks.items()}
+    if cfg.reinit:
+        reinitialize(setup)
     atomic.torch_save(masks, run_dir / MASKS_FILE)
     kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, setup.agent.rows_per_update, log)
     return Progress(masks, kernels, estimate, measured)
+
+
+def reinitialize(setup: Setup) -> None:
+    """--reinit: every layer of the prunable networks (and of their mask copies) is re-drawn from
+    its initialiser after the masks are computed; targets are copied from their sources again."""
+    for net in setup.networks.values():
+        for module in (net.module, *net.mask_copies):
+            for layer in module.modules():
+                if isinstance(layer, (torch.nn.Linear, torch.nn.GRUCell, torch.nn.GRU)):
+                    layer.reset_parameters()
+    for target, source in setup.agent.targets.items():
+        setup.agent.modules[target].load_state_dict(setup.agent.modules[source].state_dict())
 
 
 def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
@@ -266,6 +282,8 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         **sparsity_columns(progress.masks),
         "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
         "prune_rounds": cfg.prune_rounds if cfg.prune != "dense" else 0,
+        "mask_transform": cfg.mask_transform,
+        "reinit": cfg.reinit,
         "kernels": progress.kernels,
         "kernels_requested": cfg.kernels,
         "sparse_kernel_speedup_estimated": progress.kernel_estimate,

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from offprune.algos.base import AgentBase
 from offprune.data import Batch
-from offprune.nets import TanhPolicy, adam, optimizer_step
+from offprune.nets import TanhPolicy, adam, ones_output, optimizer_step
 from offprune.prune import PrunableNetwork
 
 
@@ -40,7 +40,7 @@ class Agent(AgentBase):
         return {"policy": self.policy_optimizer}
 
     def prunable_networks(self) -> dict[str, PrunableNetwork]:
-        return {"policy": PrunableNetwork(self.policy, self.policy_loss)}
+        return {"policy": PrunableNetwork(self.policy, self.policy_loss, output=ones_output(self.policy.net))}
 
     def policy_loss(self, batch: Batch) -> Tensor:
         return F.mse_loss(self.policy(batch.observations), batch.actions)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from offprune.algos.base import AgentBase
 from offprune.data import Batch
-from offprune.nets import VAE, TwinCritic, adam, frozen, mlp, optimizer_step, soft_update
+from offprune.nets import VAE, TwinCritic, adam, frozen, mlp, ones_output, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -79,14 +79,17 @@ class Agent(AgentBase):
 
     def prunable_networks(self) -> dict[str, PrunableNetwork]:
         return {
-            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(b)[0], (self.actor_target,)),
+            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(b)[0], (self.actor_target,),
+                                     ones_output(self.actor.net)),
             # Scored on the TD loss; only its Q1 term reaches Q1's weights. Q2 copies Q1's mask.
             "critic": PrunableNetwork(
                 self.critic.q1,
                 lambda b: self.critic_loss(b)[0],
                 (self.critic.q2, self.critic_target.q1, self.critic_target.q2),
+                ones_output(self.critic.q1),
             ),
-            "vae": PrunableNetwork(self.vae, lambda b: self.vae_loss(b)[0]),
+            "vae": PrunableNetwork(self.vae, lambda b: self.vae_loss(b)[0],
+                                   output=lambda b: self.vae.unsquashed_output(b.observations, b.actions)),
         }
 
     # --- losses -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from offprune.algos.base import AgentBase
 from offprune.data import SequenceBatch, SequenceSampler
 from offprune.data.d4rl import OfflineDataset
-from offprune.nets import ObsNormalizer, TanhGaussianActor, adam, frozen, mlp, optimizer_step, soft_update
+from offprune.nets import ObsNormalizer, TanhGaussianActor, adam, frozen, mlp, ones_output, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
 
 
@@ -239,9 +239,13 @@ class Agent(AgentBase):
         groups = {"encoder": self.encoder, "rssm": self.rssm, "decoder": self.decoder, "reward": self.reward}
         if self.continuation is not None:
             groups["continuation"] = self.continuation
-        networks = {name: PrunableNetwork(module, model_loss) for name, module in groups.items()}
-        networks["actor"] = PrunableNetwork(self.actor, lambda b: self.actor_loss(self._starts(b))[0])
-        networks["value"] = PrunableNetwork(self.value, self._value_pruning_loss, (self.value_target,))
+        # SynFlow's outputs: every plain MLP on an all-ones row; the RSSM (a GRU) has none
+        networks = {name: PrunableNetwork(module, model_loss, output=None if name == "rssm" else ones_output(module))
+                    for name, module in groups.items()}
+        networks["actor"] = PrunableNetwork(self.actor, lambda b: self.actor_loss(self._starts(b))[0],
+                                            output=ones_output(self.actor.net))
+        networks["value"] = PrunableNetwork(self.value, self._value_pruning_loss, (self.value_target,),
+                                            ones_output(self.value))
         return networks
 
     def _value_pruning_loss(self, batch: SequenceBatch) -> Tensor:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.data.d4rl import OfflineDataset
-from offprune.nets import TwinCritic, adam, mlp, optimizer_step, soft_update, steps_taken
+from offprune.nets import TwinCritic, adam, mlp, ones_output, optimizer_step, soft_update, steps_taken
 from offprune.prune import PrunableNetwork
 
 
@@ -125,10 +125,11 @@ class Agent(AgentBase):
 
     def prunable_networks(self) -> dict[str, PrunableNetwork]:
         return {
-            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(b)[0]),
+            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(b)[0], output=ones_output(self.actor.net)),
             "critic": PrunableNetwork(self.critic.q1, lambda b: self.critic_loss(self._scaled(b))[0],
-                                      (self.critic.q2, self.critic_target.q1, self.critic_target.q2)),
-            "value": PrunableNetwork(self.value, lambda b: self.value_loss(b)[0]),
+                                      (self.critic.q2, self.critic_target.q1, self.critic_target.q2),
+                                      ones_output(self.critic.q1)),
+            "value": PrunableNetwork(self.value, lambda b: self.value_loss(b)[0], output=ones_output(self.value.net)),
         }
 
     def _scaled(self, batch: Batch) -> Batch:

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.data.d4rl import OfflineDataset
-from offprune.nets import ObsNormalizer, TanhPolicy, TwinCritic, adam, frozen, optimizer_step, soft_update, steps_taken
+from offprune.nets import (ObsNormalizer, TanhPolicy, TwinCritic, adam, frozen, ones_output, optimizer_step, soft_update,
+                           steps_taken)
 from offprune.prune import PrunableNetwork
 
 
@@ -75,9 +76,11 @@ class Agent(AgentBase):
 
     def prunable_networks(self) -> dict[str, PrunableNetwork]:
         return {
-            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(self._normalized(b))[0], (self.actor_target,)),
+            "actor": PrunableNetwork(self.actor, lambda b: self.actor_loss(self._normalized(b))[0], (self.actor_target,),
+                                     ones_output(self.actor.net)),
             "critic": PrunableNetwork(self.critic.q1, lambda b: self.critic_loss(self._normalized(b))[0],
-                                      (self.critic.q2, self.critic_target.q1, self.critic_target.q2)),
+                                      (self.critic.q2, self.critic_target.q1, self.critic_target.q2),
+                                      ones_output(self.critic.q1)),
         }
 
     def _normalized(self, batch: Batch) -> Batch:

@@ -1,14 +1,16 @@
 """Pruning at initialisation: criteria (scores.py), exact top-k masks (masks.py), enforcement."""
 
 from offprune.prune.enforce import MaskEnforcer
-from offprune.prune.masks import SCOPES, kept_count, layer_densities, masks_from_scores, realised_sparsity
-from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, METHODS, MaskSchedule, check_sparsity_of, compute_masks,
-                                    round_sparsity)
+from offprune.prune.masks import (SCOPES, erk_densities, kept_count, layer_densities, masks_from_scores, realised_sparsity,
+                                 shuffle_within_layers)
+from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, MaskSchedule,
+                                    check_sparsity_of, compute_masks, default_prune_rounds, round_sparsity)
 from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
 
 __all__ = [
     "CRITERIA",
     "DEFAULT_PRUNE_BATCH",
+    "DEFAULT_PRUNE_ROUNDS",
     "METHODS",
     "SCOPES",
     "MaskEnforcer",
@@ -16,6 +18,8 @@ __all__ = [
     "PrunableNetwork",
     "check_sparsity_of",
     "compute_masks",
+    "erk_densities",
+    "default_prune_rounds",
     "kept_count",
     "layer_densities",
     "masks_from_scores",
@@ -24,4 +28,5 @@ __all__ = [
     "round_sparsity",
     "score",
     "score_network",
+    "shuffle_within_layers",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SCOPES = ("global", "layer")
+# global: one ranking over the network (the paper); layer: every weight matrix keeps the same
+# fraction (uniform); erk: Erdos-Renyi-kernel densities per matrix, then top-k inside each
+SCOPES = ("global", "layer", "erk")
 
 
 def kept_count(n: int, sparsity: float) -> int:
@@ -24,11 +27,30 @@ def _top_k_mask(flat_scores: Tensor, k: int) -> Tensor:
     return mask
 
 
+def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
+    """Erdos-Renyi-kernel densities (Evci et al. 2020): a [n_out, n_in] matrix's density is
+    proportional to (n_in + n_out) / (n_in * n_out), scaled so the matrices together keep
+    `density` of their weights; a matrix that would exceed density 1 is kept dense and the
+    others are rescaled (repeatedly, until none exceeds 1)."""
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: (shape[0] + shape[-1]) / (shape[0] * shape[-1]) for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        scale = budget / sum(raw[n] * sizes[n] for n in raw if n not in dense)
+        over = {n for n in raw if n not in dense and scale * raw[n] > 1.0}
+        if not over:
+            return {n: 1.0 if n in dense else scale * raw[n] for n in shapes}
+        dense |= over
+
+
 def masks_from_scores(scores: dict[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
     """Boolean masks (True = kept) with the same keys and shapes as `scores`.
 
     scope 'global': one ranking over all the network's weights (the paper); 'layer': each weight
-    matrix keeps the same fraction. NaN scores rank lowest.
+    matrix keeps the same fraction; 'erk': each matrix keeps its `erk_densities` fraction (the
+    network's total then differs from round(n * (1 - sparsity)) by per-matrix rounding only).
+    NaN scores rank lowest.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -38,9 +60,11 @@ def masks_from_scores(scores: dict[str, Tensor], sparsity: float, scope: str = "
     def clean(s: Tensor) -> Tensor:
         return torch.nan_to_num(s.detach().float().flatten(), nan=-float("inf"))
 
-    if scope == "layer":
+    if scope in ("layer", "erk"):
+        fractions = (erk_densities({n: tuple(s.shape) for n, s in scores.items()}, 1.0 - sparsity) if scope == "erk"
+                     else {n: 1.0 - sparsity for n in scores})
         return {
-            name: _top_k_mask(clean(s), kept_count(s.numel(), sparsity)).view(s.shape)
+            name: _top_k_mask(clean(s), kept_count(s.numel(), 1.0 - fractions[name])).view(s.shape)
             for name, s in scores.items()
         }
     flat = torch.cat([clean(s) for s in scores.values()])
@@ -62,6 +86,18 @@ class LayerDensity:
     @property
     def density(self) -> float:
         return self.kept / self.total if self.total else 0.0
+
+
+def shuffle_within_layers(masks: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """The sanity check of Frankle et al. 2021: each matrix keeps as many weights as its mask, at
+    uniformly random positions (what remains of a criterion is only its per-layer densities)."""
+    out = {}
+    for name, m in masks.items():
+        order = torch.randperm(m.numel(), generator=generator)
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[order[: int(m.sum())]] = True
+        out[name] = flat.view(m.shape).to(m.device)
+    return out
 
 
 def layer_densities(masks: dict[str, dict[str, Tensor]]) -> list[LayerDensity]:

@@ -11,10 +11,16 @@ from offprune.errors import UserError
 from offprune.prune.masks import masks_from_scores
 from offprune.prune.scores import PrunableNetwork, prunable_parameters, score_network
 
-METHODS = ("dense", "random", "magnitude", "snip", "grasp")
+METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow")
 
 # Batch sizes of the paper (SNIP 100 samples, GraSP 200); other criteria take SNIP's.
 DEFAULT_PRUNE_BATCH = {"snip": 100, "grasp": 200}
+# Scoring rounds where the criterion's reference iterates (SynFlow: 100); the others: 1 (single shot).
+DEFAULT_PRUNE_ROUNDS = {"synflow": 100}
+
+
+def default_prune_rounds(method: str) -> int:
+    return DEFAULT_PRUNE_ROUNDS.get(method, 1)
 
 
 def compute_masks(

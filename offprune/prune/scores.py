@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from offprune.errors import UserError
+
 LossFn = Callable[[], Tensor]
 Params = dict[str, nn.Parameter]
 Scores = dict[str, Tensor]
@@ -27,7 +29,9 @@ class PrunableNetwork:
     module: nn.Module  # scored and masked; its named_parameters() names key the masks
     loss: Callable[..., Tensor]  # loss(batch) -> the network's own training loss
     mask_copies: tuple[nn.Module, ...] = field(default=())  # same-shaped modules sharing the mask
-    output: Callable[..., Tensor] | None = None  # output(batch) -> the network's output (data-free criteria)
+    # output(batch) -> the network's output before any squashing nonlinearity (tanh, clamp), for
+    # data-free criteria such as SynFlow, which call it on an all-ones batch; None: not available
+    output: Callable[..., Tensor] | None = None
 
 
 def prunable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -89,12 +93,48 @@ def random(net: PrunableNetwork, params: Params, batch, generator: torch.Generat
     return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in params.items()}
 
 
+def _ones_like(batch):
+    """One row of the batch with every entry 1.0 in float64 (a NamedTuple of tensors, or a tensor;
+    None for a data-free call)."""
+    if batch is None:
+        return None
+    if isinstance(batch, Tensor):
+        return torch.ones_like(batch[:1], dtype=torch.float64)
+    return type(batch)(*(torch.ones_like(t[:1], dtype=torch.float64) for t in batch))
+
+
+def synflow(net: PrunableNetwork, params: Params, batch, generator: torch.Generator) -> Scores:
+    """SynFlow (Tanaka et al. 2020): data-free. Every parameter of the network (biases too) is
+    replaced by its absolute value, in float64; R = the sum of the network's output on an all-ones
+    input (one row, shaped as the pruning batch); score |w * dR/dw|. Parameters are restored after.
+    The reference repeats this over 100 rounds on the exponential schedule (`compute_masks`'
+    rounds, DEFAULT_PRUNE_ROUNDS); one round is SynFlow without iteration."""
+    if net.output is None:
+        raise UserError("synflow needs the network's output on an all-ones input, and this network does not give "
+                        "one (its algorithm's prunable_networks() sets PrunableNetwork.output)")
+    module = net.module
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    dtype = next(iter(params.values())).dtype
+    try:
+        module.double()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.abs_()
+        weights = list(params.values())
+        grads = _grads(net.output(_ones_like(batch)).sum(), weights)
+        return {n: (w.detach() * g).abs().to(dtype) for n, w, g in zip(params, weights, grads)}
+    finally:
+        module.to(dtype)
+        module.load_state_dict(saved)
+
+
 Criterion = Callable[[PrunableNetwork, Params, object, torch.Generator], Scores]
 CRITERIA: dict[str, Criterion] = {
     "snip": snip,
     "grasp": grasp,
     "magnitude": magnitude,
     "random": random,
+    "synflow": synflow,
 }
 
 

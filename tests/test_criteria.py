@@ -1,0 +1,117 @@
+"""SynFlow, ERK, the sanity checks (shuffle, reinit): each against an independent computation."""
+
+import math
+
+import pytest
+import torch
+
+from offprune.algos import ALGOS
+from offprune.nets import mlp, ones_output
+from offprune.prune import (PrunableNetwork, compute_masks, erk_densities, layer_densities, masks_from_scores,
+                            score_network, shuffle_within_layers)
+from offprune.results import load
+
+from conftest import random_batch, run_cli
+
+
+def test_synflow_scores_equal_the_path_sums_of_absolute_weights():
+    torch.manual_seed(0)
+    net = mlp(3, (4,), 2)
+    scores = score_network("synflow", PrunableNetwork(net, lambda b: None, output=ones_output(net)), None)
+    w1, b1, w2 = net[0].weight.detach().abs(), net[0].bias.detach().abs(), net[2].weight.detach().abs()
+    # R = sum_i sum_j |W2_ij| (sum_k |W1_jk| + |b1_j|) + sum |b2|, on an all-ones input
+    expected_w1 = w1 * w2.sum(0).unsqueeze(1)  # dR/dW1_jk = sum_i |W2_ij|
+    expected_w2 = w2 * (w1.sum(1) + b1).unsqueeze(0)  # dR/dW2_ij = sum_k |W1_jk| + |b1_j|
+    torch.testing.assert_close(scores["0.weight"], expected_w1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scores["2.weight"], expected_w2, rtol=1e-6, atol=1e-7)
+    assert net[0].weight.dtype == torch.float32 and (net[0].weight < 0).any()  # signs and dtype restored
+
+
+def test_synflow_keeps_every_layer_where_global_magnitude_collapses_one():
+    torch.manual_seed(0)
+    agent = ALGOS["bcq"].Agent(11, 3, 1.0, ALGOS["bcq"].Config(), torch.device("cpu"))
+    actor = {"actor": agent.prunable_networks()["actor"]}
+    batch = random_batch(11, 3, 100, 0)
+    g = torch.Generator().manual_seed(0)
+    magnitude = compute_masks(actor, "magnitude", 0.99, "global", lambda: batch, g)
+    synflow = compute_masks(actor, "synflow", 0.99, "global", lambda: batch, g, rounds=100)
+    assert min(d.kept for d in layer_densities(magnitude)) == 0
+    assert min(d.kept for d in layer_densities(synflow)) > 0
+    assert sum(d.kept for d in layer_densities(synflow)) == round(0.01 * sum(d.total for d in layer_densities(synflow)))
+
+
+def test_synflow_without_an_output_is_one_clear_error():
+    from offprune.errors import UserError
+
+    net = mlp(3, (4,), 2)
+    with pytest.raises(UserError, match="synflow needs the network's output"):
+        score_network("synflow", PrunableNetwork(net, lambda b: None), None)
+
+
+def test_iterative_snip_with_one_round_is_snip():
+    torch.manual_seed(0)
+    agent = ALGOS["bc-mlp"].Agent(11, 3, 1.0, ALGOS["bc-mlp"].Config(), torch.device("cpu"))
+    nets, batch = agent.prunable_networks(), random_batch(11, 3, 100, 0)
+    one = compute_masks(nets, "snip", 0.95, "global", lambda: batch, torch.Generator(), rounds=1)["policy"]
+    scores = score_network("snip", nets["policy"], batch)
+    expected = masks_from_scores(scores, 0.95, "global")
+    assert all(torch.equal(one[k], expected[k]) for k in one)
+
+
+def test_erk_densities_follow_the_formula_and_cap_dense_layers():
+    shapes = {"a": (400, 14), "b": (300, 400), "c": (3, 300)}
+    d = erk_densities(shapes, 0.1)
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    # a tiny output head would exceed density 1: it is kept dense, the rest share the remaining budget
+    assert d["c"] == 1.0
+    raw = {n: (s[0] + s[1]) / (s[0] * s[1]) for n, s in shapes.items()}
+    scale = (0.1 * sum(sizes.values()) - sizes["c"]) / (raw["a"] * sizes["a"] + raw["b"] * sizes["b"])
+    assert d["a"] == pytest.approx(scale * raw["a"]) and d["b"] == pytest.approx(scale * raw["b"])
+    assert sum(d[n] * sizes[n] for n in shapes) == pytest.approx(0.1 * sum(sizes.values()))
+    masks = masks_from_scores({n: torch.rand(s) for n, s in shapes.items()}, 0.9, "erk")
+    assert {n: int(m.sum()) for n, m in masks.items()} == {n: round(sizes[n] * d[n]) for n in shapes}
+
+
+def test_shuffle_keeps_each_layer_count_and_moves_the_weights():
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.rand(30, 20, generator=g) < 0.1, "b": torch.rand(5, 30, generator=g) < 0.5}
+    shuffled = shuffle_within_layers(masks, torch.Generator().manual_seed(1))
+    assert {n: int(m.sum()) for n, m in shuffled.items()} == {n: int(m.sum()) for n, m in masks.items()}
+    assert not torch.equal(shuffled["a"], masks["a"])
+
+
+def test_reinit_redraws_kept_weights_keeps_masks_and_targets_equal_sources(tmp_path, hopper_file, capsys):
+    from offprune import checkpoint
+
+    def run(*extra):
+        code, _, err = run_cli(capsys, "run", "--algo", "bcq", "--sparsity", "0.9", "--dataset", str(hopper_file),
+                               "--out", str(tmp_path), "--steps", "1", "--eval-every", "1", "--eval-episodes", "1",
+                               "--no-progress", "--kernels", "dense", *extra)
+        assert code == 0, err
+
+    run()
+    run("--reinit")
+    run("--mask-transform", "shuffle")
+    plain, _ = checkpoint.load_run(tmp_path / "bcq_hopper-random-v5_snip_s0.9_seed0")
+    reinit, ckpt = checkpoint.load_run(tmp_path / "bcq_hopper-random-v5_snip_s0.9_reinit_seed0")
+    shuffled, shuffled_ckpt = checkpoint.load_run(tmp_path / "bcq_hopper-random-v5_snip_s0.9_shuffle_seed0")
+    plain_masks = torch.load(tmp_path / "bcq_hopper-random-v5_snip_s0.9_seed0" / "masks.pt", weights_only=False)
+    assert all(torch.equal(ckpt["masks"][n][p], m) for n, layers in plain_masks.items() for p, m in layers.items())
+    assert all(int(shuffled_ckpt["masks"][n][p].sum()) == int(m.sum()) for n, layers in plain_masks.items()
+               for p, m in layers.items())
+    w_plain, w_reinit = plain.vae.decoder[2].weight, reinit.vae.decoder[2].weight
+    kept = plain_masks["vae"]["decoder.2.weight"]
+    assert torch.count_nonzero(w_reinit[~kept]) == 0 and not torch.allclose(w_plain[kept], w_reinit[kept])
+    rows = load(tmp_path).set_index("run_id")
+    assert bool(rows.loc["bcq_hopper-random-v5_snip_s0.9_reinit_seed0", "reinit"])
+    assert rows.loc["bcq_hopper-random-v5_snip_s0.9_shuffle_seed0", "mask_transform"] == "shuffle"
+
+
+def test_erk_scope_runs_and_dense_refuses_the_sanity_checks(tmp_path, hopper_file, capsys):
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "random", "--scope", "erk", "--sparsity", "0.9",
+                           "--dataset", str(hopper_file), "--out", str(tmp_path), "--steps", "1", "--eval-episodes", "1",
+                           "--no-progress")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--reinit", "--dataset",
+                           str(hopper_file), "--out", str(tmp_path), "--steps", "1", "--no-progress")
+    assert code == 2 and "--prune dense has none" in err and err.count("\n") == 1
