@@ -217,6 +217,17 @@ def stored_networks(agent) -> dict[str, nn.Module]:
     return stored_modules(agent)
 
 
+def load_masks(run_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A run's masks (network -> weight name -> bool tensor), for training another run with them."""
+    path = Path(run_dir) / MASKS_FILE
+    if not path.is_file():
+        raise UserError(f"no masks at {path} (a run writes them when it prunes, before training)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: not readable masks ({type(e).__name__})") from None
+
+
 def load_run(path: str | Path):
     """(agent on CPU with dense masked modules, checkpoint dict) from a run folder or a checkpoint file."""
     from offprune.sparse import convert_to_dense, convert_to_sparse

@@ -116,6 +116,9 @@ def cli() -> None:
               help="Sanity check (Frankle et al. 2021): shuffle keeps each layer's kept count at random positions.")
 @click.option("--reinit", is_flag=True,
               help="Sanity check: re-draw the kept weights from the initialiser after the masks are computed.")
+@click.option("--masks-from", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Train with another run's masks (same network shapes; e.g. halfcheetah -> walker2d, both 17/6) "
+                   "instead of pruning; --prune names the source's criterion, --sparsity its sparsity.")
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
@@ -127,7 +130,7 @@ def cli() -> None:
 @click.option("--seq-len", type=int, default=None,
               help="Sequence length of sequence-based algorithms (dreamer); same as --algo-opt seq_len=N.")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
-        prune_batch, prune_rounds, mask_transform, reinit, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
+        prune_batch, prune_rounds, mask_transform, reinit, masks_from, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
         seq_len) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
@@ -159,6 +162,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         prune_rounds=default_prune_rounds(prune) if prune_rounds is None else prune_rounds,
         mask_transform=mask_transform,
         reinit=reinit,
+        masks_from=masks_from,
         env=env,
         device=device,
         threads=threads,

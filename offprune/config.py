@@ -54,6 +54,7 @@ class RunConfig:
     prune_rounds: int = 1  # scorings on the exponential schedule (iterative pruning at init); 1: single shot
     mask_transform: str = "none"  # 'shuffle': each layer's kept count at random positions (a sanity check)
     reinit: bool = False  # kept weights re-drawn from the initialiser after pruning (a sanity check)
+    masks_from: str | None = None  # a run folder whose masks this run trains with (mask transfer); None: prune
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
@@ -86,8 +87,8 @@ class RunConfig:
             raise UserError("--prune-rounds must be a whole number of at least 1")
         if self.mask_transform not in MASK_TRANSFORMS:
             raise UserError(f"unknown --mask-transform '{self.mask_transform}' (choose from {', '.join(MASK_TRANSFORMS)})")
-        if self.prune == "dense" and (self.mask_transform != "none" or self.reinit):
-            raise UserError("--mask-transform and --reinit change a pruned network; --prune dense has none")
+        if self.prune == "dense" and (self.mask_transform != "none" or self.reinit or self.masks_from):
+            raise UserError("--mask-transform, --reinit and --masks-from change a pruned network; --prune dense has none")
         if self.prune_batch is not None and self.prune_batch < 1:
             raise UserError("--prune-batch must be at least 1")
         if self.kernels not in KERNELS:
@@ -143,6 +144,7 @@ class RunConfig:
         batch += f"_r{self.prune_rounds}" if self.prune_rounds != 1 and self.prune != "dense" else ""
         batch += "_shuffle" if self.mask_transform == "shuffle" else ""
         batch += "_reinit" if self.reinit else ""
+        batch += f"_from-{Path(self.masks_from).name}" if self.masks_from else ""
         return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}{batch}"
                 f"_seed{self.seed}")
 

@@ -33,7 +33,7 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
-from offprune.prune import check_sparsity_of, compute_masks, layer_densities, realised_sparsity, shuffle_within_layers
+from offprune.prune import check_sparsity_of, check_transferable, compute_masks, layer_densities, realised_sparsity, shuffle_within_layers
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
 from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule
@@ -191,9 +191,12 @@ def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
 def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     """Prune at initialisation (one batch per network) and choose the kernels."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
-                          lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of),
-                          cfg.prune_rounds)
+    if cfg.masks_from:
+        masks = transferred_masks(cfg, setup)
+    else:
+        masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
+                              lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of),
+                              cfg.prune_rounds)
     if cfg.mask_transform == "shuffle":
         masks = {net: shuffle_within_layers(layer_masks, generator) for net, layer_masks in masks.items()}
     if cfg.reinit:
@@ -201,6 +204,18 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     atomic.torch_save(masks, run_dir / MASKS_FILE)
     kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, setup.agent.rows_per_update, log)
     return Progress(masks, kernels, estimate, measured)
+
+
+def transferred_masks(cfg: RunConfig, setup: Setup) -> dict:
+    """--masks-from: another run's masks, checked against these networks and this sparsity."""
+    masks = checkpoint.load_masks(cfg.masks_from)
+    check_transferable(masks, setup.networks, cfg.masks_from)
+    for name, layer_masks in masks.items():
+        realised, wanted = realised_sparsity(layer_masks), dict(cfg.sparsity_of).get(name, cfg.sparsity)
+        if abs(realised - wanted) > 1e-3:
+            raise UserError(f"the masks of {cfg.masks_from} keep network {name} at sparsity {realised:.4f}, not "
+                            f"{wanted:g}; pass the source's --sparsity")
+    return masks
 
 
 def reinitialize(setup: Setup) -> None:
@@ -284,6 +299,7 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "prune_rounds": cfg.prune_rounds if cfg.prune != "dense" else 0,
         "mask_transform": cfg.mask_transform,
         "reinit": cfg.reinit,
+        "masks_from": Path(cfg.masks_from).name if cfg.masks_from else "",
         "kernels": progress.kernels,
         "kernels_requested": cfg.kernels,
         "sparse_kernel_speedup_estimated": progress.kernel_estimate,

@@ -115,3 +115,24 @@ def test_erk_scope_runs_and_dense_refuses_the_sanity_checks(tmp_path, hopper_fil
     code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--reinit", "--dataset",
                            str(hopper_file), "--out", str(tmp_path), "--steps", "1", "--no-progress")
     assert code == 2 and "--prune dense has none" in err and err.count("\n") == 1
+
+
+def test_masks_from_another_run_are_used_and_mismatches_are_one_line(tmp_path, hopper_file, capsys):
+    def run(*extra):
+        return run_cli(capsys, "run", "--algo", "bc-mlp", "--dataset", str(hopper_file), "--out", str(tmp_path),
+                       "--steps", "2", "--eval-every", "2", "--eval-episodes", "1", "--no-progress", *extra)
+
+    assert run("--sparsity", "0.9", "--seed", "1")[0] == 0
+    source = tmp_path / "bc-mlp_hopper-random-v5_snip_s0.9_seed1"
+    code, _, err = run("--sparsity", "0.9", "--masks-from", str(source))
+    assert code == 0, err
+    target = tmp_path / f"bc-mlp_hopper-random-v5_snip_s0.9_from-{source.name}_seed0"
+    theirs = torch.load(source / "masks.pt", weights_only=False)
+    ours = torch.load(target / "masks.pt", weights_only=False)
+    assert all(torch.equal(ours["policy"][k], m) for k, m in theirs["policy"].items())
+    assert load(tmp_path).set_index("run_id").loc[target.name, "masks_from"] == source.name
+    code, _, err = run("--sparsity", "0.9", "--masks-from", str(source), "--algo-opt", "hidden=32,32", "--run-id", "x")
+    assert code == 2 and err.count("\n") == 1
+    assert "do not fit this run's networks: policy/net.0.weight (32, 11) vs (256, 11)" in err
+    code, _, err = run("--sparsity", "0.8", "--masks-from", str(source))
+    assert code == 2 and "at sparsity 0.9000, not 0.8" in err

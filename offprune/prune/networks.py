@@ -89,6 +89,22 @@ class MaskSchedule(Protocol):
     def masks_at(self, step: int) -> dict[str, dict[str, Tensor]] | None: ...
 
 
+def check_transferable(masks: dict[str, dict[str, Tensor]], networks: dict[str, PrunableNetwork], source: str) -> None:
+    """One line naming every layer whose mask from `source` does not fit these networks."""
+    bad = []
+    for name, net in networks.items():
+        params = prunable_parameters(net.module)
+        theirs = masks.get(name, {})
+        for pname, p in params.items():
+            m = theirs.get(pname)
+            if m is None or tuple(m.shape) != tuple(p.shape):
+                bad.append(f"{name}/{pname} {tuple(p.shape)} vs {'missing' if m is None else tuple(m.shape)}")
+        bad += [f"{name}/{pname} not in this network" for pname in theirs if pname not in params]
+    bad += [f"{name} not a prunable network here" for name in masks if name not in networks]
+    if bad:
+        raise UserError(f"the masks of {source} do not fit this run's networks: {'; '.join(bad)}")
+
+
 def check_sparsity_of(networks: dict[str, PrunableNetwork], sparsity_of: dict[str, float]) -> None:
     unknown = sorted(set(sparsity_of) - set(networks))
     if unknown:
