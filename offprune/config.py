@@ -93,6 +93,10 @@ class RunConfig:
             raise UserError("--prune-batch must be at least 1")
         if self.kernels not in KERNELS:
             raise UserError(f"unknown kernels '{self.kernels}' (choose from {', '.join(KERNELS)})")
+        if self.prune == "small-dense" and (self.sparsity_of or self.mask_transform != "none" or self.reinit
+                                            or self.masks_from or self.kernels == "sparse"):
+            raise UserError("--prune small-dense trains smaller dense networks: it takes no --sparsity-of, "
+                            "--mask-transform, --reinit, --masks-from or --kernels sparse")
         if self.kernels == "sparse" and self.prune == "dense":
             raise UserError("--kernels sparse needs pruned networks (sparsity > 0); use --kernels dense or auto")
         if self.threads is not None and self.threads < 1:

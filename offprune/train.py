@@ -33,7 +33,9 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
-from offprune.prune import check_sparsity_of, check_transferable, compute_masks, layer_densities, realised_sparsity, shuffle_within_layers
+from offprune.prune import (UNMASKED, check_sparsity_of, check_transferable, compute_masks, layer_densities,
+                            realised_sparsity, shuffle_within_layers)
+from offprune.small_dense import small_dense_config
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
 from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule
@@ -179,6 +181,8 @@ def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
     max_action = check_env_matches(dataset, env)
     algo = ALGOS[cfg.algo]
     algo_config = cfg.algo_config()
+    if cfg.prune == "small-dense":  # the equal-size dense control: narrower networks, no masks
+        algo_config, _ = small_dense_config(cfg.algo, algo_config, cfg.sparsity, dataset.obs_dim, dataset.act_dim)
     seed_everything(cfg.seed)
     agent = algo.Agent(dataset.obs_dim, dataset.act_dim, max_action, algo_config, device)
     agent.prepare(dataset)
@@ -300,6 +304,8 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "mask_transform": cfg.mask_transform,
         "reinit": cfg.reinit,
         "masks_from": Path(cfg.masks_from).name if cfg.masks_from else "",
+        "network_widths": ";".join(f"{f}={','.join(map(str, getattr(setup.algo_config, f)))}"
+                                   for fields in setup.agent.widths.values() for f in fields),
         "kernels": progress.kernels,
         "kernels_requested": cfg.kernels,
         "sparse_kernel_speedup_estimated": progress.kernel_estimate,
@@ -434,7 +440,7 @@ def resolve_kernels(cfg: RunConfig, networks, masks, rows: int, log) -> tuple[st
     """'dense' or 'sparse' for this run; the rule's estimated sparse/dense speed ratio; and the
     measured one (NaN unless --kernels measure). Only 'measure' depends on timing."""
     nan = float("nan")
-    if cfg.prune == "dense":
+    if cfg.prune in UNMASKED:
         return "dense", nan, nan
     rule_choice, estimate = kernels_by_rule(networks, masks, rows)
     if cfg.kernels in ("dense", "sparse"):

@@ -136,3 +136,34 @@ def test_masks_from_another_run_are_used_and_mismatches_are_one_line(tmp_path, h
     assert "do not fit this run's networks: policy/net.0.weight (32, 11) vs (256, 11)" in err
     code, _, err = run("--sparsity", "0.8", "--masks-from", str(source))
     assert code == 2 and "at sparsity 0.9000, not 0.8" in err
+
+
+@pytest.mark.parametrize("algo", ["bcq", "bc", "td3-bc", "iql"])
+def test_small_dense_networks_hold_the_pruned_weight_count_within_one_percent(algo):
+    from offprune.prune import prunable_parameters
+    from offprune.small_dense import small_dense_config
+
+    config = ALGOS[algo].Config()
+    full = ALGOS[algo].Agent(17, 6, 1.0, config, torch.device("cpu")).prunable_networks()
+    small_config, counts = small_dense_config(algo, config, 0.95, 17, 6)
+    small = ALGOS[algo].Agent(17, 6, 1.0, small_config, torch.device("cpu")).prunable_networks()
+    assert set(counts) == set(full)
+    for name, net in full.items():
+        target = round(0.05 * sum(p.numel() for p in prunable_parameters(net.module).values()))
+        have = sum(p.numel() for p in prunable_parameters(small[name].module).values())
+        assert counts[name] == (have, target) and abs(have - target) <= 0.01 * target
+
+
+def test_small_dense_run_records_widths_and_counts(tmp_path, hopper_file, capsys):
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "small-dense", "--sparsity", "0.9",
+                           "--dataset", str(hopper_file), "--out", str(tmp_path), "--steps", "1", "--eval-episodes", "1",
+                           "--no-progress")
+    assert code == 0, err
+    row = load(tmp_path).iloc[-1]
+    full = 11 * 256 + 256 * 256 + 256 * 3
+    assert row.prune == "small-dense" and row.realised_sparsity == 0
+    assert abs(row.kept_weights - round(0.1 * full)) <= 0.01 * round(0.1 * full)
+    assert row.network_widths == "hidden=76,77"
+    code, _, err = run_cli(capsys, "run", "--algo", "dreamer", "--prune", "small-dense", "--sparsity", "0.9",
+                           "--dataset", str(hopper_file), "--out", str(tmp_path), "--steps", "1", "--no-progress")
+    assert code == 2 and "not available for dreamer" in err

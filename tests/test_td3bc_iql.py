@@ -80,7 +80,7 @@ def test_iql_reward_scale_is_1000_over_the_spread_of_episode_returns(hopper_file
 
 
 def test_iql_acts_with_the_policy_mean():
-    agent = agent_of("iql", hidden=(8,))
+    agent = agent_of("iql", actor_hidden=(8,))
     obs = np.linspace(-1, 1, OBS).astype(np.float32)
     lin = [m for m in agent.actor.net if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():

@@ -17,7 +17,7 @@ TINY = {
     "bc": dict(vae_hidden=(24, 24), batch_size=16),
     "bc-mlp": dict(hidden=(16, 16), batch_size=16),
     "td3-bc": dict(actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=16),
-    "iql": dict(hidden=(16, 16), batch_size=16),
+    "iql": dict(actor_hidden=(16, 16), critic_hidden=(16, 16), value_hidden=(16, 16), batch_size=16),
     "dreamer": dict(deter=16, stoch=4, hidden=12, embed=8, encoder_hidden=(16,), decoder_hidden=(16,),
                     reward_hidden=(16,), value_hidden=(16,), actor_hidden=(16, 16), ensemble=3, horizon=4,
                     batch_size=4, seq_len=6),

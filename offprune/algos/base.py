@@ -8,7 +8,8 @@ and `Agent(obs_dim, act_dim, max_action, config, device)`, a subclass of `AgentB
   `prunable_networks()`, `update(batch) -> dict[str, float]`, `act(obs) -> action`;
 - declared: `sequential` (updates take sequence batches of `Config.seq_len` steps), `targets`
   (target module -> its source module: training-time copies that checkpoints keep but packed
-  files leave out), `act_batch` (rows one `act()` call runs through the networks);
+  files leave out), `widths` (prunable network -> the Config fields sizing its hidden layers),
+  `act_batch` (rows one `act()` call runs through the networks);
 - optional hooks with no-op defaults: `prepare(dataset)` (once, before pruning), `reset()`
   (before each evaluation episode), `evaluation_metrics(sampler, episode_rewards)` (extra result
   columns), and the class method `make_sampler(dataset, config, device, seed)`.
@@ -30,12 +31,15 @@ from offprune.data import SequenceSampler, TransitionSampler
 from offprune.prune import PrunableNetwork
 
 HOOKS = ("prepare", "reset", "evaluation_metrics", "make_sampler", "prunable_networks", "update", "act",
-         "modules", "optimizers", "act_batch", "rows_per_update")
+         "modules", "optimizers", "act_batch", "rows_per_update", "widths", "targets")
 
 
 class AgentBase:
     sequential: ClassVar[bool] = False  # True: batches are sequences of Config.seq_len steps
     targets: ClassVar[dict[str, str]] = {}  # target module name -> source module name
+    # prunable network -> the Config fields (tuples of widths) that size its hidden layers, for the
+    # equal-size dense control (--prune small-dense); empty: not available for this algorithm
+    widths: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     config: Any  # the algorithm's Config
 

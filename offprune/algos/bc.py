@@ -29,6 +29,8 @@ class Config:
 
 
 class Agent(AgentBase):
+    widths = {"vae": ("vae_hidden",)}
+
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.vae = VAE(obs_dim, act_dim, 2 * act_dim, config.vae_hidden, max_action).to(device)

@@ -26,6 +26,7 @@ class Config:
 
 
 class Agent(AgentBase):
+    widths = {"policy": ("hidden",)}
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.policy = TanhPolicy(obs_dim, act_dim, config.hidden, max_action).to(device)

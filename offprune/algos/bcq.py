@@ -50,6 +50,7 @@ class Actor(nn.Module):
 
 class Agent(AgentBase):
     targets = {"actor_target": "actor", "critic_target": "critic"}
+    widths = {"actor": ("actor_hidden",), "critic": ("critic_hidden",), "vae": ("vae_hidden",)}
 
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device = config, device

@@ -37,7 +37,9 @@ from offprune.prune import PrunableNetwork
 
 @dataclass(frozen=True)
 class Config:
-    hidden: tuple[int, ...] = (256, 256)  # widths of the policy, each Q network and the value network
+    actor_hidden: tuple[int, ...] = (256, 256)  # Gaussian policy
+    critic_hidden: tuple[int, ...] = (256, 256)  # each of the twin Q networks
+    value_hidden: tuple[int, ...] = (256, 256)
     expectile: float = 0.7  # of the value regression (weight 0.7 above V, 0.3 below)
     temperature: float = 3.0  # inverse temperature of the advantage weights
     max_weight: float = 100.0  # advantage weights are clipped here
@@ -99,14 +101,15 @@ class ValueNetwork(nn.Module):
 
 class Agent(AgentBase):
     targets = {"critic_target": "critic"}
+    widths = {"actor": ("actor_hidden",), "critic": ("critic_hidden",), "value": ("value_hidden",)}
 
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device, self.max_action = config, device, max_action
-        self.actor = GaussianPolicy(obs_dim, act_dim, config.hidden, max_action,
+        self.actor = GaussianPolicy(obs_dim, act_dim, config.actor_hidden, max_action,
                                     (config.log_std_min, config.log_std_max)).to(device)
-        self.critic = TwinCritic(obs_dim, act_dim, config.hidden).to(device)
+        self.critic = TwinCritic(obs_dim, act_dim, config.critic_hidden).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.value = ValueNetwork(obs_dim, config.hidden).to(device)
+        self.value = ValueNetwork(obs_dim, config.value_hidden).to(device)
         self.actor_optimizer = adam(self.actor.parameters(), config.lr)
         self.critic_optimizer = adam(self.critic.parameters(), config.lr)
         self.value_optimizer = adam(self.value.parameters(), config.lr)

@@ -49,6 +49,7 @@ class Config:
 
 class Agent(AgentBase):
     targets = {"actor_target": "actor", "critic_target": "critic"}
+    widths = {"actor": ("actor_hidden",), "critic": ("critic_hidden",)}
 
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, config: Config, device: torch.device):
         self.config, self.device, self.max_action = config, device, max_action

@@ -3,7 +3,7 @@
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.masks import (SCOPES, erk_densities, kept_count, layer_densities, masks_from_scores, realised_sparsity,
                                  shuffle_within_layers)
-from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, MaskSchedule,
+from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, UNMASKED, MaskSchedule,
                                     check_sparsity_of, check_transferable, compute_masks, default_prune_rounds,
                                     round_sparsity)
 from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_PRUNE_ROUNDS",
     "METHODS",
     "SCOPES",
+    "UNMASKED",
     "MaskEnforcer",
     "MaskSchedule",
     "PrunableNetwork",

@@ -11,7 +11,9 @@ from offprune.errors import UserError
 from offprune.prune.masks import masks_from_scores
 from offprune.prune.scores import PrunableNetwork, prunable_parameters, score_network
 
-METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow")
+METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "small-dense")
+# small-dense: no pruning; the networks are built narrower to the pruned size (offprune.small_dense)
+UNMASKED = ("dense", "small-dense")
 
 # Batch sizes of the paper (SNIP 100 samples, GraSP 200); other criteria take SNIP's.
 DEFAULT_PRUNE_BATCH = {"snip": 100, "grasp": 200}
@@ -46,7 +48,7 @@ def compute_masks(
     masks = {}
     for name, net in networks.items():
         net_sparsity = sparsity_of.get(name, sparsity)
-        if method == "dense" or net_sparsity == 0:
+        if method in UNMASKED or net_sparsity == 0:
             masks[name] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(net.module).items()}
             continue
         batch = sample_batch()
