@@ -27,6 +27,11 @@ def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     atomic.write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+# Columns added after results were first published, and what a row written before them means
+# ('' = not recorded); consolidated studies fill them in so old and new rows group together.
+COLUMN_DEFAULTS = {"mask_transform": "none", "reinit": False, "masks_from": "", "network_widths": ""}
+
+
 class ResultsError(UserError):
     """A results file that exists cannot be read."""
 

@@ -17,7 +17,7 @@ import pandas as pd
 from offprune import atomic
 from offprune.config import RunConfig
 from offprune.errors import UserError
-from offprune.results import LAYERS_FILE, RESULTS_FILE, ROW_KEY, read_rows, write_parquet_atomic
+from offprune.results import COLUMN_DEFAULTS, LAYERS_FILE, RESULTS_FILE, ROW_KEY, read_rows, write_parquet_atomic
 
 SCHEMA_VERSION = 1  # of the consolidated files; raise it when a column changes meaning
 RUNS_FILE = "runs.json"
@@ -95,6 +95,9 @@ def _merge(old: pd.DataFrame | None, new: list[pd.DataFrame], key: tuple[str, ..
     replaced = set(pd.concat(new)["run_id"])
     frames = ([old[~old["run_id"].isin(replaced)]] if old is not None else []) + new
     merged = pd.concat(frames, ignore_index=True)
+    for column, default in COLUMN_DEFAULTS.items():
+        if column in merged:
+            merged[column] = merged[column].where(merged[column].notna(), default)
     merged["schema_version"] = SCHEMA_VERSION
     # rows of a run keep their order (layers.parquet lists a network's layers input to output)
     return merged.sort_values(list(key[:1]), kind="stable").reset_index(drop=True)

@@ -151,3 +151,17 @@ def test_status_of_a_study_counts_runs_finished_on_another_machine(capsys, tmp_p
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
     assert lines == {"done": "3", "running": "0", "failed": "0", "left": "3"}  # seed 1 not run anywhere yet
+
+
+def test_rows_written_before_a_column_existed_get_its_default_when_consolidated():
+    import pandas as pd
+
+    from offprune.results import COLUMN_DEFAULTS
+    from offprune.study import _merge
+
+    old = pd.DataFrame({"run_id": ["old", "old"], "step": [1, 2]})
+    new = pd.DataFrame({"run_id": ["new"], "step": [2], "reinit": [True], "mask_transform": ["shuffle"]})
+    merged = _merge(old, [new], ("run_id", "step")).set_index("run_id")
+    assert merged.loc["old", "reinit"].tolist() == [COLUMN_DEFAULTS["reinit"]] * 2
+    assert merged.loc["old", "mask_transform"].tolist() == ["none", "none"]
+    assert merged.loc["new", "reinit"] and merged.loc["new", "mask_transform"] == "shuffle"
