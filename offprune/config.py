@@ -230,6 +230,14 @@ def _algo_steps(value: Any) -> tuple[tuple[str, int], ...]:
     return pairs
 
 
+def _algo_prune(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A config file's `algo_prune = {bc = []}`: the criteria of one algorithm ([]: its dense
+    baselines only), overriding `prune` for it."""
+    if not isinstance(value, dict):
+        raise UserError("algo_prune: a table of algo = [criteria], e.g. algo_prune = { bc = [] }")
+    return tuple((algo, tuple(_as_list(criteria, str))) for algo, criteria in value.items())
+
+
 SWEEP_EXECUTORS = ("local", "ray")
 
 
@@ -247,6 +255,7 @@ class SweepConfig:
     profile: str = "quick"  # budget profile; steps / eval_every / eval_episodes override it
     steps: int | None = None  # updates per run; None: the profile's
     algo_steps: tuple[tuple[str, int], ...] = ()  # (algo, updates) overriding `steps` for one algorithm
+    algo_prune: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (algo, criteria) overriding `prune` for it; (): dense only
     eval_every: int | None = None
     eval_episodes: int | None = None
     prune_batch: tuple[int, ...] = ()  # pruning batch sizes, a grid axis; empty: SNIP 100, GraSP 200
@@ -275,6 +284,8 @@ class SweepConfig:
                 values[key] = _as_list(values[key], kind)
         if "algo_steps" in values:
             values["algo_steps"] = _algo_steps(values["algo_steps"])
+        if "algo_prune" in values:
+            values["algo_prune"] = _algo_prune(values["algo_prune"])
         return cls(**values).validate()
 
     @classmethod
@@ -304,6 +315,9 @@ class SweepConfig:
                 raise UserError(f"--{name} must be a whole number of at least 1")
         if any(b < 1 for b in self.prune_batch):
             raise UserError("--prune-batch must be at least 1")
+        stray = [algo for algo, _ in self.algo_prune if algo not in self.algo]
+        if stray:
+            raise UserError(f"algo_prune names {', '.join(stray)}, not in algo ({', '.join(self.algo)})")
         return self
 
     def base_run(self, algo: str = "bc") -> RunConfig:

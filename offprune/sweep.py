@@ -46,19 +46,23 @@ def expand_grid(
     sparsities: list[float],
     base: RunConfig | Callable[[str], RunConfig],
     prune_batches: list[int | None] | None = None,
+    algo_prunes: dict[str, list[str]] | None = None,
 ) -> list[RunConfig]:
     """One RunConfig per grid point, and one dense baseline per (algo, dataset, seed). `base`:
     the config every point starts from, or a function giving it per algo (profiles differ).
-    `prune_batches`: pruning batch sizes to sweep (None in it: the criterion's default)."""
-    criteria = [p for p in prunes if p != "dense"]
+    `prune_batches`: pruning batch sizes to sweep (None in it: the criterion's default).
+    `algo_prunes`: criteria of some algorithms instead of `prunes` ([]: their dense baselines only)."""
+    algo_prunes = algo_prunes or {}
     levels = [s for s in sparsities if s > 0]
-    if not algos or not datasets or not seeds or not (criteria and levels):
+    some_criterion = any(p != "dense" for algo in algos for p in algo_prunes.get(algo, prunes))
+    if not algos or not datasets or not seeds or not (some_criterion and levels):
         raise UserError("the sweep grid is empty: give at least one algo, dataset, seed, criterion and sparsity > 0")
     runs = []
     for algo in algos:
         if algo not in ALGOS:  # before a profile of it is looked up
             raise UserError(f"unknown algo '{algo}' (choose from {', '.join(ALGOS)})")
         algo_base = base(algo) if callable(base) else base
+        criteria = [p for p in algo_prunes.get(algo, prunes) if p != "dense"]
         for dataset in datasets:
             for seed in seeds:
                 common = dict(algo=algo, dataset=dataset, seed=seed, run_id=None)
@@ -80,7 +84,8 @@ def expand_grid(
 def grid(sweep: SweepConfig) -> list[RunConfig]:
     """Every run of a sweep config, dense baselines included."""
     return expand_grid(list(sweep.algo), list(sweep.dataset), list(sweep.seeds), list(sweep.prune),
-                       list(sweep.sparsity), sweep.base_run, list(sweep.prune_batch))
+                       list(sweep.sparsity), sweep.base_run, list(sweep.prune_batch),
+                       {algo: list(criteria) for algo, criteria in sweep.algo_prune})
 
 
 def check_datasets(runs: list[RunConfig]) -> None:

@@ -101,6 +101,15 @@ def test_study_axes_prune_batch_and_per_algo_steps(tmp_path):
     path.write_text('algo_steps = { bc = 0 }\n')
     with pytest.raises(UserError, match="algo_steps: updates must be at least 1"):
         SweepConfig.build(path)
+    # per-algo criteria: BC only as its dense baseline beside pruned TD3+BC
+    path.write_text('algo = ["bc", "td3-bc"]\nprune = ["snip", "random"]\nsparsity = [0.9]\nseeds = "0"\n'
+                    'algo_prune = { bc = [] }\n')
+    assert sorted(r.name for r in grid(SweepConfig.build(path))) == [
+        "bc_hopper-random-v5_dense_s0_seed0", "td3-bc_hopper-random-v5_dense_s0_seed0",
+        "td3-bc_hopper-random-v5_random_s0.9_seed0", "td3-bc_hopper-random-v5_snip_s0.9_seed0"]
+    path.write_text('algo = ["bc"]\nalgo_prune = { iql = [] }\n')
+    with pytest.raises(UserError, match="algo_prune names iql, not in algo"):
+        SweepConfig.build(path)
 
 
 def test_the_committed_study_files_parse():
@@ -112,8 +121,9 @@ def test_the_committed_study_files_parse():
         assert cfg.results == f"reports/{path.stem}"
         counts[path.stem] = len(grid(cfg))
     # paper-95: 2 algos x 3 envs x 3 seeds x (dense + 3 criteria); bc-sparsity: 2 envs x 3 seeds x (1 + 3 x 6);
-    # prune-batch: 3 seeds x (1 + 2 sparsities x 4 batch sizes)
-    assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27}
+    # prune-batch: 3 seeds x (1 + 2 sparsities x 4 batch sizes); algos-95: 2 envs x 3 seeds x
+    # (2 algos x (dense + 3 criteria x 2 sparsities) + BC dense)
+    assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27, "algos-95": 90}
 
 
 def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path, hopper_file, monkeypatch):
