@@ -32,9 +32,8 @@ class MLP(nn.Sequential):
 def ones_output(module: nn.Module) -> Callable[[object], Tensor]:
     """`PrunableNetwork.output` of a network that is one MLP: its output on one all-ones row, in
     the module's current dtype (SynFlow calls it in float64); the pruning batch is not needed."""
-    in_features = next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
-
-    def output(_batch: object) -> Tensor:
+    def output(_batch: object) -> Tensor:  # looked up when called: pruning runs on the dense nn.Linear layers
+        in_features = next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
         p = next(module.parameters())
         return module(torch.ones(1, in_features, dtype=p.dtype, device=p.device))
     return output
