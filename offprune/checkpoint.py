@@ -31,6 +31,7 @@ from offprune.errors import UserError
 
 CONFIG_FILE = "config.json"
 MASKS_FILE = "masks.pt"
+SCORES_FILE = "scores.pt"  # the scores the masks were taken from (score transfer reads them)
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 LOCK_FILE = ".lock"
@@ -226,6 +227,18 @@ def load_masks(run_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"{path}: not readable masks ({type(e).__name__})") from None
+
+
+def load_scores(run_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A run's pruning scores (network -> weight name -> float tensor)."""
+    path = Path(run_dir) / SCORES_FILE
+    if not path.is_file():
+        raise UserError(f"no scores at {path} (runs pruned by a criterion keep them; runs made before "
+                        "offprune saved scores, and dense runs, have none)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: not readable scores ({type(e).__name__})") from None
 
 
 def load_run(path: str | Path):

@@ -119,6 +119,14 @@ def cli() -> None:
 @click.option("--masks-from", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Train with another run's masks (same network shapes; e.g. halfcheetah -> walker2d, both 17/6) "
                    "instead of pruning; --prune names the source's criterion, --sparsity its sparsity.")
+@click.option("--score-transfer", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="FSTL: rank weights by random + OMEGA x RUN_DIR's scores + this run's own, each divided by its "
+                   "mean |score| over the network (RUN_DIR: a run of the same shapes, pruned by a criterion).")
+@click.option("--weight-transfer", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="FTL: initial weights = fresh + OMEGA x RUN_DIR's trained weights, before pruning.")
+@click.option("--omega", type=float, default=0.2, show_default=True, help="Weight of the transferred scores or weights.")
+@click.option("--transfer-noise", type=float, default=1.0, show_default=True,
+              help="FSTL: weight of the random part of the mixed score (0: none).")
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
@@ -130,7 +138,8 @@ def cli() -> None:
 @click.option("--seq-len", type=int, default=None,
               help="Sequence length of sequence-based algorithms (dreamer); same as --algo-opt seq_len=N.")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
-        prune_batch, prune_rounds, mask_transform, reinit, masks_from, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
+        prune_batch, prune_rounds, mask_transform, reinit, masks_from, score_transfer, weight_transfer, omega,
+        transfer_noise, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
         seq_len) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
@@ -163,6 +172,10 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         mask_transform=mask_transform,
         reinit=reinit,
         masks_from=masks_from,
+        score_transfer=score_transfer,
+        weight_transfer=weight_transfer,
+        omega=omega,
+        transfer_noise=transfer_noise,
         env=env,
         device=device,
         threads=threads,

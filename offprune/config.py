@@ -55,6 +55,10 @@ class RunConfig:
     mask_transform: str = "none"  # 'shuffle': each layer's kept count at random positions (a sanity check)
     reinit: bool = False  # kept weights re-drawn from the initialiser after pruning (a sanity check)
     masks_from: str | None = None  # a run folder whose masks this run trains with (mask transfer); None: prune
+    score_transfer: str | None = None  # a run folder whose scores are mixed into this run's (FSTL)
+    weight_transfer: str | None = None  # a run folder whose trained weights are added to the initial ones (FTL)
+    omega: float = 0.2  # weight of the transferred scores or weights
+    transfer_noise: float = 1.0  # FSTL: weight of the random part of the mixed score (0: none)
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
@@ -87,8 +91,13 @@ class RunConfig:
             raise UserError("--prune-rounds must be a whole number of at least 1")
         if self.mask_transform not in MASK_TRANSFORMS:
             raise UserError(f"unknown --mask-transform '{self.mask_transform}' (choose from {', '.join(MASK_TRANSFORMS)})")
-        if self.prune == "dense" and (self.mask_transform != "none" or self.reinit or self.masks_from):
-            raise UserError("--mask-transform, --reinit and --masks-from change a pruned network; --prune dense has none")
+        if self.masks_from and self.score_transfer:
+            raise UserError("--masks-from takes another run's masks as they are; --score-transfer mixes scores: "
+                            "choose one")
+        if self.prune == "dense" and (self.mask_transform != "none" or self.reinit or self.masks_from
+                                      or self.score_transfer or self.weight_transfer):
+            raise UserError("--mask-transform, --reinit, --masks-from and the transfers change a pruned network; "
+                            "--prune dense has none")
         if self.prune_batch is not None and self.prune_batch < 1:
             raise UserError("--prune-batch must be at least 1")
         if self.kernels not in KERNELS:
@@ -149,6 +158,8 @@ class RunConfig:
         batch += "_shuffle" if self.mask_transform == "shuffle" else ""
         batch += "_reinit" if self.reinit else ""
         batch += f"_from-{Path(self.masks_from).name}" if self.masks_from else ""
+        batch += f"_fstl-{Path(self.score_transfer).name}_o{self.omega:g}" if self.score_transfer else ""
+        batch += f"_ftl-{Path(self.weight_transfer).name}_o{self.omega:g}" if self.weight_transfer else ""
         return (f"{self.algo}_{Path(self.dataset).stem}_{self.prune}{scope}_s{self.sparsity:g}{overrides}{batch}"
                 f"_seed{self.seed}")
 

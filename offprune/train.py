@@ -33,7 +33,8 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
-from offprune.prune import (UNMASKED, check_sparsity_of, check_transferable, compute_masks, layer_densities,
+from offprune.prune import (UNMASKED, ScoreMix, check_sparsity_of, check_transferable, compute_masks_and_scores,
+                            layer_densities,
                             realised_sparsity, shuffle_within_layers)
 from offprune.small_dense import small_dense_config
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
@@ -195,12 +196,18 @@ def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
 def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     """Prune at initialisation (one batch per network) and choose the kernels."""
     generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.weight_transfer:
+        transfer_weights(cfg, setup)
     if cfg.masks_from:
         masks = transferred_masks(cfg, setup)
     else:
-        masks = compute_masks(setup.networks, cfg.prune, cfg.sparsity, cfg.scope,
-                              lambda: setup.sampler.sample(cfg.pruning_batch_size), generator, dict(cfg.sparsity_of),
-                              cfg.prune_rounds)
+        mix = ScoreMix(checkpoint.load_scores(cfg.score_transfer), cfg.omega, cfg.transfer_noise) \
+            if cfg.score_transfer else None
+        masks, scores = compute_masks_and_scores(
+            setup.networks, cfg.prune, cfg.sparsity, cfg.scope, lambda: setup.sampler.sample(cfg.pruning_batch_size),
+            generator, dict(cfg.sparsity_of), cfg.prune_rounds, mix)
+        if scores:
+            atomic.torch_save(scores, run_dir / checkpoint.SCORES_FILE)
     if cfg.mask_transform == "shuffle":
         masks = {net: shuffle_within_layers(layer_masks, generator) for net, layer_masks in masks.items()}
     if cfg.reinit:
@@ -208,6 +215,24 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     atomic.torch_save(masks, run_dir / MASKS_FILE)
     kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, setup.agent.rows_per_update, log)
     return Progress(masks, kernels, estimate, measured)
+
+
+@torch.no_grad()
+def transfer_weights(cfg: RunConfig, setup: Setup) -> None:
+    """--weight-transfer (FTL, Sasso et al. 2021): initial weights = fresh ones + omega x the source
+    run's trained weights, in every network the agent stores; targets copied from their sources."""
+    source, _ = checkpoint.load_run(cfg.weight_transfer)
+    theirs = checkpoint.stored_networks(source)
+    for name, module in checkpoint.stored_networks(setup.agent).items():
+        params = dict(theirs[name].named_parameters()) if name in theirs else {}
+        mismatched = [n for n, p in module.named_parameters() if n not in params or params[n].shape != p.shape]
+        if mismatched:
+            raise UserError(f"--weight-transfer: the weights of {cfg.weight_transfer} do not fit network {name} "
+                            f"({', '.join(mismatched[:6])})")
+        for n, p in module.named_parameters():
+            p.add_(params[n].to(p.device), alpha=cfg.omega)
+    for target, src in setup.agent.targets.items():
+        setup.agent.modules[target].load_state_dict(setup.agent.modules[src].state_dict())
 
 
 def transferred_masks(cfg: RunConfig, setup: Setup) -> dict:
@@ -304,6 +329,9 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "mask_transform": cfg.mask_transform,
         "reinit": cfg.reinit,
         "masks_from": Path(cfg.masks_from).name if cfg.masks_from else "",
+        "score_transfer": Path(cfg.score_transfer).name if cfg.score_transfer else "",
+        "weight_transfer": Path(cfg.weight_transfer).name if cfg.weight_transfer else "",
+        "omega": cfg.omega if cfg.score_transfer or cfg.weight_transfer else 0.0,
         "network_widths": ";".join(f"{f}={','.join(map(str, getattr(setup.algo_config, f)))}"
                                    for fields in setup.agent.widths.values() for f in fields),
         "kernels": progress.kernels,

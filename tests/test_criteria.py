@@ -167,3 +167,54 @@ def test_small_dense_run_records_widths_and_counts(tmp_path, hopper_file, capsys
     code, _, err = run_cli(capsys, "run", "--algo", "dreamer", "--prune", "small-dense", "--sparsity", "0.9",
                            "--dataset", str(hopper_file), "--out", str(tmp_path), "--steps", "1", "--no-progress")
     assert code == 2 and "not available for dreamer" in err
+
+
+def test_score_transfer_mixes_normalised_scores():
+    from offprune.prune import ScoreMix, compute_masks_and_scores
+
+    torch.manual_seed(0)
+    agent = ALGOS["bc-mlp"].Agent(11, 3, 1.0, ALGOS["bc-mlp"].Config(), torch.device("cpu"))
+    nets, batch = agent.prunable_networks(), random_batch(11, 3, 100, 0)
+    own_masks, own_scores = compute_masks_and_scores(nets, "snip", 0.9, "global", lambda: batch, torch.Generator())
+    source = {"policy": {k: torch.rand(s.shape, generator=torch.Generator().manual_seed(3)) for k, s in
+                         own_scores["policy"].items()}}
+    # omega 0 and no random part: the target's own SNIP mask
+    masks, _ = compute_masks_and_scores(nets, "snip", 0.9, "global", lambda: batch, torch.Generator(),
+                                        mix=ScoreMix(source, omega=0.0, noise=0.0))
+    assert all(torch.equal(masks["policy"][k], own_masks["policy"][k]) for k in masks["policy"])
+    # a dominant omega: the source's ranking
+    masks, mixed = compute_masks_and_scores(nets, "snip", 0.9, "global", lambda: batch, torch.Generator(),
+                                            mix=ScoreMix(source, omega=1e6, noise=0.0))
+    expected = masks_from_scores(source["policy"], 0.9, "global")
+    assert all(torch.equal(masks["policy"][k], expected[k]) for k in expected)
+    # each term divided by its mean |score|: the mixed score by hand for one weight
+    mean_own = torch.cat([s.flatten() for s in own_scores["policy"].values()]).abs().mean()
+    mean_src = torch.cat([s.flatten() for s in source["policy"].values()]).abs().mean()
+    k = "net.0.weight"
+    hand = own_scores["policy"][k] / mean_own + 1e6 * source["policy"][k] / mean_src
+    torch.testing.assert_close(mixed["policy"][k], hand, rtol=1e-5, atol=0)
+
+
+def test_weight_transfer_adds_omega_times_the_trained_weights_and_score_transfer_runs(tmp_path, hopper_file, capsys):
+    from offprune import checkpoint
+
+    def run(*extra):
+        code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--dataset", str(hopper_file), "--out",
+                               str(tmp_path), "--steps", "2", "--eval-every", "2", "--eval-episodes", "1",
+                               "--no-progress", "--sparsity", "0.9", *extra)
+        assert code == 0, err
+
+    run("--seed", "1")
+    source = tmp_path / "bc-mlp_hopper-random-v5_snip_s0.9_seed1"
+    assert set(checkpoint.load_scores(source)) == {"policy"}
+    run("--prune", "magnitude", "--weight-transfer", str(source), "--omega", "1000")
+    target = tmp_path / f"bc-mlp_hopper-random-v5_magnitude_s0.9_ftl-{source.name}_o1000_seed0"
+    trained, _ = checkpoint.load_run(source)
+    expected = masks_from_scores({k: w.detach().abs() for k, w in trained.policy.named_parameters()
+                                  if k.endswith("weight")}, 0.9, "global")
+    got = torch.load(target / "masks.pt", weights_only=False)["policy"]
+    agree = sum(int((got[k] & expected[k]).sum()) for k in got) / sum(int(m.sum()) for m in got.values())
+    assert agree > 0.99  # magnitude of fresh + 1000 x trained: the trained weights' ranking
+    run("--score-transfer", str(source), "--omega", "0.2")
+    row = load(tmp_path).set_index("run_id").loc[f"bc-mlp_hopper-random-v5_snip_s0.9_fstl-{source.name}_o0.2_seed0"]
+    assert row.score_transfer == source.name and row.omega == 0.2

@@ -4,8 +4,8 @@ from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.masks import (SCOPES, erk_densities, kept_count, layer_densities, masks_from_scores, realised_sparsity,
                                  shuffle_within_layers)
 from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, UNMASKED, MaskSchedule,
-                                    check_sparsity_of, check_transferable, compute_masks, default_prune_rounds,
-                                    round_sparsity)
+                                    ScoreMix, check_sparsity_of, check_transferable, compute_masks,
+                                    compute_masks_and_scores, default_prune_rounds, round_sparsity)
 from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
 
 __all__ = [
@@ -20,7 +20,9 @@ __all__ = [
     "PrunableNetwork",
     "check_sparsity_of",
     "check_transferable",
+    "ScoreMix",
     "compute_masks",
+    "compute_masks_and_scores",
     "erk_densities",
     "default_prune_rounds",
     "kept_count",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -25,6 +26,40 @@ def default_prune_rounds(method: str) -> int:
     return DEFAULT_PRUNE_ROUNDS.get(method, 1)
 
 
+@dataclass(frozen=True)
+class ScoreMix:
+    """Score transfer (FSTL; the Dreamer pruning slides): a weight is ranked by
+    noise * random + omega * source + own, each term divided by its mean |value| over the
+    network's prunable weights. The division makes the mix scale-free (SNIP and GraSP scores of
+    different networks and runs differ by orders of magnitude) while keeping each term's ranking."""
+
+    source: dict[str, dict[str, Tensor]]  # the source run's scores, per network and weight
+    omega: float  # weight of the source's scores
+    noise: float = 1.0  # weight of uniform random scores; 0: none
+
+    def mix(self, name: str, own: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        source = self.source.get(name)
+        if source is None or set(source) != set(own) or any(source[k].shape != own[k].shape for k in own):
+            raise UserError(f"the transferred scores do not fit network {name} (shapes or layer names differ)")
+        noise = {k: torch.rand(s.shape, generator=generator).to(s.device) for k, s in own.items()}
+        terms = [(1.0, own), (self.omega, source), (self.noise, noise)]
+        out = {k: torch.zeros_like(s, dtype=torch.float32) for k, s in own.items()}
+        for weight, term in terms:
+            if weight == 0:
+                continue
+            scale = _mean_abs(term)
+            for k in out:
+                out[k] += weight * term[k].float().to(out[k].device) / scale
+        return out
+
+
+def _mean_abs(scores: dict[str, Tensor]) -> float:
+    finite = torch.cat([s.detach().float().flatten() for s in scores.values()])
+    finite = finite[torch.isfinite(finite)].abs()
+    mean = float(finite.mean()) if finite.numel() else 0.0
+    return mean if mean > 0 else 1.0
+
+
 def compute_masks(
     networks: dict[str, PrunableNetwork],
     method: str,
@@ -43,17 +78,35 @@ def compute_masks(
     by the previous round's mask, the sparsity rising on the exponential schedule
     1 - (1 - s)^(r / rounds) (iterative pruning at initialisation); the weights are restored after.
     """
+    return compute_masks_and_scores(networks, method, sparsity, scope, sample_batch, generator, sparsity_of,
+                                    rounds)[0]
+
+
+def compute_masks_and_scores(
+    networks: dict[str, PrunableNetwork],
+    method: str,
+    sparsity: float,
+    scope: str,
+    sample_batch: Callable[[], object],
+    generator: torch.Generator,
+    sparsity_of: dict[str, float] | None = None,
+    rounds: int = 1,
+    mix: ScoreMix | None = None,
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]]]:
+    """`compute_masks`, and the scores the masks were taken from (the last round's; none for
+    networks left dense). With `mix`, each network's scores are mixed with transferred ones first."""
     sparsity_of = sparsity_of or {}
     check_sparsity_of(networks, sparsity_of)
-    masks = {}
+    masks, scores = {}, {}
     for name, net in networks.items():
         net_sparsity = sparsity_of.get(name, sparsity)
         if method in UNMASKED or net_sparsity == 0:
             masks[name] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(net.module).items()}
             continue
         batch = sample_batch()
-        masks[name] = _scored_masks(method, net, batch, net_sparsity, scope, generator, rounds)
-    return masks
+        masks[name], scores[name] = _scored_masks(method, net, batch, net_sparsity, scope, generator, rounds,
+                                                  (lambda s, n=name: mix.mix(n, s, generator)) if mix else None)
+    return masks, scores
 
 
 def round_sparsity(sparsity: float, r: int, rounds: int) -> float:
@@ -62,22 +115,27 @@ def round_sparsity(sparsity: float, r: int, rounds: int) -> float:
 
 
 def _scored_masks(method: str, net: PrunableNetwork, batch, sparsity: float, scope: str,
-                  generator: torch.Generator, rounds: int) -> dict[str, Tensor]:
+                  generator: torch.Generator, rounds: int, mix=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def scored() -> dict[str, Tensor]:
+        scores = score_network(method, net, batch, generator)
+        return mix(scores) if mix else scores
+
     if rounds == 1:
-        return masks_from_scores(score_network(method, net, batch, generator), sparsity, scope)
+        scores = scored()
+        return masks_from_scores(scores, sparsity, scope), scores
     params = prunable_parameters(net.module)
     saved = {n: p.detach().clone() for n, p in params.items()}
     try:
         mask = None
         for r in range(1, rounds + 1):
-            scores = score_network(method, net, batch, generator)
+            scores = scored()
             if mask is not None:  # a weight pruned in an earlier round stays pruned
                 scores = {n: s.masked_fill(~mask[n], -float("inf")) for n, s in scores.items()}
             mask = masks_from_scores(scores, round_sparsity(sparsity, r, rounds), scope)
             with torch.no_grad():
                 for n, p in params.items():
                     p.mul_(mask[n])
-        return mask
+        return mask, scores
     finally:
         with torch.no_grad():
             for n, p in params.items():
