@@ -62,7 +62,8 @@ RUN_DEFAULTS: dict[str, tuple[Any, str]] = {
     "profile": ("quick", ""),
     "dataset": (RunConfig.dataset, "  The default is generated on first use."),
 }
-SWEEP_HELP = {"prune": "  A dense baseline per (algo, dataset, seed) is always added."}
+SWEEP_HELP = {"prune": "  A dense baseline per (algo, dataset, seed) is always added. A criterion may carry "
+                       "options after '+': snip+r10 (10 rounds), random+erk (a scope), snip+shuffle, snip+reinit."}
 
 
 def _shown(value: Any) -> str:

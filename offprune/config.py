@@ -249,6 +249,26 @@ def _algo_prune(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((algo, tuple(_as_list(criteria, str))) for algo, criteria in value.items())
 
 
+def criterion_variant(entry: str) -> tuple[str, dict[str, Any]]:
+    """A sweep's criterion with options after '+': 'snip+r10' (10 scoring rounds), 'random+erk'
+    (a scope), 'snip+shuffle' (--mask-transform shuffle), 'snip+reinit' -> (criterion, RunConfig fields)."""
+    prune, *options = entry.split("+")
+    fields: dict[str, Any] = {}
+    for option in options:
+        if option in SCOPES:
+            fields["scope"] = option
+        elif option in MASK_TRANSFORMS and option != "none":
+            fields["mask_transform"] = option
+        elif option == "reinit":
+            fields["reinit"] = True
+        elif option.startswith("r") and option[1:].isdigit() and int(option[1:]) >= 1:
+            fields["prune_rounds"] = int(option[1:])
+        else:
+            raise UserError(f"criterion '{entry}': unknown option '{option}' (options: rN rounds, "
+                            f"{', '.join(SCOPES)}, shuffle, reinit)")
+    return prune, fields
+
+
 SWEEP_EXECUTORS = ("local", "ray")
 
 

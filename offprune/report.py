@@ -52,6 +52,43 @@ class Report:
 FINAL_EVALUATIONS = 2  # a run's final score: the mean of its last this-many evaluations
 
 
+def criterion_labels(results: pd.DataFrame) -> pd.Series:
+    """Per run_id, the criterion as the report names it: the `prune` column plus every option
+    that makes it another variant ('snip+r10', 'random+erk', 'snip+shuffle', 'snip+reinit',
+    'snip+pb10', 'snip+masks-from', 'snip+fstl0.2', 'magnitude+ftl0.2'), so variants are never pooled."""
+    from offprune.prune import DEFAULT_PRUNE_BATCH, UNMASKED, default_prune_rounds
+    from offprune.results import COLUMN_DEFAULTS
+
+    runs = results.drop_duplicates("run_id").set_index("run_id")
+
+    def column(name: str, default):
+        return runs[name].where(runs[name].notna(), default) if name in runs else pd.Series(default, index=runs.index)
+
+    labels = runs.prune.astype(str).copy()
+    pruned = ~runs.prune.isin(UNMASKED)
+    rounds = column("prune_rounds", 1)
+    batch = column("prune_batch", 0)
+    for run_id, prune in runs.prune.items():
+        if not pruned[run_id]:
+            continue
+        if int(rounds[run_id]) != default_prune_rounds(prune):
+            labels[run_id] += f"+r{int(rounds[run_id])}"
+        if int(batch[run_id]) not in (0, DEFAULT_PRUNE_BATCH.get(prune, 100)):
+            labels[run_id] += f"+pb{int(batch[run_id])}"
+    for name, suffix in (("scope", lambda v: "" if v == "global" else f"+{v}"),
+                         ("mask_transform", lambda v: "" if v == "none" else f"+{v}"),
+                         ("reinit", lambda v: "+reinit" if bool(v) else ""),
+                         ("masks_from", lambda v: "+masks-from" if v else ""),
+                         ("score_transfer", lambda v: "+fstl" if v else ""),
+                         ("weight_transfer", lambda v: "+ftl" if v else "")):
+        values = column(name, COLUMN_DEFAULTS.get(name, "global" if name == "scope" else ""))
+        labels += values.map(suffix).where(pruned, "")
+    omega = column("omega", 0.0)
+    for run_id in labels.index[labels.str.endswith(("+fstl", "+ftl"))]:
+        labels[run_id] += f"{float(omega[run_id]):g}"
+    return labels
+
+
 def final_scores(results: pd.DataFrame, last: int = FINAL_EVALUATIONS) -> tuple[pd.DataFrame, list[str]]:
     """One row per finished run: its identity, last step and final score (`normalized_score`: the
     mean normalised score of its last `last` evaluations, each itself a mean over episodes)."""
@@ -386,6 +423,13 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     import seaborn as sns
 
     report = Report(out)
+    from offprune.claims import claim_table
+
+    raw_finals, _ = final_scores(results)
+    raw_layers = _layers(results_path, raw_finals)
+    claims = claim_table(results, raw_finals, raw_layers, reps)  # the paper's claims: by the raw criterion
+    labels = criterion_labels(results)
+    results = results.assign(prune=results.run_id.map(labels))
     finals, report.notes = final_scores(results)
     results = results[results.run_id.isin(finals.run_id)]
     report.notes += _missing_runs(results_path, finals)
@@ -413,11 +457,7 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
                               f"grey band: dense 95% CI; dashed: {threshold:.0%} of dense."))
 
     pruned_levels = sorted(finals.loc[finals.prune != "dense", "target_sparsity"].unique())
-    try:
-        layers = load(results_path, LAYERS_FILE)
-        layers = layers[layers.run_id.isin(finals.run_id)]
-    except UserError:
-        layers = pd.DataFrame()
+    layers = raw_layers.assign(prune=raw_layers.run_id.map(labels)) if len(raw_layers) else raw_layers
     if layer_sparsity is None and pruned_levels:
         near_95 = [s for s in pruned_levels if np.isclose(s, 0.95)]
         layer_sparsity = float(near_95[0] if near_95 else pruned_levels[-1])
@@ -444,9 +484,6 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     else:
         report.notes.append("no storage figures in these results (run `offprune storage RUN_DIR`): figure 5 left out")
 
-    from offprune.claims import claim_table
-
-    claims = claim_table(results, finals, layers, reps)
     claims.to_csv(out / "claims.csv", index=False)
     report.scores.to_csv(out / "scores.csv", index=False)
     report.retention.to_csv(out / "retention.csv", index=False)
@@ -473,6 +510,15 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     report.files.append(_write_text(out / "report.html", page))
     report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv"]
     return report
+
+
+def _layers(results_path, finals: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer counts of the runs in `finals` (empty when the results have none)."""
+    try:
+        layers = load(results_path, LAYERS_FILE)
+    except UserError:
+        return pd.DataFrame()
+    return layers[layers.run_id.isin(finals.run_id)]
 
 
 def _title(results_path) -> str:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from offprune import atomic
 from offprune import checkpoint
 from offprune.algos import ALGOS
-from offprune.config import RunConfig, SweepConfig, parse_list  # noqa: F401  (parse_list: public here too)
+from offprune.config import RunConfig, SweepConfig, criterion_variant, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
 from offprune.prune import default_prune_rounds
@@ -67,12 +67,13 @@ def expand_grid(
             for seed in seeds:
                 common = dict(algo=algo, dataset=dataset, seed=seed, run_id=None)
                 runs.append(dataclasses.replace(algo_base, prune="dense", sparsity=0.0, **common))
-                for prune in criteria:
+                for entry in criteria:
+                    prune, options = criterion_variant(entry)
+                    options = {"prune_rounds": default_prune_rounds(prune), **options}
                     for sparsity in levels:
                         for batch in prune_batches or [None]:
                             runs.append(dataclasses.replace(algo_base, prune=prune, sparsity=sparsity,
-                                                            prune_batch=batch, prune_rounds=default_prune_rounds(prune),
-                                                            **common))
+                                                            prune_batch=batch, **options, **common))
     for cfg in runs:
         cfg.validate()
     names = [cfg.name for cfg in runs]

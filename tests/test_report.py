@@ -219,3 +219,22 @@ def test_a_failing_report_leaves_nothing_behind(results_dir, tmp_path, monkeypat
     with pytest.raises(report.UserError, match="cannot write the report to .*: No space left on device"):
         make_report(results_dir, out, reps=200)
     assert list(out.iterdir()) == []
+
+
+def test_criterion_labels_keep_variants_apart():
+    from offprune.report import criterion_labels
+
+    base = dict(algo="bc", dataset="d", seed=0, step=1, scope="global", prune_rounds=1, prune_batch=100,
+                mask_transform="none", reinit=False, masks_from="", score_transfer="", weight_transfer="", omega=0.0)
+    rows = [dict(base, run_id="a", prune="snip"), dict(base, run_id="b", prune="snip", prune_rounds=10),
+            dict(base, run_id="c", prune="random", scope="erk"), dict(base, run_id="d", prune="snip", reinit=True),
+            dict(base, run_id="e", prune="snip", mask_transform="shuffle"), dict(base, run_id="f", prune="grasp",
+                                                                                prune_batch=200),
+            dict(base, run_id="g", prune="snip", prune_batch=10), dict(base, run_id="h", prune="synflow", prune_rounds=100),
+            dict(base, run_id="i", prune="snip", score_transfer="src", omega=0.2),
+            dict(base, run_id="j", prune="dense", prune_rounds=0, prune_batch=0),
+            dict(base, run_id="k", prune="small-dense", prune_rounds=0, prune_batch=0)]
+    labels = criterion_labels(pd.DataFrame(rows)).to_dict()
+    assert labels == {"a": "snip", "b": "snip+r10", "c": "random+erk", "d": "snip+reinit", "e": "snip+shuffle",
+                      "f": "grasp", "g": "snip+pb10", "h": "synflow", "i": "snip+fstl0.2", "j": "dense",
+                      "k": "small-dense"}

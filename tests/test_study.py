@@ -123,7 +123,9 @@ def test_the_committed_study_files_parse():
     # paper-95: 2 algos x 3 envs x 3 seeds x (dense + 3 criteria); bc-sparsity: 2 envs x 3 seeds x (1 + 3 x 6);
     # prune-batch: 3 seeds x (1 + 2 sparsities x 4 batch sizes); algos-95: 2 envs x 3 seeds x
     # (2 algos x (dense + 3 criteria x 2 sparsities) + BC dense)
-    assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27, "algos-95": 90}
+    # criteria: 2 envs x 3 seeds x (1 + 9 variants x 3 sparsities); criteria-bcq: 1 env of the same
+    assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27, "algos-95": 90, "criteria": 168,
+                      "criteria-bcq": 84}
 
 
 def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path, hopper_file, monkeypatch):
@@ -175,3 +177,19 @@ def test_rows_written_before_a_column_existed_get_its_default_when_consolidated(
     assert merged.loc["old", "reinit"].tolist() == [COLUMN_DEFAULTS["reinit"]] * 2
     assert merged.loc["old", "mask_transform"].tolist() == ["none", "none"]
     assert merged.loc["new", "reinit"] and merged.loc["new", "mask_transform"] == "shuffle"
+
+
+def test_criterion_variants_in_a_grid_become_run_options(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('algo = ["bc"]\nprune = ["snip+r10", "random+erk", "snip+shuffle+reinit", "synflow"]\n'
+                    'sparsity = [0.9]\nseeds = "0"\n')
+    runs = {r.name: r for r in grid(SweepConfig.build(path))}
+    r10 = runs["bc_hopper-random-v5_snip_s0.9_r10_seed0"]
+    assert r10.prune_rounds == 10 and r10.prune == "snip"
+    assert runs["bc_hopper-random-v5_random_erk_s0.9_seed0"].scope == "erk"
+    both = runs["bc_hopper-random-v5_snip_s0.9_shuffle_reinit_seed0"]
+    assert both.mask_transform == "shuffle" and both.reinit
+    assert runs["bc_hopper-random-v5_synflow_s0.9_r100_seed0"].prune_rounds == 100
+    path.write_text('algo = ["bc"]\nprune = ["snip+r0"]\nsparsity = [0.9]\n')
+    with pytest.raises(UserError, match="criterion 'snip\\+r0': unknown option 'r0'"):
+        grid(SweepConfig.build(path))
