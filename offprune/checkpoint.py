@@ -31,6 +31,7 @@ from offprune.errors import UserError
 
 CONFIG_FILE = "config.json"
 MASKS_FILE = "masks.pt"
+CHANGES_FILE = "mask_changes.parquet"  # masks that change in training: per layer and change, kept / grown / dropped
 SCORES_FILE = "scores.pt"  # the scores the masks were taken from (score transfer reads them)
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"

@@ -37,7 +37,9 @@ PROFILE_HELP = "Budget: " + "; ".join(
 SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
     "algo": (click.Choice(sorted(ALGOS)), ALGO_HELP),
     "prune": (click.Choice(METHODS), "Pruning criterion, scored on ONE batch per network before training; "
-                                     "'dense' prunes nothing."),
+                                     "'dense' prunes nothing; synflow is data-free; small-dense trains narrower "
+                                     "dense networks of the pruned size; gmp, set and rigl change the masks during "
+                                     "training (rigl on dense kernels)."),
     "sparsity": (float, "Fraction of prunable weights removed, in [0, 1)."),
     "dataset": (str, "D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path."),
     "env": (str, "Gymnasium env to evaluate in (default: from the dataset file or name)."),
@@ -128,6 +130,14 @@ def cli() -> None:
 @click.option("--omega", type=float, default=0.2, show_default=True, help="Weight of the transferred scores or weights.")
 @click.option("--transfer-noise", type=float, default=1.0, show_default=True,
               help="FSTL: weight of the random part of the mixed score (0: none).")
+@click.option("--prune-start", type=float, default=RunConfig.prune_start, show_default=True,
+              help="gmp: fraction of the updates after which pruning starts.")
+@click.option("--prune-end", type=float, default=RunConfig.prune_end, show_default=True,
+              help="gmp, set, rigl: fraction of the updates after which the masks stop changing.")
+@click.option("--prune-every", type=int, default=RunConfig.prune_every, show_default=True,
+              help="gmp, set, rigl: updates between mask changes.")
+@click.option("--drop-fraction", type=float, default=RunConfig.drop_fraction, show_default=True,
+              help="set, rigl: fraction of each layer's kept weights replaced at the first change (cosine-decayed to 0).")
 @click.option("--out", default="runs", show_default=True, help="Results folder; the run writes to OUT/RUN_ID/.")
 @click.option("--run-id", default=None, help="Name of the run folder (default: algo_dataset_prune_sSPARSITY_seedN).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (may raise --steps).")
@@ -140,7 +150,7 @@ def cli() -> None:
               help="Sequence length of sequence-based algorithms (dreamer); same as --algo-opt seq_len=N.")
 def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_every, eval_episodes,
         prune_batch, prune_rounds, mask_transform, reinit, masks_from, score_transfer, weight_transfer, omega,
-        transfer_noise, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
+        transfer_noise, prune_start, prune_end, prune_every, drop_fraction, device, threads, kernels, out, run_id, resume, progress, sparsity_of, algo_opts,
         seq_len) -> None:
     """Prune one agent at initialisation, train it with frozen masks, evaluate it.
 
@@ -177,6 +187,10 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         weight_transfer=weight_transfer,
         omega=omega,
         transfer_noise=transfer_noise,
+        prune_start=prune_start,
+        prune_end=prune_end,
+        prune_every=prune_every,
+        drop_fraction=drop_fraction,
         env=env,
         device=device,
         threads=threads,

@@ -59,6 +59,10 @@ class RunConfig:
     weight_transfer: str | None = None  # a run folder whose trained weights are added to the initial ones (FTL)
     omega: float = 0.2  # weight of the transferred scores or weights
     transfer_noise: float = 1.0  # FSTL: weight of the random part of the mixed score (0: none)
+    prune_start: float = 0.2  # gmp: fraction of the updates after which pruning starts
+    prune_end: float = 0.8  # gmp, set, rigl: fraction of the updates after which masks stop changing
+    prune_every: int = 1000  # gmp, set, rigl: updates between mask changes
+    drop_fraction: float = 0.3  # set, rigl: fraction of kept weights replaced at the first change (cosine-decayed)
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
@@ -106,6 +110,11 @@ class RunConfig:
                                             or self.masks_from or self.kernels == "sparse"):
             raise UserError("--prune small-dense trains smaller dense networks: it takes no --sparsity-of, "
                             "--mask-transform, --reinit, --masks-from or --kernels sparse")
+        if self.prune == "rigl" and self.kernels == "sparse":
+            raise UserError("--prune rigl grows where the dense gradient is largest, which sparse layers do not "
+                            "compute: use --kernels dense or auto (rigl trains dense)")
+        if not 0 <= self.prune_start < self.prune_end <= 1 or self.prune_every < 1 or not 0 <= self.drop_fraction <= 1:
+            raise UserError("need 0 <= --prune-start < --prune-end <= 1, --prune-every >= 1 and --drop-fraction in [0, 1]")
         if self.kernels == "sparse" and self.prune == "dense":
             raise UserError("--kernels sparse needs pruned networks (sparsity > 0); use --kernels dense or auto")
         if self.threads is not None and self.threads < 1:

@@ -36,6 +36,7 @@ from offprune.evaluate import returns_of, rollouts, summarize
 from offprune.prune import (UNMASKED, ScoreMix, check_sparsity_of, check_transferable, compute_masks_and_scores,
                             layer_densities,
                             realised_sparsity, shuffle_within_layers)
+from offprune.dynamic import DYNAMIC_METHODS, DropAndGrow, GradualMagnitude, Schedule, dense_gradients
 from offprune.small_dense import small_dense_config
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
@@ -43,6 +44,7 @@ from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_
 
 # file names of a run folder (kept here too: tools import them from train)
 CHECKPOINT_FILE, MASKS_FILE, CONFIG_FILE = checkpoint.CHECKPOINT_FILE, checkpoint.MASKS_FILE, checkpoint.CONFIG_FILE
+CHANGES_FILE = checkpoint.CHANGES_FILE
 
 
 @dataclass
@@ -203,8 +205,9 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     else:
         mix = ScoreMix(checkpoint.load_scores(cfg.score_transfer), cfg.omega, cfg.transfer_noise) \
             if cfg.score_transfer else None
+        method = {"gmp": "dense", "set": "random", "rigl": "random"}.get(cfg.prune, cfg.prune)  # where they start
         masks, scores = compute_masks_and_scores(
-            setup.networks, cfg.prune, cfg.sparsity, cfg.scope, lambda: setup.sampler.sample(cfg.pruning_batch_size),
+            setup.networks, method, cfg.sparsity, cfg.scope, lambda: setup.sampler.sample(cfg.pruning_batch_size),
             generator, dict(cfg.sparsity_of), cfg.prune_rounds, mix)
         if scores:
             atomic.torch_save(scores, run_dir / checkpoint.SCORES_FILE)
@@ -263,6 +266,9 @@ def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Pro
     """The checkpoint's masks, kernels and position; a results row it carries but the results
     file lacks (a crash between the two writes) is written now."""
     nan = float("nan")
+    if cfg.prune in DYNAMIC_METHODS and ckpt.get("config", {}).get("steps", cfg.steps) != cfg.steps:
+        raise UserError(f"{cfg.name} changes its masks on a schedule set by its number of updates "
+                        f"({ckpt['config']['steps']}); it cannot be extended to {cfg.steps}: start a new run")
     pending = ckpt.get("row")
     if pending is not None:
         results_path = run_dir / RESULTS_FILE
@@ -350,10 +356,18 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
     }
 
 
-def mask_schedule(cfg: RunConfig, setup: Setup) -> MaskSchedule | None:
-    """The schedule that changes this run's masks during training; None: masks fixed at
-    initialisation (every criterion offprune has today)."""
-    return None
+def mask_schedule(cfg: RunConfig, setup: Setup, progress: Progress) -> MaskSchedule | None:
+    """The schedule that changes this run's masks during training (gmp, set, rigl: offprune.dynamic),
+    starting from the masks now; None: masks fixed at initialisation."""
+    if cfg.prune not in DYNAMIC_METHODS:
+        return None
+    end = round(cfg.prune_end * cfg.steps)
+    if cfg.prune == "gmp":
+        final = {name: dict(cfg.sparsity_of).get(name, cfg.sparsity) for name in setup.networks}
+        return GradualMagnitude(setup.networks, progress.masks, cfg.seed, final, round(cfg.prune_start * cfg.steps),
+                                end, cfg.prune_every, cfg.scope)
+    gradients = dense_gradients(lambda: setup.sampler.sample(cfg.pruning_batch_size)) if cfg.prune == "rigl" else None
+    return DropAndGrow(setup.networks, progress.masks, cfg.seed, end, cfg.prune_every, cfg.drop_fraction, gradients)
 
 
 def sparsity_columns(masks: dict) -> dict:
@@ -373,7 +387,7 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHol
     """Update, and every `eval_every` updates evaluate, checkpoint, then write the results row.
     Where a mask schedule says so, the masks change after an update (and the checkpoint keeps them)."""
     agent, sampler = setup.agent, setup.sampler
-    schedule = mask_schedule(cfg, setup)
+    schedule = mask_schedule(cfg, setup, progress)
     losses: dict[str, list[float]] = defaultdict(list)
     window_start, window_steps = time.perf_counter(), 0
     bar_off = _progress_off(cfg)
@@ -393,6 +407,10 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHol
         if schedule is not None and (new_masks := schedule.masks_at(step)) is not None:
             holder.set_masks(new_masks)
             progress.masks = new_masks
+            if isinstance(schedule, Schedule):  # one row per layer and change
+                append_rows(run_dir / CHANGES_FILE, [{"run_id": cfg.name, **c} for c in schedule.changes],
+                            key=("step", "network", "layer"))
+                schedule.changes.clear()
         window_steps += 1
         bar.update(1)
         if step % cfg.eval_every and step != cfg.steps:
@@ -400,7 +418,9 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHol
         elapsed = time.perf_counter() - window_start
         progress.train_seconds += elapsed
         progress.step = step
-        row = evaluation_row(cfg, setup, {**static, **sparsity_columns(progress.masks)}, step, losses,
+        changes = sum(t <= step for t in schedule.steps) if isinstance(schedule, Schedule) else 0
+        row = evaluation_row(cfg, setup, {**static, **sparsity_columns(progress.masks), "mask_changes": changes}, step,
+                             losses,
                              window_steps / elapsed if elapsed > 0 else float("nan"), progress.train_seconds)
         checkpoint.save(run_dir, checkpoint_state(cfg, setup, progress, row))
         append_rows(run_dir / RESULTS_FILE, [row])
@@ -468,7 +488,7 @@ def resolve_kernels(cfg: RunConfig, networks, masks, rows: int, log) -> tuple[st
     """'dense' or 'sparse' for this run; the rule's estimated sparse/dense speed ratio; and the
     measured one (NaN unless --kernels measure). Only 'measure' depends on timing."""
     nan = float("nan")
-    if cfg.prune in UNMASKED:
+    if cfg.prune in UNMASKED or cfg.prune == "rigl":  # rigl needs dense gradients
         return "dense", nan, nan
     rule_choice, estimate = kernels_by_rule(networks, masks, rows)
     if cfg.kernels in ("dense", "sparse"):

@@ -48,10 +48,10 @@ def test_the_atomic_writer_names_the_file_and_leaves_no_temporary(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MB tmpfs (root may mount one); skipped where mounting is not permitted."""
+    """An 8 MB tmpfs (root may mount one); skipped where mounting is not permitted."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
@@ -59,7 +59,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_row_without_its_checkpoint(capsys, small_disk, hopper_file):
-    # BCQ's checkpoint (~12 MB) cannot fit; masks (~1 MB) and layers do
+    # BCQ's checkpoint (~12 MB) cannot fit; masks (~1 MB), scores (~5 MB) and layers do
     code, _, err = run_cli(capsys, "run", "--algo", "bcq", "--sparsity", "0.95", "--dataset", hopper_file,
                            "--out", small_disk, "--steps", "2", "--eval-every", "1", "--eval-episodes", "1",
                            "--kernels", "dense", "--no-progress")

@@ -163,7 +163,7 @@ def test_a_mask_schedule_changes_the_masks_at_its_step(capsys, tmp_path, hopper_
                 return None
             return compute_masks(self.networks, "magnitude", 0.8, "global", lambda: None, torch.Generator())
 
-    monkeypatch.setattr(train, "mask_schedule", lambda cfg, setup: PruneOnceAt3(setup.networks))
+    monkeypatch.setattr(train, "mask_schedule", lambda cfg, setup, progress: PruneOnceAt3(setup.networks))
     code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--prune", "dense", "--dataset", hopper_file,
                            "--out", tmp_path, "--steps", "4", "--eval-every", "2", "--eval-episodes", "1",
                            "--no-progress")

@@ -12,7 +12,7 @@ from offprune.errors import UserError
 from offprune.prune.masks import masks_from_scores
 from offprune.prune.scores import PrunableNetwork, prunable_parameters, score_network
 
-METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "small-dense")
+METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "small-dense", "gmp", "set", "rigl")
 # small-dense: no pruning; the networks are built narrower to the pruned size (offprune.small_dense)
 UNMASKED = ("dense", "small-dense")
 

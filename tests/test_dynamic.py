@@ -1,0 +1,126 @@
+"""Masks that change during training: gmp, set, rigl."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from offprune.dynamic import DropAndGrow, GradualMagnitude, change_steps, drop_fraction_at, gmp_sparsity
+from offprune.nets import mlp
+from offprune.prune import PrunableNetwork, masks_from_scores
+from offprune.results import load
+
+from conftest import run_cli
+
+
+def test_gmp_sparsity_follows_the_cubic_schedule():
+    assert gmp_sparsity(100, 0.9, 200, 800) == 0.0 and gmp_sparsity(900, 0.9, 200, 800) == 0.9
+    for t in (200, 350, 500, 650, 800):
+        assert gmp_sparsity(t, 0.9, 200, 800) == pytest.approx(0.9 * (1 - (1 - (t - 200) / 600) ** 3))
+    assert change_steps(1000, 200, 800, 200) == [200, 400, 600, 800]
+    assert drop_fraction_at(0, 0.3, 800) == pytest.approx(0.3) and drop_fraction_at(400, 0.3, 800) == pytest.approx(0.15)
+
+
+def one_net(seed=0):
+    torch.manual_seed(seed)
+    net = mlp(10, (40,), 5)
+    return {"n": PrunableNetwork(net, lambda b: net(torch.ones(3, 10)).pow(2).mean())}
+
+
+def test_gmp_prunes_the_smallest_weights_to_the_scheduled_count():
+    nets = one_net()
+    dense = {"n": {k: torch.ones_like(p, dtype=torch.bool) for k, p in nets["n"].module.named_parameters()
+                   if k.endswith("weight")}}
+    schedule = GradualMagnitude(nets, dense, 0, {"n": 0.8}, start=0, end=10, every=5, scope="global")
+    assert schedule.masks_at(3) is None
+    masks = schedule.masks_at(5)["n"]
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(total * (1 - gmp_sparsity(5, 0.8, 0, 10)))
+    weights = {k: p.detach().abs() for k, p in nets["n"].module.named_parameters() if k.endswith("weight")}
+    expected = masks_from_scores(weights, gmp_sparsity(5, 0.8, 0, 10), "global")
+    assert all(torch.equal(masks[k], expected[k]) for k in masks)
+
+
+def test_set_regrows_exactly_as_many_as_it_drops_and_rigl_grows_the_largest_gradients():
+    nets = one_net()
+    g = torch.Generator().manual_seed(0)
+    start = {"n": {k: torch.rand(p.shape, generator=g) < 0.2 for k, p in nets["n"].module.named_parameters()
+                   if k.endswith("weight")}}
+    schedule = DropAndGrow(nets, start, 0, end=100, every=10, drop_fraction=0.3)
+    new = schedule.masks_at(10)["n"]
+    for row in schedule.changes:
+        old = start["n"][row["layer"]]
+        k = round(drop_fraction_at(10, 0.3, 100) * int(old.sum()))
+        assert row["grown"] == row["dropped"] == k and row["kept"] == int(old.sum())
+        assert int(new[row["layer"]].sum()) == int(old.sum())
+    # rigl: a hand-made gradient whose largest entries sit at known pruned positions
+    layer = "0.weight"
+    old = start["n"][layer]
+    grad = torch.zeros_like(old, dtype=torch.float32)
+    pruned = (~old).flatten().nonzero().squeeze(1)
+    k = round(drop_fraction_at(10, 0.3, 100) * int(old.sum()))
+    chosen = pruned[torch.randperm(len(pruned), generator=g)[:k]]
+    grad.view(-1)[chosen] = torch.arange(1, k + 1, dtype=torch.float32) + 100
+    grads = {"0.weight": grad, "2.weight": torch.zeros(5, 40)}
+    rigl = DropAndGrow(nets, start, 0, end=100, every=10, drop_fraction=0.3, gradients=lambda name, net: grads)
+    grown = rigl.masks_at(10)["n"][layer] & ~old
+    assert set(grown.flatten().nonzero().squeeze(1).tolist()) == set(chosen.tolist())
+
+
+def run(capsys, out, hopper_file, *extra):
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--sparsity", "0.8", "--dataset", str(hopper_file),
+                           "--out", str(out), "--eval-episodes", "1", "--no-progress", "--prune-every", "3",
+                           "--algo-opt", "batch_size=32", *extra)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("method", ["gmp", "set", "rigl"])
+def test_a_run_across_mask_changes_resumes_exactly_and_keeps_pruned_weights_zero(method, tmp_path, hopper_file,
+                                                                                   capsys):
+    from offprune import checkpoint
+
+    run(capsys, tmp_path / "straight", hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4",
+        "--prune-start", "0", "--prune-end", "1")
+    straight = load(tmp_path / "straight")
+    name = straight.run_id.iloc[0]
+    # interrupt it after update 4: the previous checkpoint generation back in place, the last row gone
+    folder = tmp_path / "straight" / name
+    (folder / "checkpoint.prev.pt").replace(folder / "checkpoint.pt")
+    pd.read_parquet(folder / "results.parquet").iloc[:1].to_parquet(folder / "results.parquet")
+    run(capsys, tmp_path / "straight", hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4",
+        "--prune-start", "0", "--prune-end", "1", "--resume")
+    resumed = load(tmp_path / "straight")
+    cols = [c for c in straight.columns if c.startswith("loss_")] + ["realised_sparsity", "mask_changes"]
+    pd_equal = straight[cols].reset_index(drop=True).equals(resumed[cols].reset_index(drop=True))
+    assert pd_equal, (straight[cols], resumed[cols])
+    assert straight.mask_changes.tolist() == [1, 2]  # changes after updates 3 and 6
+    changes = pd.read_parquet(tmp_path / "straight" / name / "mask_changes.parquet")
+    assert sorted(set(changes.step)) == [3, 6] and set(changes.network) == {"policy"}
+    assert len(changes) == 2 * 3  # one row per layer (3 weight matrices) and change
+    agent, ckpt = checkpoint.load_run(tmp_path / "straight" / name)
+    for pname, mask in ckpt["masks"]["policy"].items():
+        w = dict(agent.policy.named_parameters())[pname]
+        assert torch.count_nonzero(w[~mask]) == 0
+    if method == "gmp":
+        assert straight.realised_sparsity.tolist() == pytest.approx(
+            [gmp_sparsity(3, 0.8, 0, 8), gmp_sparsity(6, 0.8, 0, 8)], abs=1e-3)
+    else:
+        assert np.allclose(straight.realised_sparsity, 0.8, atol=1e-3)
+
+
+def test_set_learns_the_same_on_dense_and_sparse_kernels_across_changes(tmp_path, hopper_file, capsys):
+    for kernels in ("dense", "sparse"):
+        run(capsys, tmp_path / kernels, hopper_file, "--prune", "set", "--steps", "8", "--eval-every", "4",
+            "--prune-start", "0", "--prune-end", "1", "--kernels", kernels)
+    dense, sparse = load(tmp_path / "dense"), load(tmp_path / "sparse")
+    assert (sparse.kernels == "sparse").all() and (dense.kernels == "dense").all()
+    np.testing.assert_allclose(sparse.loss_policy_loss, dense.loss_policy_loss, rtol=1e-4)
+
+
+def test_a_scheduled_run_refuses_to_be_extended(tmp_path, hopper_file, capsys):
+    run(capsys, tmp_path, hopper_file, "--prune", "gmp", "--steps", "4", "--eval-every", "4")
+    code, _, err = run_cli(capsys, "run", "--algo", "bc-mlp", "--sparsity", "0.8", "--dataset", str(hopper_file),
+                           "--out", str(tmp_path), "--eval-episodes", "1", "--no-progress", "--prune-every", "3",
+                           "--algo-opt", "batch_size=32", "--prune", "gmp", "--steps", "8", "--eval-every", "4",
+                           "--resume")
+    assert code == 2 and "cannot be extended to 8" in err and err.count("\n") == 1
