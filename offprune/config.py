@@ -258,6 +258,11 @@ def _algo_prune(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((algo, tuple(_as_list(criteria, str))) for algo, criteria in value.items())
 
 
+# criterion options that take the source run from a sweep's `transfer_source` (formatted per run)
+TRANSFER_OPTIONS = {"masks-from": "masks_from", "fstl": "score_transfer", "ftl": "weight_transfer"}
+TRANSFER_SOURCE = object()  # placeholder until the grid knows the run's seed, sparsity and algo
+
+
 def criterion_variant(entry: str) -> tuple[str, dict[str, Any]]:
     """A sweep's criterion with options after '+': 'snip+r10' (10 scoring rounds), 'random+erk'
     (a scope), 'snip+shuffle' (--mask-transform shuffle), 'snip+reinit' -> (criterion, RunConfig fields)."""
@@ -270,11 +275,14 @@ def criterion_variant(entry: str) -> tuple[str, dict[str, Any]]:
             fields["mask_transform"] = option
         elif option == "reinit":
             fields["reinit"] = True
+        elif option in TRANSFER_OPTIONS:  # the source run comes from the sweep's transfer_source
+            fields[TRANSFER_OPTIONS[option]] = TRANSFER_SOURCE
+
         elif option.startswith("r") and option[1:].isdigit() and int(option[1:]) >= 1:
             fields["prune_rounds"] = int(option[1:])
         else:
             raise UserError(f"criterion '{entry}': unknown option '{option}' (options: rN rounds, "
-                            f"{', '.join(SCOPES)}, shuffle, reinit)")
+                            f"{', '.join(SCOPES)}, shuffle, reinit, {', '.join(TRANSFER_OPTIONS)})")
     return prune, fields
 
 
@@ -296,6 +304,10 @@ class SweepConfig:
     steps: int | None = None  # updates per run; None: the profile's
     algo_steps: tuple[tuple[str, int], ...] = ()  # (algo, updates) overriding `steps` for one algorithm
     algo_prune: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (algo, criteria) overriding `prune` for it; (): dense only
+    # the source run of '+masks-from', '+fstl' and '+ftl' criteria: a folder, formatted per run with
+    # {algo}, {seed} and {sparsity}, e.g. "runs/studies/bc_halfcheetah-expert-v5_snip_s{sparsity}_seed{seed}"
+    transfer_source: str | None = None
+    omega: float = 0.2  # weight of the transferred scores or weights
     eval_every: int | None = None
     eval_episodes: int | None = None
     prune_batch: tuple[int, ...] = ()  # pruning batch sizes, a grid axis; empty: SNIP 100, GraSP 200
@@ -365,4 +377,4 @@ class SweepConfig:
         return RunConfig.from_profile(
             self.profile, algo, scope=self.scope, steps=dict(self.algo_steps).get(algo, self.steps),
             eval_every=self.eval_every, eval_episodes=self.eval_episodes, env=self.env, kernels=self.kernels,
-            device=self.device, threads=self.threads, out=self.out)
+            device=self.device, threads=self.threads, out=self.out, omega=self.omega)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from offprune import atomic
 from offprune import checkpoint
 from offprune.algos import ALGOS
-from offprune.config import RunConfig, SweepConfig, criterion_variant, parse_list  # noqa: F401  (parse_list: public here too)
+from offprune.config import TRANSFER_SOURCE, RunConfig, SweepConfig, criterion_variant, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
 from offprune.prune import default_prune_rounds
@@ -47,6 +47,7 @@ def expand_grid(
     base: RunConfig | Callable[[str], RunConfig],
     prune_batches: list[int | None] | None = None,
     algo_prunes: dict[str, list[str]] | None = None,
+    transfer_source: str | None = None,
 ) -> list[RunConfig]:
     """One RunConfig per grid point, and one dense baseline per (algo, dataset, seed). `base`:
     the config every point starts from, or a function giving it per algo (profiles differ).
@@ -71,9 +72,11 @@ def expand_grid(
                     prune, options = criterion_variant(entry)
                     options = {"prune_rounds": default_prune_rounds(prune), **options}
                     for sparsity in levels:
+                        sourced = {k: _source(transfer_source, entry, algo=algo, seed=seed, sparsity=f"{sparsity:g}")
+                                   for k, v in options.items() if v is TRANSFER_SOURCE}
                         for batch in prune_batches or [None]:
                             runs.append(dataclasses.replace(algo_base, prune=prune, sparsity=sparsity,
-                                                            prune_batch=batch, **options, **common))
+                                                            prune_batch=batch, **{**options, **sourced}, **common))
     for cfg in runs:
         cfg.validate()
     names = [cfg.name for cfg in runs]
@@ -82,11 +85,18 @@ def expand_grid(
     return runs
 
 
+def _source(template: str | None, entry: str, **values) -> str:
+    if not template:
+        raise UserError(f"criterion '{entry}' transfers from another run: give the sweep a transfer_source "
+                        "(e.g. \"runs/studies/bc_halfcheetah-expert-v5_snip_s{sparsity}_seed{seed}\")")
+    return template.format(**values)
+
+
 def grid(sweep: SweepConfig) -> list[RunConfig]:
     """Every run of a sweep config, dense baselines included."""
     return expand_grid(list(sweep.algo), list(sweep.dataset), list(sweep.seeds), list(sweep.prune),
                        list(sweep.sparsity), sweep.base_run, list(sweep.prune_batch),
-                       {algo: list(criteria) for algo, criteria in sweep.algo_prune})
+                       {algo: list(criteria) for algo, criteria in sweep.algo_prune}, sweep.transfer_source)
 
 
 def check_datasets(runs: list[RunConfig]) -> None:

@@ -124,8 +124,9 @@ def test_the_committed_study_files_parse():
     # prune-batch: 3 seeds x (1 + 2 sparsities x 4 batch sizes); algos-95: 2 envs x 3 seeds x
     # (2 algos x (dense + 3 criteria x 2 sparsities) + BC dense)
     # criteria: 2 envs x 3 seeds x (1 + 9 variants x 3 sparsities); criteria-bcq: 1 env of the same
+    # dynamic: 2 envs x 3 seeds x (1 + 4 methods x 3 sparsities); dynamic-bcq: 3 seeds x (1 + 4 x 2)
     assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27, "algos-95": 90, "criteria": 168,
-                      "criteria-bcq": 84}
+                      "criteria-bcq": 84, "dynamic": 78, "dynamic-bcq": 27, "transfer": 12}
 
 
 def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path, hopper_file, monkeypatch):
@@ -190,6 +191,15 @@ def test_criterion_variants_in_a_grid_become_run_options(tmp_path):
     both = runs["bc_hopper-random-v5_snip_s0.9_shuffle_reinit_seed0"]
     assert both.mask_transform == "shuffle" and both.reinit
     assert runs["bc_hopper-random-v5_synflow_s0.9_r100_seed0"].prune_rounds == 100
+    path.write_text('algo = ["bc"]\nprune = ["snip+masks-from", "snip+fstl"]\nsparsity = [0.95]\nseeds = "1"\n'
+                    'transfer_source = "src/bc_s{sparsity}_seed{seed}"\nomega = 0.5\n')
+    runs = {r.name: r for r in grid(SweepConfig.build(path))}
+    assert runs["bc_hopper-random-v5_snip_s0.95_from-bc_s0.95_seed1_seed1"].masks_from == "src/bc_s0.95_seed1"
+    fstl = runs["bc_hopper-random-v5_snip_s0.95_fstl-bc_s0.95_seed1_o0.5_seed1"]
+    assert fstl.score_transfer == "src/bc_s0.95_seed1" and fstl.omega == 0.5
+    path.write_text('algo = ["bc"]\nprune = ["snip+fstl"]\nsparsity = [0.9]\n')
+    with pytest.raises(UserError, match="give the sweep a transfer_source"):
+        grid(SweepConfig.build(path))
     path.write_text('algo = ["bc"]\nprune = ["snip+r0"]\nsparsity = [0.9]\n')
     with pytest.raises(UserError, match="criterion 'snip\\+r0': unknown option 'r0'"):
         grid(SweepConfig.build(path))
