@@ -218,3 +218,17 @@ def test_weight_transfer_adds_omega_times_the_trained_weights_and_score_transfer
     run("--score-transfer", str(source), "--omega", "0.2")
     row = load(tmp_path).set_index("run_id").loc[f"bc-mlp_hopper-random-v5_snip_s0.9_fstl-{source.name}_o0.2_seed0"]
     assert row.score_transfer == source.name and row.omega == 0.2
+
+
+def test_synflow_names_the_network_without_an_output():
+    from offprune.errors import UserError
+    from offprune.prune import compute_masks as masks_of
+
+    torch.manual_seed(0)
+    cfg = ALGOS["dreamer"].Config(deter=8, stoch=4, hidden=8, embed=8, encoder_hidden=(8,), decoder_hidden=(8,),
+                                  reward_hidden=(8,), value_hidden=(8,), actor_hidden=(8,), ensemble=2)
+    nets = ALGOS["dreamer"].Agent(11, 3, 1.0, cfg, torch.device("cpu")).prunable_networks()
+    with pytest.raises(UserError, match="synflow needs network rssm's output.*--sparsity-of rssm=0"):
+        masks_of(nets, "synflow", 0.9, "global", lambda: None, torch.Generator())
+    kept = masks_of(nets, "synflow", 0.9, "global", lambda: None, torch.Generator(), {"rssm": 0.0}, rounds=2)
+    assert all(bool(m.all()) for m in kept["rssm"].values()) and not all(bool(m.all()) for m in kept["encoder"].values())

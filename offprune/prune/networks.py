@@ -103,6 +103,9 @@ def compute_masks_and_scores(
         if method in UNMASKED or net_sparsity == 0:
             masks[name] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(net.module).items()}
             continue
+        if method == "synflow" and net.output is None:
+            raise UserError(f"synflow needs network {name}'s output on an all-ones input, which it does not give "
+                            f"(prune it with another criterion, or keep it dense: --sparsity-of {name}=0)")
         batch = sample_batch()
         masks[name], scores[name] = _scored_masks(method, net, batch, net_sparsity, scope, generator, rounds,
                                                   (lambda s, n=name: mix.mix(n, s, generator)) if mix else None)
