@@ -651,7 +651,10 @@ def export(run_dir, out) -> None:
 @click.option("--algo-opt", "algo_opts", multiple=True, metavar="KEY=VALUE",
               help="Override a field of the algorithm's Config, as for run (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (steps/s) for scripts and CI.")
-def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json) -> None:
+@click.option("--changes-every", type=int, default=None, metavar="N",
+              help="Instead: SET changing random-ERK masks every N updates, on dense vs sparse kernels (the cost of "
+                   "topology changes included).")
+def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json, changes_every) -> None:
     """Update steps/s of one algorithm's SNIP-pruned agent, interleaved in one process.
 
     dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
@@ -672,6 +675,17 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
     torch.set_num_threads(threads)
     from offprune.envs import cpu_model
 
+    if changes_every is not None:
+        from offprune.speed import measure_changing
+
+        if changes_every < 1:
+            raise UserError("--changes-every must be at least 1")
+        r = measure_changing(algo, sparsity, changes_every, obs_dim, act_dim, repeats, steps, config=config)
+        click.echo(f"{algo}, SET (random ERK {sparsity}, changes every {changes_every} updates), {threads} thread(s), "
+                   f"median of {repeats} interleaved rounds x {steps} updates, CPU: {cpu_model()}")
+        click.echo(f"  set_dense  {r['set_dense']:8.1f} steps/s\n  set_sparse {r['set_sparse']:8.1f} steps/s   "
+                   f"{r['set_sparse'] / r['set_dense']:5.2f}x dense masked")
+        return
     r = measure(algo, sparsity, obs_dim, act_dim, repeats, steps, config=config)
     if as_json:
         click.echo(json.dumps({"algo": algo, "sparsity": sparsity, "threads": threads, "cpu": cpu_model(), **r}))

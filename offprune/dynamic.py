@@ -57,21 +57,32 @@ def current_weights(net: PrunableNetwork) -> dict[str, Tensor]:
     return weights
 
 
+def is_change_step(step: int, start: int, end: int, every: int) -> bool:
+    """Whether the masks change after update `step`: every `every` updates from `start` to `end`."""
+    return step >= max(start, every) and step <= end and step % every == 0
+
+
 def change_steps(total: int, start: int, end: int, every: int) -> list[int]:
-    """The updates after which the masks change."""
-    return [t for t in range(max(start, every), end + 1, every) if t >= start]
+    """The updates after which the masks change, up to `total`."""
+    return [t for t in range(every, min(total, end) + 1, every) if is_change_step(t, start, end, every)]
 
 
 class Schedule:
     """Common bookkeeping: which updates change the masks, and the masks now."""
 
-    def __init__(self, networks: dict[str, PrunableNetwork], masks: Masks, steps: list[int], seed: int):
+    def __init__(self, networks: dict[str, PrunableNetwork], masks: Masks, start: int, end: int, every: int,
+                 seed: int):
         self.networks, self.masks, self.seed = networks, masks, seed
-        self.steps = set(steps)
+        self.start, self.end, self.every = start, end, every
         self.changes: list[dict] = []  # per layer and change: step, kept, grown, dropped (written by the loop)
 
+    def changes_until(self, step: int) -> int:
+        """How many changes the masks have had after `step` updates."""
+        return sum(1 for t in range(self.every, min(step, self.end) + 1, self.every)
+                   if is_change_step(t, self.start, self.end, self.every))
+
     def masks_at(self, step: int) -> Masks | None:
-        if step not in self.steps:
+        if not is_change_step(step, self.start, self.end, self.every):
             return None
         new = {name: self.change(step, name, net, self.masks[name]) for name, net in self.networks.items()}
         for name, layers in new.items():
@@ -92,8 +103,8 @@ class Schedule:
 class GradualMagnitude(Schedule):
     def __init__(self, networks, masks, seed: int, final: dict[str, float], start: int, end: int, every: int,
                  scope: str):
-        super().__init__(networks, masks, change_steps(end, start, end, every), seed)
-        self.final, self.start, self.end, self.scope = final, start, end, scope
+        super().__init__(networks, masks, start, end, every, seed)
+        self.final, self.scope = final, scope
 
     def change(self, step, name, net, masks):
         sparsity = gmp_sparsity(step, self.final[name], self.start, self.end)
@@ -106,8 +117,8 @@ class DropAndGrow(Schedule):
 
     def __init__(self, networks, masks, seed: int, end: int, every: int, drop_fraction: float,
                  gradients: Callable[[str, PrunableNetwork], dict[str, Tensor]] | None = None):
-        super().__init__(networks, masks, change_steps(end, 0, end, every), seed)
-        self.end, self.drop_fraction, self.gradients = end, drop_fraction, gradients
+        super().__init__(networks, masks, 0, end, every, seed)
+        self.drop_fraction, self.gradients = drop_fraction, gradients
 
     def change(self, step, name, net, masks):
         zeta = drop_fraction_at(step, self.drop_fraction, self.end)

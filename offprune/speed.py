@@ -86,6 +86,48 @@ def steps_per_second(agent, batches: list[Batch]) -> float:
     return len(batches) / (time.perf_counter() - start)
 
 
+class ChangingMasks:
+    """An agent whose masks SET changes every `every` updates (random ERK masks at the start): the
+    cost of topology changes (masks rebuilt, moments moved, sparse layers restructured) included."""
+
+    def __init__(self, algo: str, kernels: str, sparsity: float, obs_dim: int, act_dim: int, every: int, config,
+                 seed: int = 0):
+        from offprune.dynamic import DropAndGrow
+
+        torch.manual_seed(seed)
+        self.agent = ALGOS[algo].Agent(obs_dim, act_dim, 1.0, config, torch.device("cpu"))
+        networks = self.agent.prunable_networks()
+        masks = compute_masks(networks, "random", sparsity, "erk", lambda: None, torch.Generator().manual_seed(seed))
+        self.holder = apply_masks(networks, masks, self.agent.optimizers.values(), kernels)
+        self.schedule = DropAndGrow(networks, masks, seed, end=10**9, every=every, drop_fraction=0.3)
+        self.step = 0
+
+    def update(self, batch) -> dict[str, float]:
+        info = self.agent.update(batch)
+        self.step += 1
+        new = self.schedule.masks_at(self.step)
+        if new is not None:
+            self.holder.set_masks(new)
+            self.schedule.changes.clear()
+        return info
+
+
+def measure_changing(algo: str, sparsity: float, every: int, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5,
+                     steps: int = 30, config=None) -> dict[str, float]:
+    """Median update steps/s of SET-changing masks on dense and on sparse kernels, interleaved."""
+    config = config if config is not None else algo_config(algo)
+    batches = update_batches(algo, config, obs_dim, act_dim, steps)
+    agents = {f"set_{k}": ChangingMasks(algo, k, sparsity, obs_dim, act_dim, every, config)
+              for k in ("dense", "sparse")}
+    for agent in agents.values():
+        steps_per_second(agent, batches[:3])
+    rounds: dict[str, list[float]] = {v: [] for v in agents}
+    for _ in range(repeats):
+        for v, agent in agents.items():
+            rounds[v].append(steps_per_second(agent, batches))
+    return {v: statistics.median(r) for v, r in rounds.items()}
+
+
 def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5, steps: int = 30,
             variants=VARIANTS, config=None) -> dict[str, float]:
     """Median update steps/s of each variant over `repeats` interleaved rounds of `steps` updates."""

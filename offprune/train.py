@@ -418,7 +418,7 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHol
         elapsed = time.perf_counter() - window_start
         progress.train_seconds += elapsed
         progress.step = step
-        changes = sum(t <= step for t in schedule.steps) if isinstance(schedule, Schedule) else 0
+        changes = schedule.changes_until(step) if isinstance(schedule, Schedule) else 0
         row = evaluation_row(cfg, setup, {**static, **sparsity_columns(progress.masks), "mask_changes": changes}, step,
                              losses,
                              window_steps / elapsed if elapsed > 0 else float("nan"), progress.train_seconds)

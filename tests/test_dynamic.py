@@ -124,3 +124,22 @@ def test_a_scheduled_run_refuses_to_be_extended(tmp_path, hopper_file, capsys):
                            "--algo-opt", "batch_size=32", "--prune", "gmp", "--steps", "8", "--eval-every", "4",
                            "--resume")
     assert code == 2 and "cannot be extended to 8" in err and err.count("\n") == 1
+
+
+def test_speed_agents_with_changing_masks_change_them_on_both_kernels():
+    from offprune.speed import ChangingMasks, algo_config, update_batches
+    from offprune.sparse import SparseLinear
+
+    config = algo_config("bc-mlp")
+    batches = update_batches("bc-mlp", config, 11, 3, 4)
+    for kernels in ("dense", "sparse"):
+        agent = ChangingMasks("bc-mlp", kernels, 0.9, 11, 3, every=2, config=config)
+        first = {k: m.clone() for k, m in agent.schedule.masks["policy"].items()}
+        for b in batches:
+            agent.update(b)
+        now = agent.schedule.masks["policy"]
+        assert any(not torch.equal(first[k], now[k]) for k in now)
+        assert {k: int(m.sum()) for k, m in now.items()} == {k: int(m.sum()) for k, m in first.items()}
+        if kernels == "sparse":
+            layer = agent.agent.policy.net[2]
+            assert isinstance(layer, SparseLinear) and torch.equal(layer.mask(), now["net.2.weight"])
