@@ -119,6 +119,12 @@ def measure_changing(algo: str, sparsity: float, every: int, obs_dim: int = 11, 
     batches = update_batches(algo, config, obs_dim, act_dim, steps)
     agents = {f"set_{k}": ChangingMasks(algo, k, sparsity, obs_dim, act_dim, every, config)
               for k in ("dense", "sparse")}
+    return interleaved_rates(agents, batches, repeats)
+
+
+def interleaved_rates(agents: dict, batches: list, repeats: int) -> dict[str, float]:
+    """Median update steps/s of each agent over `repeats` rounds, the agents' rounds interleaved
+    so the machine's noise hits them alike (after a warm-up: allocator, optimizer state)."""
     for agent in agents.values():
         steps_per_second(agent, batches[:3])
     rounds: dict[str, list[float]] = {v: [] for v in agents}
@@ -134,13 +140,7 @@ def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, rep
     config = config if config is not None else algo_config(algo)
     batches = update_batches(algo, config, obs_dim, act_dim, steps)
     agents = {v: build(algo, v, sparsity, obs_dim, act_dim, config=config) for v in variants}
-    for agent in agents.values():  # warm-up: allocator, optimizer state
-        steps_per_second(agent, batches[:3])
-    rounds: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for v, agent in agents.items():
-            rounds[v].append(steps_per_second(agent, batches))
-    return {v: statistics.median(r) for v, r in rounds.items()}
+    return interleaved_rates(agents, batches, repeats)
 
 
 # --- inference -------------------------------------------------------------------------------

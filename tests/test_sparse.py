@@ -202,17 +202,23 @@ def test_conversion_back_is_bit_exact_and_keeps_the_mask():
     assert not torch.signbit(back.weight[~mask]).any()  # pruned entries are +0.0
 
 
-def agent_pair(sparsity=0.9, kernel=None):
+def small_bcq_pruned(sparsity: float):
+    """A small BCQ agent (seed 0), its prunable networks and their SNIP masks."""
     module = ALGOS["bcq"]
     config = dataclasses.replace(module.Config(), actor_hidden=(64, 48), critic_hidden=(64, 48), vae_hidden=(96, 96),
                                  batch_size=32)
+    torch.manual_seed(0)
+    agent = module.Agent(11, 3, 1.0, config, torch.device("cpu"))
+    nets = agent.prunable_networks()
+    masks = compute_masks(nets, "snip", sparsity, "global", lambda: random_batch(11, 3, 100, 7),
+                          torch.Generator().manual_seed(0))
+    return agent, nets, masks
+
+
+def agent_pair(sparsity=0.9, kernel=None):
     agents = []
     for kernels in ("dense", "sparse"):
-        torch.manual_seed(0)
-        agent = module.Agent(11, 3, 1.0, config, torch.device("cpu"))
-        nets = agent.prunable_networks()
-        masks = compute_masks(nets, "snip", sparsity, "global", lambda: random_batch(11, 3, 100, 7),
-                              torch.Generator().manual_seed(0))
+        agent, nets, masks = small_bcq_pruned(sparsity)
         if kernels == "dense":
             MaskEnforcer(nets, masks, agent.optimizers.values())
         else:
@@ -364,16 +370,9 @@ def test_a_sparse_runs_checkpoint_is_in_the_dense_masked_layout(capsys, tmp_path
 
 def holder_pair(sparsity=0.9):
     """The same BCQ agent trained under dense and sparse kernels through apply_masks."""
-    module = ALGOS["bcq"]
-    config = dataclasses.replace(module.Config(), actor_hidden=(64, 48), critic_hidden=(64, 48), vae_hidden=(96, 96),
-                                 batch_size=32)
     pairs = []
     for kernels in ("dense", "sparse"):
-        torch.manual_seed(0)
-        agent = module.Agent(11, 3, 1.0, config, torch.device("cpu"))
-        nets = agent.prunable_networks()
-        masks = compute_masks(nets, "snip", sparsity, "global", lambda: random_batch(11, 3, 100, 7),
-                              torch.Generator().manual_seed(0))
+        agent, nets, masks = small_bcq_pruned(sparsity)
         pairs.append((agent, apply_masks(nets, masks, agent.optimizers.values(), kernels), masks))
     return pairs
 
