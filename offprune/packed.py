@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import offprune
 from offprune import atomic
+from offprune.algos.base import copy_sources_to_targets
 from offprune.checkpoint import build_agent, load_run, stored_networks
 from offprune.errors import UserError
 
@@ -179,8 +180,7 @@ def load_packed_agent(path: str | Path):
     agent = build_agent(header["agent"])
     for name, state in states.items():
         agent.modules[name].load_state_dict(state)
-    for target, source in agent.targets.items():  # targets start as copies of their sources
-        agent.modules[target].load_state_dict(agent.modules[source].state_dict())
+    copy_sources_to_targets(agent)  # targets start as copies of their sources
     return agent
 
 

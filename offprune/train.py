@@ -27,6 +27,7 @@ from tqdm import tqdm
 import offprune
 from offprune import atomic, checkpoint
 from offprune.algos import ALGOS
+from offprune.algos.base import copy_sources_to_targets
 from offprune.config import RunConfig
 from offprune.data import load_dataset
 from offprune.data.d4rl import OfflineDataset
@@ -234,8 +235,7 @@ def transfer_weights(cfg: RunConfig, setup: Setup) -> None:
                             f"({', '.join(mismatched[:6])})")
         for n, p in module.named_parameters():
             p.add_(params[n].to(p.device), alpha=cfg.omega)
-    for target, src in setup.agent.targets.items():
-        setup.agent.modules[target].load_state_dict(setup.agent.modules[src].state_dict())
+    copy_sources_to_targets(setup.agent)
 
 
 def transferred_masks(cfg: RunConfig, setup: Setup) -> dict:
@@ -258,8 +258,7 @@ def reinitialize(setup: Setup) -> None:
             for layer in module.modules():
                 if isinstance(layer, (torch.nn.Linear, torch.nn.GRUCell, torch.nn.GRU)):
                     layer.reset_parameters()
-    for target, source in setup.agent.targets.items():
-        setup.agent.modules[target].load_state_dict(setup.agent.modules[source].state_dict())
+    copy_sources_to_targets(setup.agent)
 
 
 def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:

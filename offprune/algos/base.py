@@ -101,6 +101,13 @@ class AgentBase:
         return TransitionSampler(dataset, device, seed)
 
 
+@torch.no_grad()
+def copy_sources_to_targets(agent: AgentBase) -> None:
+    """Make every target network a copy of its source again (after the sources' weights changed)."""
+    for target, source in agent.targets.items():
+        agent.modules[target].load_state_dict(agent.modules[source].state_dict())
+
+
 def stored_modules(agent: AgentBase) -> dict[str, nn.Module]:
     """The networks an agent needs to act and to keep training: its modules less the targets."""
     return {name: m for name, m in agent.modules.items() if name not in agent.targets}

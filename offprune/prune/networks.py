@@ -41,8 +41,9 @@ class ScoreMix:
         source = self.source.get(name)
         if source is None or set(source) != set(own) or any(source[k].shape != own[k].shape for k in own):
             raise UserError(f"the transferred scores do not fit network {name} (shapes or layer names differ)")
-        noise = {k: torch.rand(s.shape, generator=generator).to(s.device) for k, s in own.items()}
-        terms = [(1.0, own), (self.omega, source), (self.noise, noise)]
+        terms = [(1.0, own), (self.omega, source)]
+        if self.noise:  # no draws from the generator when there is no random part
+            terms.append((self.noise, {k: torch.rand(s.shape, generator=generator).to(s.device) for k, s in own.items()}))
         out = {k: torch.zeros_like(s, dtype=torch.float32) for k, s in own.items()}
         for weight, term in terms:
             if weight == 0:
