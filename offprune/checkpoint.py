@@ -150,10 +150,11 @@ def _sparse_layers(agent) -> dict[int, object]:
 
 def dense_module_states(agent) -> dict[str, dict]:
     from offprune.sparse import SparseLinear
+    from offprune.supermask import effective_state_dict
 
     states = {}
     for name, module in agent.modules.items():
-        state = module.state_dict()
+        state = effective_state_dict(module)  # learned masks: the weights as trained, zero where pruned
         for prefix, m in module.named_modules():
             if isinstance(m, SparseLinear):
                 head = f"{prefix}." if prefix else ""

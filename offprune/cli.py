@@ -13,7 +13,7 @@ from tqdm import tqdm
 from offprune.algos import ALGOS
 from offprune.config import MASK_TRANSFORMS, PROFILES, RunConfig, parse_pairs
 from offprune.errors import UserError
-from offprune.prune import DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, SCOPES, default_prune_rounds
+from offprune.prune import DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, SCOPES, default_prune_rounds, default_scope
 from offprune.sparse import KERNELS, MIN_ESTIMATED_SPEEDUP
 
 KERNELS_HELP = ("dense: masked dense matrices. sparse: store and train only kept weights (CSR). auto: sparse when "
@@ -39,7 +39,8 @@ SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
     "prune": (click.Choice(METHODS), "Pruning criterion, scored on ONE batch per network before training; "
                                      "'dense' prunes nothing; synflow is data-free; small-dense trains narrower "
                                      "dense networks of the pruned size; gmp, set and rigl change the masks during "
-                                     "training (rigl on dense kernels)."),
+                                     "training (rigl on dense kernels); edge-popup and biprop freeze the weights and learn a "
+                                     "score per weight, keeping the top scores in every forward pass (dense kernels)."),
     "sparsity": (float, "Fraction of prunable weights removed, in [0, 1)."),
     "dataset": (str, "D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path."),
     "env": (str, "Gymnasium env to evaluate in (default: from the dataset file or name)."),
@@ -60,6 +61,7 @@ RUN_DEFAULTS: dict[str, tuple[Any, str]] = {
     "sparsity": (None, "  [default: 0.9; 0 with --prune dense]"),
     "env": (None, ""), "steps": (None, ""), "eval_every": (None, ""), "eval_episodes": (None, ""),
     "prune_batch": (None, ""),
+    "scope": (None, "  [default: global; layer for edge-popup and biprop, as their references]"),
     "threads": (None, "  [default: torch's; 1 with sparse kernels]"),
     "profile": ("quick", ""),
     "dataset": (RunConfig.dataset, "  The default is generated on first use."),
@@ -173,7 +175,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         dataset=dataset,
         prune=prune,
         sparsity=(0.0 if prune == "dense" else 0.9) if sparsity is None else sparsity,
-        scope=scope,
+        scope=scope or default_scope(prune),
         seed=seed,
         steps=steps,
         eval_every=eval_every,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from offprune.errors import UserError
-from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES
+from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES, SUPERMASK_METHODS
 from offprune.sparse import KERNELS
 
 # Budget profiles: steps, evaluation cadence and episodes. `paper` is the pruning paper's protocol.
@@ -110,6 +110,11 @@ class RunConfig:
                                             or self.masks_from or self.kernels == "sparse"):
             raise UserError("--prune small-dense trains smaller dense networks: it takes no --sparsity-of, "
                             "--mask-transform, --reinit, --masks-from or --kernels sparse")
+        if self.prune in SUPERMASK_METHODS and (self.kernels == "sparse" or self.mask_transform != "none"
+                                                        or self.reinit or self.masks_from or self.score_transfer
+                                                        or self.weight_transfer):
+            raise UserError(f"--prune {self.prune} learns its masks from frozen weights on dense kernels: it takes no "
+                            "--kernels sparse, --mask-transform, --reinit, --masks-from or transfers")
         if self.prune == "rigl" and self.kernels == "sparse":
             raise UserError("--prune rigl grows where the dense gradient is largest, which sparse layers do not "
                             "compute: use --kernels dense or auto (rigl trains dense)")

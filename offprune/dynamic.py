@@ -67,6 +67,13 @@ def change_steps(total: int, start: int, end: int, every: int) -> list[int]:
     return [t for t in range(every, min(total, end) + 1, every) if is_change_step(t, start, end, every)]
 
 
+def change_rows(step: int, old: Masks, new: Masks) -> list[dict]:
+    """One row per layer of `new`: step, network, layer, kept, grown and dropped since `old`."""
+    return [dict(step=step, network=name, layer=layer, kept=int(m.sum()), grown=int((m & ~old[name][layer]).sum()),
+                 dropped=int((old[name][layer] & ~m).sum()))
+            for name, layers in new.items() for layer, m in layers.items()]
+
+
 class Schedule:
     """Common bookkeeping: which updates change the masks, and the masks now."""
 
@@ -85,11 +92,7 @@ class Schedule:
         if not is_change_step(step, self.start, self.end, self.every):
             return None
         new = {name: self.change(step, name, net, self.masks[name]) for name, net in self.networks.items()}
-        for name, layers in new.items():
-            for layer, m in layers.items():
-                old = self.masks[name][layer]
-                self.changes.append(dict(step=step, network=name, layer=layer, kept=int(m.sum()),
-                                         grown=int((m & ~old).sum()), dropped=int((old & ~m).sum())))
+        self.changes += change_rows(step, self.masks, new)
         self.masks = new
         return new
 

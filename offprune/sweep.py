@@ -31,7 +31,7 @@ from offprune.algos import ALGOS
 from offprune.config import TRANSFER_SOURCE, RunConfig, SweepConfig, criterion_variant, parse_list  # noqa: F401  (parse_list: public here too)
 from offprune.data.d4rl import resolve_dataset_path
 from offprune.errors import UserError
-from offprune.prune import default_prune_rounds
+from offprune.prune import default_prune_rounds, default_scope
 from offprune.results import RESULTS_FILE, ResultsError, read_rows
 
 MANIFEST = "sweep.json"
@@ -70,7 +70,9 @@ def expand_grid(
                 runs.append(dataclasses.replace(algo_base, prune="dense", sparsity=0.0, **common))
                 for entry in criteria:
                     prune, options = criterion_variant(entry)
-                    options = {"prune_rounds": default_prune_rounds(prune), **options}
+                    # a sweep's global scope means each criterion's own default (edge-popup: per layer)
+                    scope = default_scope(prune) if algo_base.scope == "global" else algo_base.scope
+                    options = {"prune_rounds": default_prune_rounds(prune), "scope": scope, **options}
                     for sparsity in levels:
                         sourced = {k: _source(transfer_source, entry, algo=algo, seed=seed, sparsity=f"{sparsity:g}")
                                    for k, v in options.items() if v is TRANSFER_SOURCE}

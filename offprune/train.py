@@ -34,14 +34,15 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
-from offprune.prune import (UNMASKED, ScoreMix, check_sparsity_of, check_transferable, compute_masks_and_scores,
+from offprune.prune import (SUPERMASK_METHODS, UNMASKED, ScoreMix, check_sparsity_of, check_transferable, compute_masks_and_scores,
                             layer_densities,
                             realised_sparsity, shuffle_within_layers)
-from offprune.dynamic import DYNAMIC_METHODS, DropAndGrow, GradualMagnitude, Schedule, dense_gradients
+from offprune.dynamic import DYNAMIC_METHODS, DropAndGrow, GradualMagnitude, Schedule, change_rows, dense_gradients
 from offprune.small_dense import small_dense_config
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
 from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule
+from offprune.supermask import Supermasks
 
 # file names of a run folder (kept here too: tools import them from train)
 CHECKPOINT_FILE, MASKS_FILE, CONFIG_FILE = checkpoint.CHECKPOINT_FILE, checkpoint.MASKS_FILE, checkpoint.CONFIG_FILE
@@ -161,7 +162,11 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         dense_layout = ckpt is not None and ckpt.get("layout") == checkpoint.LAYOUT
         if dense_layout:  # weights before the kernels: a sparse conversion reads them
             load_module_states(ckpt, setup)
-        holder = apply_masks(setup.networks, progress.masks, setup.agent.optimizers.values(), progress.kernels)
+        learned = cfg.prune in SUPERMASK_METHODS  # masks learned by scores: nothing for the enforcer to hold
+        enforced = {n: {k: torch.ones_like(m) for k, m in layers.items()} for n, layers in progress.masks.items()} \
+            if learned else progress.masks
+        holder = apply_masks(setup.networks, enforced, setup.agent.optimizers.values(), progress.kernels)
+        supermasks = install_supermasks(cfg, setup, ckpt, progress, run_dir) if learned else None
         if ckpt:
             if not dense_layout:  # a checkpoint written before the dense layout: in the kernels' own
                 load_module_states(ckpt, setup)
@@ -170,7 +175,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
         layers = write_layers(cfg, setup, progress.masks, holder.kernels, run_dir, log)
         static = static_columns(cfg, setup, progress, device)
-        train_loop(cfg, setup, progress, holder, static, run_dir, log)
+        train_loop(cfg, setup, progress, holder, supermasks, static, run_dir, log)
     setup.env.close()
     results_path = run_dir / RESULTS_FILE
     rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
@@ -206,7 +211,9 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     else:
         mix = ScoreMix(checkpoint.load_scores(cfg.score_transfer), cfg.omega, cfg.transfer_noise) \
             if cfg.score_transfer else None
-        method = {"gmp": "dense", "set": "random", "rigl": "random"}.get(cfg.prune, cfg.prune)  # where they start
+        # where the methods that change masks in training start (edge-popup, biprop: offprune.supermask)
+        method = {"gmp": "dense", "set": "random", "rigl": "random", "edge-popup": "dense",
+                  "biprop": "dense"}.get(cfg.prune, cfg.prune)
         masks, scores = compute_masks_and_scores(
             setup.networks, method, cfg.sparsity, cfg.scope, lambda: setup.sampler.sample(cfg.pruning_batch_size),
             generator, dict(cfg.sparsity_of), cfg.prune_rounds, mix)
@@ -259,6 +266,20 @@ def reinitialize(setup: Setup) -> None:
                 if isinstance(layer, (torch.nn.Linear, torch.nn.GRUCell, torch.nn.GRU)):
                     layer.reset_parameters()
     copy_sources_to_targets(setup.agent)
+
+
+def install_supermasks(cfg: RunConfig, setup: Setup, ckpt: dict | None, progress: Progress,
+                       run_dir: Path) -> Supermasks:
+    """Edge-popup or biprop on the prunable networks; a resumed run's frozen weights and scores
+    come from its checkpoint, a new run's initial masks go to masks.pt."""
+    supermasks = Supermasks(cfg.prune, setup.agent, setup.networks, cfg.sparsity, cfg.scope, dict(cfg.sparsity_of),
+                            cfg.seed)
+    if ckpt:
+        supermasks.load_state_dict(ckpt["supermask"])
+    progress.masks = {**progress.masks, **supermasks.masks()}  # networks kept dense stay all-ones
+    if not ckpt:
+        atomic.torch_save(progress.masks, run_dir / MASKS_FILE)
+    return supermasks
 
 
 def restore(ckpt: dict, cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
@@ -329,8 +350,8 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
     return {
         **identity_columns(cfg, dataset),
         **sparsity_columns(progress.masks),
-        "prune_batch": cfg.pruning_batch_size if cfg.prune != "dense" else 0,
-        "prune_rounds": cfg.prune_rounds if cfg.prune != "dense" else 0,
+        "prune_batch": cfg.pruning_batch_size if cfg.prune not in ("dense", *SUPERMASK_METHODS) else 0,
+        "prune_rounds": cfg.prune_rounds if cfg.prune not in ("dense", *SUPERMASK_METHODS) else 0,
         "mask_transform": cfg.mask_transform,
         "reinit": cfg.reinit,
         "masks_from": Path(cfg.masks_from).name if cfg.masks_from else "",
@@ -381,10 +402,11 @@ def sparsity_columns(masks: dict) -> dict:
     }
 
 
-def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHolder, static: dict, run_dir: Path,
-               log) -> None:
+def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHolder, supermasks: Supermasks | None,
+               static: dict, run_dir: Path, log) -> None:
     """Update, and every `eval_every` updates evaluate, checkpoint, then write the results row.
-    Where a mask schedule says so, the masks change after an update (and the checkpoint keeps them)."""
+    Where a mask schedule says so, the masks change after an update (and the checkpoint keeps them);
+    learned masks (`supermasks`) change with every update and are recorded at each evaluation."""
     agent, sampler = setup.agent, setup.sampler
     schedule = mask_schedule(cfg, setup, progress)
     losses: dict[str, list[float]] = defaultdict(list)
@@ -418,10 +440,16 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHol
         progress.train_seconds += elapsed
         progress.step = step
         changes = schedule.changes_until(step) if isinstance(schedule, Schedule) else 0
+        if supermasks is not None:  # one row per layer and evaluation: the change since the last one
+            learned = {**progress.masks, **supermasks.masks()}
+            append_rows(run_dir / CHANGES_FILE, [{"run_id": cfg.name, **c}
+                                                 for c in change_rows(step, progress.masks, learned)],
+                        key=("step", "network", "layer"))
+            progress.masks, changes = learned, supermasks.changes
         row = evaluation_row(cfg, setup, {**static, **sparsity_columns(progress.masks), "mask_changes": changes}, step,
                              losses,
                              window_steps / elapsed if elapsed > 0 else float("nan"), progress.train_seconds)
-        checkpoint.save(run_dir, checkpoint_state(cfg, setup, progress, row))
+        checkpoint.save(run_dir, checkpoint_state(cfg, setup, progress, row, supermasks))
         append_rows(run_dir / RESULTS_FILE, [row])
         bar.set_postfix(score=f"{row['normalized_score']:.1f}", refresh=False)
         if lines:
@@ -455,10 +483,13 @@ def evaluation_row(cfg: RunConfig, setup: Setup, static: dict, step: int, losses
     }
 
 
-def checkpoint_state(cfg: RunConfig, setup: Setup, progress: Progress, row: dict) -> dict:
+def checkpoint_state(cfg: RunConfig, setup: Setup, progress: Progress, row: dict,
+                     supermasks: Supermasks | None = None) -> dict:
     """Everything a resume needs, and the results row of this step (written after the checkpoint)."""
     agent, dataset = setup.agent, setup.dataset
+    learned = {"supermask": supermasks.state_dict()} if supermasks is not None else {}
     return {
+        **learned,
         "step": progress.step,
         "train_seconds": progress.train_seconds,
         "layout": checkpoint.LAYOUT,  # modules and optimizers as dense masked tensors, whatever the kernels
@@ -487,7 +518,7 @@ def resolve_kernels(cfg: RunConfig, networks, masks, rows: int, log) -> tuple[st
     """'dense' or 'sparse' for this run; the rule's estimated sparse/dense speed ratio; and the
     measured one (NaN unless --kernels measure). Only 'measure' depends on timing."""
     nan = float("nan")
-    if cfg.prune in UNMASKED or cfg.prune == "rigl":  # rigl needs dense gradients
+    if cfg.prune in UNMASKED or cfg.prune in ("rigl", *SUPERMASK_METHODS):  # dense gradients, dense scores
         return "dense", nan, nan
     rule_choice, estimate = kernels_by_rule(networks, masks, rows)
     if cfg.kernels in ("dense", "sparse"):

@@ -4,8 +4,8 @@ from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.masks import (SCOPES, erk_densities, kept_count, layer_densities, masks_from_scores, realised_sparsity,
                                  shuffle_within_layers)
 from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, UNMASKED, MaskSchedule,
-                                    ScoreMix, check_sparsity_of, check_transferable, compute_masks,
-                                    compute_masks_and_scores, default_prune_rounds, round_sparsity)
+                                    SUPERMASK_METHODS, ScoreMix, check_sparsity_of, check_transferable, compute_masks,
+                                    compute_masks_and_scores, default_prune_rounds, default_scope, round_sparsity)
 from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_PRUNE_ROUNDS",
     "METHODS",
     "SCOPES",
+    "SUPERMASK_METHODS",
     "UNMASKED",
     "MaskEnforcer",
     "MaskSchedule",
@@ -25,6 +26,7 @@ __all__ = [
     "compute_masks_and_scores",
     "erk_densities",
     "default_prune_rounds",
+    "default_scope",
     "kept_count",
     "layer_densities",
     "masks_from_scores",

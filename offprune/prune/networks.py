@@ -12,14 +12,23 @@ from offprune.errors import UserError
 from offprune.prune.masks import masks_from_scores
 from offprune.prune.scores import PrunableNetwork, prunable_parameters, score_network
 
-METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "small-dense", "gmp", "set", "rigl")
+METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "small-dense", "gmp", "set", "rigl", "edge-popup",
+           "biprop")
 # small-dense: no pruning; the networks are built narrower to the pruned size (offprune.small_dense)
 UNMASKED = ("dense", "small-dense")
+# learn their masks during training from frozen weights (offprune.supermask)
+SUPERMASK_METHODS = ("edge-popup", "biprop")
 
 # Batch sizes of the paper (SNIP 100 samples, GraSP 200); other criteria take SNIP's.
 DEFAULT_PRUNE_BATCH = {"snip": 100, "grasp": 200}
 # Scoring rounds where the criterion's reference iterates (SynFlow: 100); the others: 1 (single shot).
 DEFAULT_PRUNE_ROUNDS = {"synflow": 100}
+
+
+def default_scope(method: str) -> str:
+    """Edge-popup and biprop rank each layer's scores (the references' rule); the others rank a
+    network's weights together (the paper)."""
+    return "layer" if method in SUPERMASK_METHODS else "global"
 
 
 def default_prune_rounds(method: str) -> int:

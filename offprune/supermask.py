@@ -1,0 +1,247 @@
+"""Edge-popup (Ramanujan et al. 2020) and biprop (Diffenderfer & Kailkhura 2021): the weights stay
+frozen; every weight has a learned score, and each forward pass keeps the weights whose |score|
+ranks in the top (1 - S) (per layer with `--scope layer`, the references' rule; `erk` and
+`global` spread the kept count as they do for the other criteria).
+
+- edge-popup: effective weight = w * m, with w frozen at the signed Kaiming constant
+  sign(w0) * sqrt(2 / (fan_in * kept fraction)) (the reference's best initialisation, its fan
+  scaled by the fraction a unit keeps).
+- biprop: effective weight = sign(w) * alpha * m, with w frozen at its initial value and the gain
+  alpha = mean |w| over the kept weights of the layer (recomputed as the mask changes).
+
+Both pass the gradient straight through the top-k: d loss / d |score| = g * w, where g is the
+gradient with respect to the effective weight (biprop: the reference's g * sign(w) * |w|, the
+same product). The scores are trained by the algorithm's own losses, in a parameter group added
+to the optimizer of the network they mask (same optimizer and learning rate).
+
+What the references leave open for an agent: the pruned layers' biases are frozen at zero (the
+references' layers have none); parameters outside the pruned layers train as usual. A twin
+critic's Q2 shares Q1's scores (and so its mask), trained by both heads' losses; a target
+network has its own copy of the scores, soft-updated from the source's as its weights would be,
+so its mask follows the source's with the target's lag. Masks are dense tensors recomputed from
+the scores, so these methods train on dense kernels.
+
+A run's checkpoint keeps the modules with their effective weights (zero where pruned: storage,
+export and latency read it as a statically masked run) and, under `supermask`, the frozen weights
+and scores a resume needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from offprune.errors import UserError
+from offprune.prune import SUPERMASK_METHODS, PrunableNetwork, erk_densities, kept_count, prunable_parameters
+
+Masks = dict[str, dict[str, Tensor]]
+
+
+def top_k_masks(scores: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
+    """Boolean masks keeping the largest scores: `kept_count` per layer ('layer'), the ERK
+    fraction per layer ('erk') or one ranking over all layers ('global'). torch.topk: exact counts,
+    and fast enough to run after every update."""
+    if scope == "global":
+        flat = torch.cat([s.detach().flatten() for s in scores.values()])
+        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        keep[torch.topk(flat, kept_count(flat.numel(), sparsity), sorted=False).indices] = True
+        out, start = {}, 0
+        for name, s in scores.items():
+            out[name] = keep[start:start + s.numel()].view(s.shape)
+            start += s.numel()
+        return out
+    fractions = (erk_densities({n: tuple(s.shape) for n, s in scores.items()}, 1.0 - sparsity) if scope == "erk"
+                 else {n: 1.0 - sparsity for n in scores})
+    out = {}
+    for name, s in scores.items():
+        flat = s.detach().flatten()
+        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        keep[torch.topk(flat, kept_count(flat.numel(), 1.0 - fractions[name]), sorted=False).indices] = True
+        out[name] = keep.view(s.shape)
+    return out
+
+
+class Ranking:
+    """The masks of one set of scores (a network, or its target copy), recomputed only when a
+    score may have changed: a tensor's version moved (soft updates, loads) or `invalidate` was
+    called (after an optimizer step: fused Adam writes without bumping versions)."""
+
+    def __init__(self, scores: dict[str, nn.Parameter], sparsity: float, scope: str):
+        self.scores, self.sparsity, self.scope = scores, sparsity, scope
+        self._versions: tuple[int, ...] | None = None
+        self._masks: dict[str, Tensor] = {}
+        self._float: dict[str, Tensor] = {}
+        self.changes = 0  # recomputations that moved at least one weight in or out
+        self._stale = True
+
+    def invalidate(self, *args) -> None:
+        self._stale = True
+
+    @torch.no_grad()
+    def masks(self) -> dict[str, Tensor]:
+        versions = tuple(s._version for s in self.scores.values())
+        if versions != self._versions or self._stale:
+            new = top_k_masks({n: s.abs() for n, s in self.scores.items()}, self.sparsity, self.scope)
+            if self._masks and any(not torch.equal(new[n], self._masks[n]) for n in new):
+                self.changes += 1
+            self._masks, self._versions, self._stale = new, versions, False
+            self._float = {n: m.to(self.scores[n].dtype) for n, m in new.items()}
+        return self._masks
+
+    def float_mask(self, layer: str) -> Tensor:
+        self.masks()
+        return self._float[layer]
+
+
+class Supermask(nn.Module):
+    """The parametrization of one frozen weight: its effective value from the scores' mask."""
+
+    def __init__(self, ranking: Ranking, layer: str, binary: bool):
+        super().__init__()
+        self.scores = ranking.scores[layer]  # a registered Parameter (shared by a network's mask copies)
+        self.ranking, self.layer, self.binary = ranking, layer, binary
+
+    def forward(self, weight: Tensor) -> Tensor:
+        mask = self.ranking.float_mask(self.layer)
+        if self.binary:
+            alpha = (weight.abs() * mask).sum() / mask.sum().clamp(min=1)
+            base = alpha * mask
+            factor = weight.abs()  # biprop's straight-through: g * sign(w) * |w|
+            weight = weight.sign()
+        else:
+            base, factor = mask, None
+        if torch.is_grad_enabled() and self.scores.requires_grad:
+            a = self.scores.abs()
+            through = a - a.detach()  # exactly 0 forward; gradient 1 to |score| backward
+            base = base + (through * factor if factor is not None else through)
+        return weight * base
+
+
+def _fan_in(weight: Tensor) -> int:
+    return weight.shape[1] if weight.dim() == 2 else weight[0].numel()
+
+
+def _layer_fractions(weights: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, float]:
+    if scope == "erk":
+        return erk_densities({n: tuple(w.shape) for n, w in weights.items()}, 1.0 - sparsity)
+    return {n: 1.0 - sparsity for n in weights}
+
+
+def _submodule(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
+class Supermasks:
+    """Edge-popup or biprop installed on an agent's prunable networks (see the module docstring)."""
+
+    def __init__(self, method: str, agent, networks: dict[str, PrunableNetwork], sparsity: float, scope: str,
+                 sparsity_of: dict[str, float], seed: int):
+        if method not in SUPERMASK_METHODS:
+            raise ValueError(f"not a supermask method: {method}")
+        self.method, self.binary = method, method == "biprop"
+        self.rankings: dict[str, Ranking] = {}  # network -> the ranking of its source's scores
+        self.modules: dict[str, nn.Module] = {}  # agent module name -> module holding supermask layers
+        generator = torch.Generator().manual_seed(seed * 7_919 + 17)
+        target_ids = {id(m) for name in agent.targets for m in agent.modules[name].modules()}
+        owners = {id(p): opt for opt in agent.optimizers.values() for g in opt.param_groups for p in g["params"]}
+        for name, net in networks.items():
+            net_sparsity = sparsity_of.get(name, sparsity)
+            if net_sparsity == 0:
+                continue
+            weights = prunable_parameters(net.module)
+            unsupported = [n for n in weights if not isinstance(_submodule(net.module, n)[0], nn.Linear)]
+            if unsupported:
+                raise UserError(f"--prune {method} masks Linear layers; network {name} has other prunable weights "
+                                f"({', '.join(unsupported[:3])}): keep it dense with --sparsity-of {name}=0")
+            fractions = _layer_fractions(weights, net_sparsity, scope)
+            scores = {n: nn.Parameter(self._initial_scores(w, generator)) for n, w in weights.items()}
+            ranking = Ranking(scores, net_sparsity, scope)
+            target_ranking = None
+            for module in (net.module, *net.mask_copies):
+                in_target = id(module) in target_ids
+                if in_target and target_ranking is None:  # the target's own copy of the scores
+                    target_ranking = Ranking({n: nn.Parameter(s.detach().clone()) for n, s in scores.items()},
+                                             net_sparsity, scope)
+                self._install(module, target_ranking if in_target else ranking, fractions)
+            self.rankings[name] = ranking
+            opt = self._owner(net.module, weights, owners)
+            if opt is None:
+                raise UserError(f"--prune {method}: no optimizer trains network {name}")
+            opt.add_param_group({"params": list(scores.values())})
+            opt.register_step_post_hook(lambda *args, r=ranking: r.invalidate())
+        for module_name, module in agent.modules.items():
+            if any(parametrize.is_parametrized(m) for m in module.modules()):
+                self.modules[module_name] = module
+
+    @staticmethod
+    def _owner(module: nn.Module, weights: dict[str, Tensor], owners: dict[int, torch.optim.Optimizer]):
+        for n in weights:
+            sub, attr = _submodule(module, n)
+            original = sub.parametrizations[attr].original
+            if id(original) in owners:
+                return owners[id(original)]
+        return None
+
+    @staticmethod
+    def _initial_scores(weight: Tensor, generator: torch.Generator) -> Tensor:
+        """The references' score initialisation: Kaiming uniform with a = sqrt(5), U(+-1/sqrt(fan_in))."""
+        bound = 1.0 / math.sqrt(_fan_in(weight))
+        return (torch.rand(weight.shape, generator=generator) * 2 - 1).mul_(bound).to(weight.device, weight.dtype)
+
+    @torch.no_grad()
+    def _install(self, module: nn.Module, ranking: Ranking, fractions: dict[str, float]) -> None:
+        for layer in ranking.scores:
+            sub, attr = _submodule(module, layer)
+            weight = getattr(sub, attr)
+            if not self.binary:  # signed Kaiming constant, fan scaled by the kept fraction
+                weight.copy_(weight.sign() * math.sqrt(2.0 / (_fan_in(weight) * fractions[layer])))
+            weight.requires_grad_(False)
+            if getattr(sub, "bias", None) is not None:
+                sub.bias.zero_()
+                sub.bias.requires_grad_(False)
+            parametrize.register_parametrization(sub, attr, Supermask(ranking, layer, self.binary))
+
+    def masks(self) -> Masks:
+        """Each network's current masks (its source's scores; targets lag behind)."""
+        return {name: {n: m.clone() for n, m in ranking.masks().items()} for name, ranking in self.rankings.items()}
+
+    @property
+    def changes(self) -> int:
+        """Updates after which some mask differed from the one before (summed over networks)."""
+        return sum(r.changes for r in self.rankings.values())
+
+    def state_dict(self) -> dict:
+        return {"modules": {name: m.state_dict() for name, m in self.modules.items()},
+                "changes": {name: r.changes for name, r in self.rankings.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        for name, count in state["changes"].items():
+            self.rankings[name].masks()
+            self.rankings[name].changes = count
+
+
+@torch.no_grad()
+def effective_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """`module.state_dict()` with every parametrized tensor at its effective value under its plain
+    name (as a module without parametrizations would have it)."""
+    state = module.state_dict()
+    for prefix, sub in module.named_modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        head = f"{prefix}." if prefix else ""
+        for attr in sub.parametrizations:
+            for key in [k for k in state if k.startswith(f"{head}parametrizations.{attr}.")]:
+                del state[key]
+            state[f"{head}{attr}"] = getattr(sub, attr).detach().clone()
+    return state
+
+
+def parametrized(modules: Iterable[nn.Module]) -> bool:
+    return any(parametrize.is_parametrized(m) for module in modules for m in module.modules())
