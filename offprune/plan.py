@@ -20,7 +20,7 @@ from offprune.algos import ALGOS
 from offprune.config import RunConfig
 from offprune.data.d4rl import env_from_name
 from offprune.envs import make_env
-from offprune.prune import compute_masks
+from offprune.prune import SUPERMASK_METHODS, compute_masks
 from offprune.sparse import apply_masks, kernels_by_rule
 from offprune.speed import update_batches
 
@@ -30,7 +30,7 @@ MAX_EPISODE_STEPS = 1_000  # gymnasium MuJoCo locomotion time limit
 @dataclass(frozen=True)
 class Kind:
     algo: str
-    kernels: str  # what the run trains with: 'dense' or 'sparse'
+    kernels: str  # what the run trains with: 'dense' or 'sparse'; 'learned': masks learned by scores (dense)
     sparsity: float
     env_id: str
 
@@ -47,26 +47,37 @@ def env_id_of(cfg: RunConfig) -> str:
 
 
 def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
-    """A fresh agent pruned as `cfg` would be (SNIP masks stand in for every criterion: speed
-    depends on how many weights are kept, not which), and the kernels its run would use."""
+    """A fresh agent pruned as `cfg` would be (SNIP masks stand in for every fixed-mask criterion:
+    speed depends on how many weights are kept, not which; edge-popup and biprop are installed as
+    they train), and the kernels its run would use."""
+    from offprune.supermask import Supermasks
+
     config = cfg.algo_config()
     torch.manual_seed(0)
     agent = ALGOS[cfg.algo].Agent(obs_dim, act_dim, 1.0, config, torch.device("cpu"))
     if cfg.prune == "dense":
         return agent, "dense"
     networks = agent.prunable_networks()
+    if cfg.prune in SUPERMASK_METHODS:
+        Supermasks(cfg.prune, agent, networks, cfg.sparsity, cfg.scope, dict(cfg.sparsity_of), cfg.seed)
+        return agent, "dense"
     batch = update_batches(cfg.algo, config, obs_dim, act_dim, 1)[0]
     masks = compute_masks(networks, "snip", cfg.sparsity, cfg.scope, lambda: batch, torch.Generator().manual_seed(0),
                           dict(cfg.sparsity_of))
     rows = agent.rows_per_update
     kernels = cfg.kernels if cfg.kernels in ("dense", "sparse") else kernels_by_rule(networks, masks, rows)[0]
+    kernels = "dense" if cfg.prune == "rigl" else kernels  # rigl needs dense gradients
     apply_masks(networks, masks, agent.optimizers.values(), kernels)
     return agent, kernels
 
 
 def kind_of(cfg: RunConfig) -> Kind:
     kernels = "dense"
-    if cfg.prune != "dense":
+    if cfg.prune in SUPERMASK_METHODS:
+        kernels = "learned"
+    elif cfg.prune == "rigl":
+        kernels = "dense"
+    elif cfg.prune != "dense":
         kernels = "sparse" if cfg.kernels == "sparse" else ("dense" if cfg.kernels == "dense" else "auto")
     return Kind(cfg.algo, kernels, cfg.sparsity, env_id_of(cfg))
 
@@ -141,7 +152,8 @@ def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print) -> list[st
                  f"{'min/run':>8} {'min total':>9}")
     for kind, (p, kernels) in probes.items():
         of_kind = [d for cfg, d in zip(todo, durations) if kind_of(cfg) == kind]
-        lines.append(f"{kind.algo:<8} {kind.sparsity:>8g} {kernels:>7} {kind.env_id:<16} {len(of_kind):>5} "
+        shown = "learned" if kind.kernels == "learned" else kernels  # edge-popup, biprop: dense, plus their scores
+        lines.append(f"{kind.algo:<8} {kind.sparsity:>8g} {shown:>7} {kind.env_id:<16} {len(of_kind):>5} "
                      f"{1 / p.update_s:>9.1f} {np.mean(of_kind) / 60:>8.1f} {sum(of_kind) / 60:>9.1f}")
     total = sum(durations)
     lines.append(f"total {total / 3600:.2f} h of run time; wall time with --jobs {jobs}: "
