@@ -43,9 +43,10 @@ def stratified_bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic(list of groups)`, each group resampled on its
     own (tasks keep their number of runs; a two-group ratio resamples numerator and denominator
-    runs independently)."""
+    runs independently). Each group is sorted first, so the interval depends on the values only,
+    not on the order results were written in (a study's runs finish in any order)."""
     rng = np.random.default_rng(seed)
-    arrays = [np.asarray(g, dtype=float).ravel() for g in groups]
+    arrays = [np.sort(np.asarray(g, dtype=float).ravel()) for g in groups]
     if any(len(a) == 0 for a in arrays):
         raise ValueError("every group needs at least one value")
     stats = np.empty(reps)

@@ -27,6 +27,14 @@ def test_bootstrap_ci_brackets_the_statistic_and_collapses_on_constants():
     assert lo < 49.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.arange(100.0).std() / 10, rel=0.15)
 
 
+def test_a_bootstrap_interval_does_not_depend_on_the_order_of_the_values():
+    values, base = [3.0, 9.0, 4.0, 12.0], [10.0, 7.0, 8.0]
+    ratio = lambda g: g[0].mean() / g[1].mean()  # noqa: E731
+    first = stats.stratified_bootstrap_ci([values, base], ratio, reps=500)
+    assert stats.stratified_bootstrap_ci([values[::-1], base[::-1]], ratio, reps=500) == first
+    assert stats.bootstrap_ci([2.0, 7.0, 1.0, 5.0], reps=500) == stats.bootstrap_ci([7.0, 5.0, 2.0, 1.0], reps=500)
+
+
 def test_stratified_bootstrap_keeps_each_group_apart():
     # a ratio of means: numerator and denominator resampled on their own, never mixed
     lo, hi = stats.stratified_bootstrap_ci([[2.0, 2.0], [4.0, 4.0]], lambda g: g[0].mean() / g[1].mean())
