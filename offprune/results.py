@@ -30,7 +30,8 @@ def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
 # Columns added after results were first published, and what a row written before them means
 # ('' = not recorded); consolidated studies fill them in so old and new rows group together.
 COLUMN_DEFAULTS = {"mask_transform": "none", "reinit": False, "masks_from": "", "network_widths": "",
-                   "score_transfer": "", "weight_transfer": "", "omega": 0.0}
+                   "score_transfer": "", "weight_transfer": "", "omega": 0.0, "mask_changes": 0,
+                   "prune_start": 0.0, "prune_end": 0.0, "prune_every": 0, "drop_fraction": 0.0}
 
 
 class ResultsError(UserError):

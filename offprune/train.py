@@ -358,6 +358,7 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "score_transfer": Path(cfg.score_transfer).name if cfg.score_transfer else "",
         "weight_transfer": Path(cfg.weight_transfer).name if cfg.weight_transfer else "",
         "omega": cfg.omega if cfg.score_transfer or cfg.weight_transfer else 0.0,
+        **schedule_columns(cfg),
         "network_widths": ";".join(f"{f}={','.join(map(str, getattr(setup.algo_config, f)))}"
                                    for fields in setup.agent.widths.values() for f in fields),
         "kernels": progress.kernels,
@@ -388,6 +389,15 @@ def mask_schedule(cfg: RunConfig, setup: Setup, progress: Progress) -> MaskSched
                                 end, cfg.prune_every, cfg.scope)
     gradients = dense_gradients(lambda: setup.sampler.sample(cfg.pruning_batch_size)) if cfg.prune == "rigl" else None
     return DropAndGrow(setup.networks, progress.masks, cfg.seed, end, cfg.prune_every, cfg.drop_fraction, gradients)
+
+
+def schedule_columns(cfg: RunConfig) -> dict:
+    """The options of a mask schedule as result columns: the ones the run's method uses, 0 for the rest."""
+    uses = {"gmp": ("prune_start", "prune_end", "prune_every"),
+            "set": ("prune_end", "prune_every", "drop_fraction"), "rigl": ("prune_end", "prune_every", "drop_fraction")}
+    used = uses.get(cfg.prune, ())
+    return {name: (getattr(cfg, name) if name in used else type(getattr(cfg, name))(0))
+            for name in ("prune_start", "prune_end", "prune_every", "drop_fraction")}
 
 
 def sparsity_columns(masks: dict) -> dict:

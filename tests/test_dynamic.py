@@ -94,6 +94,9 @@ def test_a_run_across_mask_changes_resumes_exactly_and_keeps_pruned_weights_zero
     pd_equal = straight[cols].reset_index(drop=True).equals(resumed[cols].reset_index(drop=True))
     assert pd_equal, (straight[cols], resumed[cols])
     assert straight.mask_changes.tolist() == [1, 2]  # changes after updates 3 and 6
+    options = straight.iloc[0]
+    assert options.prune_every == 3 and options.prune_end == 1.0
+    assert options.drop_fraction == (0.0 if method == "gmp" else 0.3)  # recorded where the method uses it
     changes = pd.read_parquet(tmp_path / "straight" / name / "mask_changes.parquet")
     assert sorted(set(changes.step)) == [3, 6] and set(changes.network) == {"policy"}
     assert len(changes) == 2 * 3  # one row per layer (3 weight matrices) and change
