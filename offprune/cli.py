@@ -656,7 +656,11 @@ def export(run_dir, out) -> None:
 @click.option("--changes-every", type=int, default=None, metavar="N",
               help="Instead: SET changing random-ERK masks every N updates, on dense vs sparse kernels (the cost of "
                    "topology changes included).")
-def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json, changes_every) -> None:
+@click.option("--breakdown", is_flag=True,
+              help="Instead: where one update's time goes (profiled), dense masked vs sparse: forward and input-grad "
+                   "gathers, the weight-grad sampled product, dense products, the optimizer step, the rest.")
+def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json, changes_every,
+          breakdown) -> None:
     """Update steps/s of one algorithm's SNIP-pruned agent, interleaved in one process.
 
     dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
@@ -687,6 +691,19 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
                    f"median of {repeats} interleaved rounds x {steps} updates, CPU: {cpu_model()}")
         click.echo(f"  set_dense  {r['set_dense']:8.1f} steps/s\n  set_sparse {r['set_sparse']:8.1f} steps/s   "
                    f"{r['set_sparse'] / r['set_dense']:5.2f}x dense masked")
+        return
+    if breakdown:
+        from offprune.speed import BREAKDOWN_PHASES, build, update_batches, update_breakdown
+
+        batches = update_batches(algo, config, obs_dim, act_dim, steps + 2)
+        table = {v: update_breakdown(build(algo, v, sparsity, obs_dim, act_dim, config=config), batches)
+                 for v in ("dense_masked", "sparse")}
+        click.echo(f"{algo}, SNIP {sparsity}, {threads} thread(s): ms per update over {steps} profiled updates "
+                   f"(the profiler adds its own cost to 'rest'), CPU: {cpu_model()}")
+        click.echo(f"  {'phase':<28} {'dense_masked':>12} {'sparse':>8}")
+        for phase in (*BREAKDOWN_PHASES, "total"):
+            row = {v: sum(t.values()) if phase == "total" else t[phase] for v, t in table.items()}
+            click.echo(f"  {phase:<28} {row['dense_masked']:12.2f} {row['sparse']:8.2f}")
         return
     r = measure(algo, sparsity, obs_dim, act_dim, repeats, steps, config=config)
     if as_json:

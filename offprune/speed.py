@@ -195,3 +195,56 @@ def act_latencies(agents: dict[str, object], obs_dim: int, rounds: int = 15, cal
         for name, agent in agents.items():
             seconds[name].append(one_round(agent))
     return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+# --- where an update's time goes ---------------------------------------------------------------
+
+# Phases of a training update, told apart by torch profiler op names (and, for the embedding-bag
+# gathers, by whether they run inside autograd's backward).
+BREAKDOWN_PHASES = ("forward gather", "input-grad gather", "weight-grad sampled product", "dense products",
+                    "optimizer step", "rest")
+
+
+def _phase(event, ancestors: list[str]) -> str | None:
+    name = event.name
+    if name.startswith("Optimizer.step"):
+        return "optimizer step"
+    if any(a.startswith("Optimizer.step") for a in ancestors):
+        return None  # counted with its step
+    if "embedding_bag" in name:
+        if any("embedding_bag" in a for a in ancestors):
+            return None  # an inner call of the same gather
+        return "input-grad gather" if any("Backward" in a for a in ancestors) else "forward gather"
+    if name == "aten::sparse_sampled_addmm":
+        return "weight-grad sampled product"
+    if name in ("aten::addmm", "aten::mm", "aten::bmm") and not any(
+            a in ("aten::addmm", "aten::mm", "aten::bmm", "aten::sparse_sampled_addmm") for a in ancestors):
+        return "dense products"
+    return None
+
+
+def update_breakdown(agent, batches: list) -> dict[str, float]:
+    """Milliseconds per update in each of BREAKDOWN_PHASES, from one profiled pass over `batches`
+    (after two warm-up updates). 'rest' is the update's wall time less the named phases: Python,
+    autograd's bookkeeping, element-wise ops, losses, and the profiler's own cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for b in batches[:2]:
+        agent.update(b)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for b in batches[2:]:
+            agent.update(b)
+        wall = time.perf_counter() - start
+    updates = len(batches) - 2
+    spent = {phase: 0.0 for phase in BREAKDOWN_PHASES}
+    for event in prof.events():
+        ancestors, parent = [], event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        phase = _phase(event, ancestors)
+        if phase is not None:
+            spent[phase] += event.cpu_time_total / 1e3  # microseconds -> milliseconds
+    spent["rest"] = max(0.0, wall * 1e3 - sum(spent.values()))
+    return {phase: ms / updates for phase, ms in spent.items()}

@@ -422,3 +422,15 @@ def test_new_masks_rebuild_sparse_layers_and_train_as_dense_kernels_do():
                 assert torch.count_nonzero(params[pname][~mask]) == 0
                 assert torch.count_nonzero(dense_params[pname][~mask]) == 0
                 torch.testing.assert_close(params[pname], dense_params[pname], rtol=1e-4, atol=1e-5)
+
+
+def test_the_update_breakdown_puts_gathers_on_sparse_kernels_and_products_on_dense_ones():
+    from offprune.speed import algo_config, build, update_batches, update_breakdown
+
+    config = algo_config("bc-mlp")
+    batches = update_batches("bc-mlp", config, 11, 3, 5)
+    dense = update_breakdown(build("bc-mlp", "dense_masked", 0.9, 11, 3, config=config), batches)
+    sparse = update_breakdown(build("bc-mlp", "sparse", 0.9, 11, 3, config=config), batches)
+    assert dense["forward gather"] == dense["input-grad gather"] == dense["weight-grad sampled product"] == 0
+    assert dense["dense products"] > 0 and dense["optimizer step"] > 0
+    assert sparse["forward gather"] > 0 and sparse["input-grad gather"] > 0 and sparse["weight-grad sampled product"] > 0
