@@ -41,28 +41,63 @@ from offprune.prune import SUPERMASK_METHODS, PrunableNetwork, erk_densities, ke
 Masks = dict[str, dict[str, Tensor]]
 
 
-def top_k_masks(scores: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
+def kth_largest(flat: Tensor, k: int, hint: float | None = None) -> float:
+    """The k-th largest value of `flat` (1 <= k <= numel). With `hint` (the value it had one
+    update ago: scores move little per update), only the values in a narrow band around the hint
+    are ranked; the band widens until it holds the k-th value, else a full torch.topk."""
+    n = flat.numel()
+    if hint is not None and math.isfinite(hint):
+        width = max(abs(hint) * 1e-3, 1e-12)
+        for _ in range(6):
+            lo, hi = hint - width, hint + width
+            above = int(torch.count_nonzero(flat > hi))
+            at_least_lo = flat >= lo
+            if above < k <= int(torch.count_nonzero(at_least_lo)):
+                band = flat[at_least_lo & (flat <= hi)]
+                if band.numel() <= max(4096, n // 8):
+                    return float(torch.topk(band, k - above).values.min())
+                break
+            width *= 8
+    return float(torch.topk(flat, k, sorted=False).values.min())
+
+
+def canonical_top_k(flat: Tensor, k: int, kth: float) -> Tensor:
+    """The k largest of `flat` as a bool mask, ties at the k-th value broken by position (earlier
+    kept), the rule of offprune.prune.masks: the same mask however the k-th value was found."""
+    keep = flat >= kth
+    if int(torch.count_nonzero(keep)) == k:  # no tie at the k-th value: the usual case
+        return keep
+    keep = flat > kth
+    missing = k - int(torch.count_nonzero(keep))
+    keep[(flat == kth).nonzero().squeeze(1)[:missing]] = True
+    return keep
+
+
+def top_k_masks(scores: dict[str, Tensor], sparsity: float, scope: str,
+                hints: dict[str, float] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Boolean masks keeping the largest scores: `kept_count` per layer ('layer'), the ERK
-    fraction per layer ('erk') or one ranking over all layers ('global'). torch.topk: exact counts,
-    and fast enough to run after every update."""
+    fraction per layer ('erk') or one ranking over all layers ('global'), exact counts and ties
+    broken by position; and the k-th values, hints for the next call (`kth_largest`)."""
+    hints = hints or {}
     if scope == "global":
         flat = torch.cat([s.detach().flatten() for s in scores.values()])
-        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        keep[torch.topk(flat, kept_count(flat.numel(), sparsity), sorted=False).indices] = True
+        k = kept_count(flat.numel(), sparsity)
+        kth = kth_largest(flat, k, hints.get("")) if k else math.inf
+        keep = canonical_top_k(flat, k, kth) if k else torch.zeros_like(flat, dtype=torch.bool)
         out, start = {}, 0
         for name, s in scores.items():
             out[name] = keep[start:start + s.numel()].view(s.shape)
             start += s.numel()
-        return out
+        return out, {"": kth}
     fractions = (erk_densities({n: tuple(s.shape) for n, s in scores.items()}, 1.0 - sparsity) if scope == "erk"
                  else {n: 1.0 - sparsity for n in scores})
-    out = {}
+    out, kths = {}, {}
     for name, s in scores.items():
         flat = s.detach().flatten()
-        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        keep[torch.topk(flat, kept_count(flat.numel(), 1.0 - fractions[name]), sorted=False).indices] = True
-        out[name] = keep.view(s.shape)
-    return out
+        k = kept_count(flat.numel(), 1.0 - fractions[name])
+        kths[name] = kth_largest(flat, k, hints.get(name)) if k else math.inf
+        out[name] = (canonical_top_k(flat, k, kths[name]) if k else torch.zeros_like(flat, dtype=torch.bool)).view(s.shape)
+    return out, kths
 
 
 class Ranking:
@@ -77,6 +112,7 @@ class Ranking:
         self._float: dict[str, Tensor] = {}
         self.changes = 0  # recomputations that moved at least one weight in or out
         self._stale = True
+        self._hints: dict[str, float] = {}  # the last k-th values: where to look for the next ones
 
     def invalidate(self, *args) -> None:
         self._stale = True
@@ -85,7 +121,8 @@ class Ranking:
     def masks(self) -> dict[str, Tensor]:
         versions = tuple(s._version for s in self.scores.values())
         if versions != self._versions or self._stale:
-            new = top_k_masks({n: s.abs() for n, s in self.scores.items()}, self.sparsity, self.scope)
+            new, self._hints = top_k_masks({n: s.abs() for n, s in self.scores.items()}, self.sparsity, self.scope,
+                                           self._hints)
             if self._masks and any(not torch.equal(new[n], self._masks[n]) for n in new):
                 self.changes += 1
             self._masks, self._versions, self._stale = new, versions, False

@@ -99,11 +99,27 @@ def test_training_moves_scores_only_and_q2_and_targets_follow_the_source():
     assert torch.count_nonzero(moved) > 0 and moved.abs().max() < 0.01
 
 
+@pytest.mark.parametrize("scope", ["layer", "erk", "global"])
+def test_top_k_masks_equal_offprunes_mask_rule_with_ties_and_any_hint(scope):
+    from offprune.prune import masks_from_scores
+
+    g = torch.Generator().manual_seed(3)
+    # rounded scores: many ties at every threshold
+    scores = {"a": (torch.rand(40, 30, generator=g) * 50).round(), "b": (torch.rand(20, 40, generator=g) * 50).round()}
+    expected = masks_from_scores(scores, 0.8, scope)
+    plain, kths = top_k_masks(scores, 0.8, scope)
+    for hints in (kths, {k: v + 3.0 for k, v in kths.items()}, {k: -100.0 for k in kths}):
+        hinted, again = top_k_masks(scores, 0.8, scope, hints)
+        assert again == kths
+        for name in scores:
+            assert torch.equal(hinted[name], expected[name]) and torch.equal(plain[name], expected[name])
+
+
 def test_top_k_masks_keep_exact_counts_in_every_scope():
     g = torch.Generator().manual_seed(0)
     scores = {"a": torch.rand(30, 20, generator=g), "b": torch.rand(10, 30, generator=g)}
     for scope in ("layer", "erk", "global"):
-        masks = top_k_masks(scores, 0.9, scope)
+        masks, _ = top_k_masks(scores, 0.9, scope)
         total = sum(int(m.sum()) for m in masks.values())
         if scope == "layer":
             assert [int(m.sum()) for m in masks.values()] == [60, 30]
