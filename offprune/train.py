@@ -209,7 +209,7 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     if cfg.masks_from:
         masks = transferred_masks(cfg, setup)
     else:
-        mix = ScoreMix(checkpoint.load_scores(cfg.score_transfer), cfg.omega, cfg.transfer_noise) \
+        mix = ScoreMix(source_scores(cfg.score_transfer, log), cfg.omega, cfg.transfer_noise) \
             if cfg.score_transfer else None
         # where the methods that change masks in training start (edge-popup, biprop: offprune.supermask)
         method = {"gmp": "dense", "set": "random", "rigl": "random", "edge-popup": "dense",
@@ -226,6 +226,39 @@ def start(cfg: RunConfig, setup: Setup, run_dir: Path, log) -> Progress:
     atomic.torch_save(masks, run_dir / MASKS_FILE)
     kernels, estimate, measured = resolve_kernels(cfg, setup.networks, masks, setup.agent.rows_per_update, log)
     return Progress(masks, kernels, estimate, measured)
+
+
+def source_scores(run_dir: str, log) -> dict:
+    """A source run's pruning scores for --score-transfer. A run made before offprune kept
+    scores.pt has them recomputed from its config (pruning is a pure function of the config),
+    checked against the masks it trained with, and saved to its folder."""
+    path = Path(run_dir) / checkpoint.SCORES_FILE
+    config_path = Path(run_dir) / CONFIG_FILE
+    if path.is_file() or not config_path.is_file():
+        return checkpoint.load_scores(run_dir)  # or its one-line error
+    source = RunConfig(**{k: tuple(map(tuple, v)) if k in ("sparsity_of", "algo_options") else v
+                          for k, v in json.loads(config_path.read_text()).items()
+                          if k in {f.name for f in dataclasses.fields(RunConfig)}})
+    if source.prune in (*UNMASKED, *DYNAMIC_METHODS, *SUPERMASK_METHODS) or source.masks_from or source.score_transfer \
+            or source.weight_transfer or source.reinit or source.mask_transform != "none":
+        return checkpoint.load_scores(run_dir)  # not pruned by a criterion at initialisation: no scores to redo
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # this run's own random state stays as it was
+        setup = build_setup(source, torch.device("cpu"))
+        setup.env.close()
+        masks, scores = compute_masks_and_scores(
+            setup.networks, source.prune, source.sparsity, source.scope,
+            lambda: setup.sampler.sample(source.pruning_batch_size), torch.Generator().manual_seed(source.seed),
+            dict(source.sparsity_of), source.prune_rounds)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    kept = checkpoint.load_masks(run_dir)
+    if any(not torch.equal(masks[n][k].cpu(), kept[n][k].cpu()) for n in kept for k in kept[n]):
+        raise UserError(f"{run_dir} has no {checkpoint.SCORES_FILE}, and pruning again from its config does not give "
+                        "its masks (made by another offprune version?): rerun it to transfer its scores")
+    atomic.torch_save(scores, path)
+    log(f"recomputed the scores of {run_dir} from its config (its masks match) and saved {path}")
+    return scores
 
 
 @torch.no_grad()

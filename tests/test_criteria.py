@@ -218,6 +218,17 @@ def test_weight_transfer_adds_omega_times_the_trained_weights_and_score_transfer
     run("--score-transfer", str(source), "--omega", "0.2")
     row = load(tmp_path).set_index("run_id").loc[f"bc-mlp_hopper-random-v5_snip_s0.9_fstl-{source.name}_o0.2_seed0"]
     assert row.score_transfer == source.name and row.omega == 0.2
+    # a source made before runs kept scores.pt: its scores are recomputed from its config, exactly
+    saved = checkpoint.load_scores(source)
+    (source / "scores.pt").unlink()
+    run("--score-transfer", str(source), "--omega", "0.2", "--run-id", "again")
+    again = checkpoint.load_scores(source)
+    assert all(torch.equal(again["policy"][k], saved["policy"][k]) for k in saved["policy"])
+    first = tmp_path / f"bc-mlp_hopper-random-v5_snip_s0.9_fstl-{source.name}_o0.2_seed0"
+    assert all(torch.equal(checkpoint.load_masks(first)["policy"][k], checkpoint.load_masks(tmp_path / "again")["policy"][k])
+               for k in saved["policy"])
+    rows = load(tmp_path).set_index("run_id")
+    assert rows.loc["again"].loss_policy_loss == rows.loc[first.name].loss_policy_loss  # the same run
 
 
 def test_synflow_names_the_network_without_an_output():
