@@ -79,6 +79,19 @@ def test_iql_reward_scale_is_1000_over_the_spread_of_episode_returns(hopper_file
     assert torch.allclose(agent._scaled(batch).rewards, agent.value.reward_scale * torch.ones(2, 1))
 
 
+def test_iql_deterministic_actor_loss_is_the_advantage_weighted_squared_error():
+    agent = agent_of("iql", actor_hidden=(8,), critic_hidden=(8,), value_hidden=(8,), deterministic_actor=True)
+    batch = random_batch(OBS, ACT, 6, 2)
+    loss, _ = agent.actor_loss(batch)
+    with torch.no_grad():
+        advantage = torch.min(*agent.critic_target(batch.observations, batch.actions)) - agent.value(batch.observations)
+        weights = torch.exp(3.0 * advantage).clamp(max=100.0)
+        squared = (agent.actor.mean(batch.observations) - batch.actions).pow(2).sum(1, keepdim=True)
+    assert loss.item() == pytest.approx((weights * squared).mean().item(), rel=1e-5)
+    gaussian, _ = agent_of("iql", actor_hidden=(8,), critic_hidden=(8,), value_hidden=(8,)).actor_loss(batch)
+    assert gaussian.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
 def test_iql_acts_with_the_policy_mean():
     agent = agent_of("iql", actor_hidden=(8,))
     obs = np.linspace(-1, 1, OBS).astype(np.float32)

@@ -9,7 +9,8 @@ value; the critic to r + 0.99 * not_done * V(s') with the new value; the target 
 update (tau 0.005). Adam 3e-4 for all three, the policy's learning rate on a cosine decay over
 1M updates (the reference's fixed horizon); batch 256. Rewards are scaled as the reference does
 for locomotion: divided by the spread of the dataset's episode returns (max - min), times 1000.
-Acting takes the policy's mean.
+Acting takes the policy's mean. `deterministic_actor=true` is CORL's MuJoCo setting instead: the
+same network's tanh mean regressed on the data actions by advantage-weighted squared error.
 
 Prunable networks: actor, critic (Q2 and the target copies take Q1's mask), value, each scored
 on its own loss on the pruning batch. Differences from the reference: PyTorch's default
@@ -50,6 +51,9 @@ class Config:
     lr: float = 3e-4  # Adam, all three networks
     actor_decay_steps: int = 1_000_000  # cosine decay of the policy's learning rate to 0 over this many updates
     reward_scale: bool = True  # divide rewards by the dataset's episode-return spread, times 1000 (locomotion)
+    # False: the Gaussian policy (ikostrikov); True: CORL's MuJoCo setting, the tanh mean regressed on the
+    # data actions by advantage-weighted squared error (its log-std is then unused)
+    deterministic_actor: bool = False
     batch_size: int = 256
 
 
@@ -152,7 +156,11 @@ class Agent(AgentBase):
         with torch.no_grad():
             advantage = self._target_q(batch) - self.value(batch.observations)
             weights = torch.exp(self.config.temperature * advantage).clamp(max=self.config.max_weight)
-        loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
+        if self.config.deterministic_actor:
+            fit = -(self.actor.mean(batch.observations) - batch.actions).pow(2).sum(-1, keepdim=True)
+        else:
+            fit = self.actor.log_prob(batch.observations, batch.actions)
+        loss = -(weights * fit).mean()
         return loss, {"actor_loss": loss.item(), "advantage_mean": advantage.mean().item()}
 
     def critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
