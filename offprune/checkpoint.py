@@ -203,9 +203,13 @@ def load_optimizer_states(agent, states: dict[str, dict]) -> None:
 
 # ------------------------------------------------------------------------------ agents from runs
 def config_from_dict(config_cls, values: dict):
-    """Rebuild an algorithm's Config; JSON turns tuples into lists, so turn them back."""
+    """Rebuild a config dataclass (an algorithm's Config, a RunConfig) from JSON, which turns
+    tuples into lists (nested ones too): turn them back; keys it does not know are left out."""
+    def as_tuples(v):
+        return tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
+
     names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+    return config_cls(**{k: as_tuples(v) for k, v in values.items() if k in names})
 
 
 def build_agent(spec: dict, device: str | torch.device = "cpu"):

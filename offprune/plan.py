@@ -20,7 +20,7 @@ from offprune.algos import ALGOS
 from offprune.config import RunConfig
 from offprune.data.d4rl import env_from_name
 from offprune.envs import make_env
-from offprune.prune import SUPERMASK_METHODS, compute_masks
+from offprune.prune import DENSE_KERNEL_METHODS, SUPERMASK_METHODS, compute_masks
 from offprune.sparse import apply_masks, kernels_by_rule
 from offprune.speed import update_batches
 
@@ -66,7 +66,7 @@ def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
                           dict(cfg.sparsity_of))
     rows = agent.rows_per_update
     kernels = cfg.kernels if cfg.kernels in ("dense", "sparse") else kernels_by_rule(networks, masks, rows)[0]
-    kernels = "dense" if cfg.prune == "rigl" else kernels  # rigl needs dense gradients
+    kernels = "dense" if cfg.prune in DENSE_KERNEL_METHODS else kernels
     apply_masks(networks, masks, agent.optimizers.values(), kernels)
     return agent, kernels
 
@@ -75,7 +75,7 @@ def kind_of(cfg: RunConfig) -> Kind:
     kernels = "dense"
     if cfg.prune in SUPERMASK_METHODS:
         kernels = "learned"
-    elif cfg.prune == "rigl":
+    elif cfg.prune in DENSE_KERNEL_METHODS:
         kernels = "dense"
     elif cfg.prune != "dense":
         kernels = "sparse" if cfg.kernels == "sparse" else ("dense" if cfg.kernels == "dense" else "auto")

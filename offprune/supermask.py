@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from offprune.errors import UserError
-from offprune.prune import SUPERMASK_METHODS, PrunableNetwork, erk_densities, kept_count, prunable_parameters
+from offprune.prune import (SUPERMASK_METHODS, PrunableNetwork, kept_count, layer_fractions, prunable_parameters,
+                            split_like)
 
 Masks = dict[str, dict[str, Tensor]]
 
@@ -84,13 +85,8 @@ def top_k_masks(scores: dict[str, Tensor], sparsity: float, scope: str,
         k = kept_count(flat.numel(), sparsity)
         kth = kth_largest(flat, k, hints.get("")) if k else math.inf
         keep = canonical_top_k(flat, k, kth) if k else torch.zeros_like(flat, dtype=torch.bool)
-        out, start = {}, 0
-        for name, s in scores.items():
-            out[name] = keep[start:start + s.numel()].view(s.shape)
-            start += s.numel()
-        return out, {"": kth}
-    fractions = (erk_densities({n: tuple(s.shape) for n, s in scores.items()}, 1.0 - sparsity) if scope == "erk"
-                 else {n: 1.0 - sparsity for n in scores})
+        return split_like(keep, scores), {"": kth}
+    fractions = layer_fractions({n: tuple(s.shape) for n, s in scores.items()}, sparsity, scope)
     out, kths = {}, {}
     for name, s in scores.items():
         flat = s.detach().flatten()
@@ -162,12 +158,6 @@ def _fan_in(weight: Tensor) -> int:
     return weight.shape[1] if weight.dim() == 2 else weight[0].numel()
 
 
-def _layer_fractions(weights: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, float]:
-    if scope == "erk":
-        return erk_densities({n: tuple(w.shape) for n, w in weights.items()}, 1.0 - sparsity)
-    return {n: 1.0 - sparsity for n in weights}
-
-
 def _submodule(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (module.get_submodule(path) if path else module), attr
@@ -195,7 +185,8 @@ class Supermasks:
             if unsupported:
                 raise UserError(f"--prune {method} masks Linear layers; network {name} has other prunable weights "
                                 f"({', '.join(unsupported[:3])}): keep it dense with --sparsity-of {name}=0")
-            fractions = _layer_fractions(weights, net_sparsity, scope)
+            # a unit's expected kept fraction (global scope: the network's), for edge-popup's constant
+            fractions = layer_fractions({n: tuple(w.shape) for n, w in weights.items()}, net_sparsity, scope)
             scores = {n: nn.Parameter(self._initial_scores(w, generator)) for n, w in weights.items()}
             ranking = Ranking(scores, net_sparsity, scope)
             target_ranking = None

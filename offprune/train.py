@@ -34,7 +34,7 @@ from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
 from offprune.errors import UserError
 from offprune.evaluate import returns_of, rollouts, summarize
-from offprune.prune import (SUPERMASK_METHODS, UNMASKED, ScoreMix, check_sparsity_of, check_transferable, compute_masks_and_scores,
+from offprune.prune import (DENSE_KERNEL_METHODS, SUPERMASK_METHODS, UNMASKED, ScoreMix, check_sparsity_of, check_transferable, compute_masks_and_scores,
                             layer_densities,
                             realised_sparsity, shuffle_within_layers)
 from offprune.dynamic import DYNAMIC_METHODS, DropAndGrow, GradualMagnitude, Schedule, change_rows, dense_gradients
@@ -236,9 +236,7 @@ def source_scores(run_dir: str, log) -> dict:
     config_path = Path(run_dir) / CONFIG_FILE
     if path.is_file() or not config_path.is_file():
         return checkpoint.load_scores(run_dir)  # or its one-line error
-    source = RunConfig(**{k: tuple(map(tuple, v)) if k in ("sparsity_of", "algo_options") else v
-                          for k, v in json.loads(config_path.read_text()).items()
-                          if k in {f.name for f in dataclasses.fields(RunConfig)}})
+    source = checkpoint.config_from_dict(RunConfig, json.loads(config_path.read_text()))
     if source.prune in (*UNMASKED, *DYNAMIC_METHODS, *SUPERMASK_METHODS) or source.masks_from or source.score_transfer \
             or source.weight_transfer or source.reinit or source.mask_transform != "none":
         return checkpoint.load_scores(run_dir)  # not pruned by a criterion at initialisation: no scores to redo
@@ -561,7 +559,7 @@ def resolve_kernels(cfg: RunConfig, networks, masks, rows: int, log) -> tuple[st
     """'dense' or 'sparse' for this run; the rule's estimated sparse/dense speed ratio; and the
     measured one (NaN unless --kernels measure). Only 'measure' depends on timing."""
     nan = float("nan")
-    if cfg.prune in UNMASKED or cfg.prune in ("rigl", *SUPERMASK_METHODS):  # dense gradients, dense scores
+    if cfg.prune in UNMASKED or cfg.prune in DENSE_KERNEL_METHODS:
         return "dense", nan, nan
     rule_choice, estimate = kernels_by_rule(networks, masks, rows)
     if cfg.kernels in ("dense", "sparse"):

@@ -1,9 +1,9 @@
 """Pruning at initialisation: criteria (scores.py), exact top-k masks (masks.py), enforcement."""
 
 from offprune.prune.enforce import MaskEnforcer
-from offprune.prune.masks import (SCOPES, erk_densities, kept_count, layer_densities, masks_from_scores, realised_sparsity,
-                                 shuffle_within_layers)
-from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, UNMASKED, MaskSchedule,
+from offprune.prune.masks import (SCOPES, erk_densities, kept_count, layer_densities, layer_fractions, masks_from_scores,
+                                 realised_sparsity, shuffle_within_layers, split_like)
+from offprune.prune.networks import (DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, DENSE_KERNEL_METHODS, METHODS, UNMASKED, MaskSchedule,
                                     SUPERMASK_METHODS, ScoreMix, check_sparsity_of, check_transferable, compute_masks,
                                     compute_masks_and_scores, default_prune_rounds, default_scope, round_sparsity)
 from offprune.prune.scores import CRITERIA, PrunableNetwork, prunable_parameters, score, score_network
@@ -12,6 +12,7 @@ __all__ = [
     "CRITERIA",
     "DEFAULT_PRUNE_BATCH",
     "DEFAULT_PRUNE_ROUNDS",
+    "DENSE_KERNEL_METHODS",
     "METHODS",
     "SCOPES",
     "SUPERMASK_METHODS",
@@ -29,6 +30,7 @@ __all__ = [
     "default_scope",
     "kept_count",
     "layer_densities",
+    "layer_fractions",
     "masks_from_scores",
     "prunable_parameters",
     "realised_sparsity",
@@ -36,4 +38,5 @@ __all__ = [
     "score",
     "score_network",
     "shuffle_within_layers",
+    "split_like",
 ]

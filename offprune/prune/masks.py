@@ -44,6 +44,21 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
         dense |= over
 
 
+def layer_fractions(shapes: dict[str, tuple[int, ...]], sparsity: float, scope: str) -> dict[str, float]:
+    """The fraction of each weight matrix kept: `erk_densities` under 'erk', else 1 - sparsity for
+    every matrix ('layer'; under 'global', the network's average)."""
+    return erk_densities(shapes, 1.0 - sparsity) if scope == "erk" else {n: 1.0 - sparsity for n in shapes}
+
+
+def split_like(flat: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`flat` (the tensors' values concatenated in order) cut back into their shapes."""
+    out, offset = {}, 0
+    for name, t in tensors.items():
+        out[name] = flat[offset : offset + t.numel()].view(t.shape)
+        offset += t.numel()
+    return out
+
+
 def masks_from_scores(scores: dict[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
     """Boolean masks (True = kept) with the same keys and shapes as `scores`.
 
@@ -61,19 +76,13 @@ def masks_from_scores(scores: dict[str, Tensor], sparsity: float, scope: str = "
         return torch.nan_to_num(s.detach().float().flatten(), nan=-float("inf"))
 
     if scope in ("layer", "erk"):
-        fractions = (erk_densities({n: tuple(s.shape) for n, s in scores.items()}, 1.0 - sparsity) if scope == "erk"
-                     else {n: 1.0 - sparsity for n in scores})
+        fractions = layer_fractions({n: tuple(s.shape) for n, s in scores.items()}, sparsity, scope)
         return {
             name: _top_k_mask(clean(s), kept_count(s.numel(), 1.0 - fractions[name])).view(s.shape)
             for name, s in scores.items()
         }
     flat = torch.cat([clean(s) for s in scores.values()])
-    mask = _top_k_mask(flat, kept_count(flat.numel(), sparsity))
-    out, offset = {}, 0
-    for name, s in scores.items():
-        out[name] = mask[offset : offset + s.numel()].view(s.shape)
-        offset += s.numel()
-    return out
+    return split_like(_top_k_mask(flat, kept_count(flat.numel(), sparsity)), scores)
 
 
 @dataclass(frozen=True)
