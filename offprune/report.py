@@ -49,6 +49,9 @@ class Report:
 # ---------------------------------------------------------------------------------- numbers
 
 
+QUESTIONS_NOTE = ("Each row: a variant against its baseline at the same algorithm, dataset and sparsity, the ratio "
+                  "of their mean final scores with a 95% bootstrap CI; the answer reads the CI: below 1, above 1, or "
+                  "across 1 (no difference shown at this number of seeds).")
 FINAL_EVALUATIONS = 2  # a run's final score: the mean of its last this-many evaluations
 
 
@@ -424,6 +427,7 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
 
     report = Report(out)
     from offprune.claims import claim_table
+    from offprune.questions import question_table
 
     raw_finals, _ = final_scores(results)
     raw_layers = _layers(results_path, raw_finals)
@@ -434,6 +438,7 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     results = results[results.run_id.isin(finals.run_id)]
     report.notes += _missing_runs(results_path, finals)
     report.scores = score_table(finals, reps)
+    questions = question_table(finals, reps)  # the reviewer's questions: by the labelled variants
     iqms = iqm_table(finals, reps)
     report.retention = retention_table(finals, threshold, reps)
     sns.set_theme(style="whitegrid", context="paper")
@@ -485,6 +490,7 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
         report.notes.append("no storage figures in these results (run `offprune storage RUN_DIR`): figure 5 left out")
 
     claims.to_csv(out / "claims.csv", index=False)
+    questions.to_csv(out / "questions.csv", index=False)
     report.scores.to_csv(out / "scores.csv", index=False)
     report.retention.to_csv(out / "retention.csv", index=False)
     iqms.to_csv(out / "iqm.csv", index=False)  # IQM over datasets per (algo, criterion, sparsity)
@@ -501,14 +507,17 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
                markdown_table(display), ""]
     if len(claims):
         md += ["## The paper's claims, checked", "", markdown_table(claims), ""]
+    if len(questions):
+        md += ["## The reviewer's questions", "", QUESTIONS_NOTE, "", markdown_table(questions), ""]
     md += ["## Figures", ""]
     md += [f"![{caption}]({path.name})\n\n{caption}\n" for path, caption in figures]
     report.files = [path for path, _ in figures]
     report.files.append(_write_text(out / "summary.md", "\n".join(md) + "\n"))
-    page = _html(results_path, summary, display, score_matrix(report.scores, threshold, "html"), claims, figures,
-                 report.notes, threshold)
+    page = _html(results_path, summary, display, score_matrix(report.scores, threshold, "html"), claims, questions,
+                 figures, report.notes, threshold)
     report.files.append(_write_text(out / "report.html", page))
-    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv"]
+    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv",
+                     out / "questions.csv"]
     return report
 
 
@@ -561,7 +570,7 @@ def _summary(finals: pd.DataFrame, results_path, threshold: float) -> list[str]:
     ]
 
 
-def _html(results_path, summary, display, matrix, claims, figures, notes, threshold) -> str:
+def _html(results_path, summary, display, matrix, claims, questions, figures, notes, threshold) -> str:
     def md_inline(text: str) -> str:
         parts = html.escape(text).split("`")
         return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
@@ -580,6 +589,9 @@ def _html(results_path, summary, display, matrix, claims, figures, notes, thresh
                  display.to_html(index=False, border=0, classes="table")]
     if len(claims):
         body += ["<h2>The paper's claims, checked</h2>", claims.to_html(index=False, border=0, classes="table")]
+    if len(questions):
+        body += ["<h2>The reviewer's questions</h2>", f"<p>{html.escape(QUESTIONS_NOTE)}</p>",
+                 questions.to_html(index=False, border=0, classes="table")]
     body += ["<h2>Figures</h2>"]
     for path, caption in figures:
         data = base64.b64encode(path.read_bytes()).decode("ascii")

@@ -246,3 +246,21 @@ def test_criterion_labels_keep_variants_apart():
     assert labels == {"a": "snip", "b": "snip+r10", "c": "random+erk", "d": "snip+reinit", "e": "snip+shuffle",
                       "f": "grasp", "g": "snip+pb10", "h": "synflow", "i": "snip+fstl0.2", "j": "dense",
                       "k": "small-dense"}
+
+
+def test_report_answers_the_reviewer_questions_its_runs_can(tmp_path):
+    root = tmp_path / "sweep"
+    for prune, scores in (("dense", [100.0] * 3), ("snip", [60.0] * 3), ("small-dense", [30.0] * 3)):
+        sparsity = 0.0 if prune == "dense" else 0.95
+        for seed, score in enumerate(scores):
+            run_id = f"bc_d_{prune}_seed{seed}"
+            (root / run_id).mkdir(parents=True)
+            write_parquet_atomic(pd.DataFrame(run_rows(run_id, "bc", "d", prune, sparsity, seed, [score, score])),
+                                 root / run_id / RESULTS_FILE)
+    make_report(root, tmp_path / "rep", reps=200)
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    row = ("| Is a pruned big network better than a small dense one of the same size? | bc d 0.95 | small-dense 30.0 "
+           "vs snip 60.0: 0.50 [95% CI 0.50-0.50], 3 / 3 seeds | yes: SNIP-pruned beats the small dense network |")
+    assert "## The reviewer's questions" in md and row in md
+    assert "yes: SNIP-pruned beats the small dense network" in (tmp_path / "rep" / "report.html").read_text()
+    assert len(pd.read_csv(tmp_path / "rep" / "questions.csv")) == 1
