@@ -31,6 +31,8 @@ import pandas as pd
 from offprune import atomic
 from offprune import stats
 from offprune.errors import UserError
+from offprune.dynamic import DYNAMIC_METHODS
+from offprune.prune import SUPERMASK_METHODS
 from offprune.results import LAYERS_FILE, STORAGE_FILE, load
 
 RUN_KEYS = ["algo", "dataset", "prune", "target_sparsity", "seed", "run_id"]
@@ -52,6 +54,7 @@ class Report:
 QUESTIONS_NOTE = ("Each row: a variant against its baseline at the same algorithm, dataset and sparsity, the ratio "
                   "of their mean final scores with a 95% bootstrap CI; the answer reads the CI: below 1, above 1, or "
                   "across 1 (no difference shown at this number of seeds).")
+CHANGING_METHODS = DYNAMIC_METHODS + SUPERMASK_METHODS  # masks that change during training
 FINAL_EVALUATIONS = 2  # a run's final score: the mean of its last this-many evaluations
 
 
@@ -332,6 +335,31 @@ def plot_layers(layers: pd.DataFrame, sparsity: float, path: Path) -> Path:
                                     "COLLAPSED: some run kept none of the layer's weights")
 
 
+def plot_realised_sparsity(results: pd.DataFrame, path: Path) -> Path:
+    """Realised sparsity over training of the runs whose masks change (gmp's rises on its
+    schedule; set, rigl, edge-popup and biprop hold theirs while the positions move), a line per
+    criterion and target sparsity, a panel per algo and dataset."""
+    import seaborn as sns
+
+    data = results.copy()
+    data["panel"] = data.algo + " · " + data.dataset
+    data["target"] = data.target_sparsity.map(lambda s: f"{s:g}")
+    panels = sorted(data.panel.unique())
+    grid = sns.relplot(data=data, x="step", y="realised_sparsity", hue="prune", style="target", col="panel",
+                       col_order=panels, col_wrap=min(3, len(panels)), kind="line", errorbar=None, height=3.2,
+                       aspect=1.3)
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("gradient updates", "realised sparsity")
+    grid.legend.set_title("criterion / target")
+    grid.figure.suptitle("Sparsity during training of masks that change", y=1.03)
+    return _save(grid.figure, path, _mask_changes_text(results))
+
+
+def _mask_changes_text(results: pd.DataFrame) -> str:
+    changes = results.sort_values("step").groupby("run_id").tail(1).groupby("prune").mask_changes.mean()
+    return "mask changes per run (mean): " + ", ".join(f"{prune} {count:,.0f}" for prune, count in changes.items())
+
+
 def plot_storage(storage: pd.DataFrame, path: Path) -> Path:
     import seaborn as sns
 
@@ -431,6 +459,7 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
 
     raw_finals, _ = final_scores(results)
     raw_layers = _layers(results_path, raw_finals)
+    changing = set(results.run_id[results.prune.isin(CHANGING_METHODS)])  # masks that move during training
     claims = claim_table(results, raw_finals, raw_layers, reps)  # the paper's claims: by the raw criterion
     labels = criterion_labels(results)
     results = results.assign(prune=results.run_id.map(labels))
@@ -461,8 +490,20 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
         figures.append((path, "Final normalised score vs fraction of weights kept (log axis, sparser to the right); "
                               f"grey band: dense 95% CI; dashed: {threshold:.0%} of dense."))
 
+    if changing and "realised_sparsity" in results:
+        log("figure: realised sparsity of changing masks")
+        moving = results[results.run_id.isin(changing)]
+        path = plot_realised_sparsity(moving, out / "fig4_realised_sparsity.png")
+        figures.append((path, "Realised sparsity during training of the runs whose masks change (gmp, set, rigl, "
+                              "edge-popup, biprop); their final scores stand beside the fixed masks' in figure 2; "
+                              + _mask_changes_text(moving) + "."))
+
     pruned_levels = sorted(finals.loc[finals.prune != "dense", "target_sparsity"].unique())
     layers = raw_layers.assign(prune=raw_layers.run_id.map(labels)) if len(raw_layers) else raw_layers
+    if changing and len(layers):  # layers.parquet holds their initial masks, not what they trained to
+        layers = layers[~layers.run_id.isin(changing)]
+        report.notes.append("figure 3 shows fixed masks only: the per-layer counts of masks that change are in each "
+                            "run's mask_changes.parquet")
     if layer_sparsity is None and pruned_levels:
         near_95 = [s for s in pruned_levels if np.isclose(s, 0.95)]
         layer_sparsity = float(near_95[0] if near_95 else pruned_levels[-1])

@@ -264,3 +264,26 @@ def test_report_answers_the_reviewer_questions_its_runs_can(tmp_path):
     assert "## The reviewer's questions" in md and row in md
     assert "yes: SNIP-pruned beats the small dense network" in (tmp_path / "rep" / "report.html").read_text()
     assert len(pd.read_csv(tmp_path / "rep" / "questions.csv")) == 1
+
+
+def test_masks_that_change_get_the_realised_sparsity_figure_not_the_layer_figure(tmp_path):
+    root = tmp_path / "sweep"
+    for prune, sparsity, score in (("dense", 0.0, 100.0), ("snip", 0.9, 80.0), ("gmp", 0.9, 90.0)):
+        for seed in range(2):
+            run_id = f"bc_d_{prune}_seed{seed}"
+            (root / run_id).mkdir(parents=True)
+            rows = pd.DataFrame(run_rows(run_id, "bc", "d", prune, sparsity, seed, [score, score]))
+            rows["realised_sparsity"] = [0.4, 0.9] if prune == "gmp" else [sparsity, sparsity]
+            rows["mask_changes"] = [3, 7] if prune == "gmp" else [0, 0]
+            write_parquet_atomic(rows, root / run_id / RESULTS_FILE)
+            kept = 100 if prune == "gmp" else 10  # gmp's layers.parquet holds its initial (dense) masks
+            write_parquet_atomic(pd.DataFrame([dict(run_id=run_id, algo="bc", dataset="d", prune=prune,
+                                                    target_sparsity=sparsity, seed=seed, network="vae",
+                                                    layer="l0.weight", total=100, kept=kept, density=kept / 100)]),
+                                 root / run_id / LAYERS_FILE)
+    rep = make_report(root, tmp_path / "rep", reps=100, layer_sparsity=0.9)
+    assert (tmp_path / "rep" / "fig4_realised_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "mask changes per run (mean): gmp 7" in md
+    assert any(n.startswith("figure 3 shows fixed masks only") for n in rep.notes)
+    assert rep.scores.set_index("prune").loc["gmp", "mean"] == 90.0
