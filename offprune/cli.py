@@ -290,8 +290,8 @@ def sweep(config_file, show_status, show_plan, only_consolidate, progress, **fla
     else:
         sw.check_datasets(runs)
     errors = sw.execute(runs, cfg.out, cfg.jobs, progress, cfg.executor, cfg.ray_address, skip, on_finished)
-    groups = sw.status(cfg.out)
-    done = len(set(groups["done"]) | skip)
+    groups = sw.status_of(runs, cfg.out, skip)  # this sweep's grid: another sweep may share the folder's manifest
+    done = len(groups["done"])
     report_from = f"{cfg.results}/results.parquet" if cfg.results else cfg.out
     click.echo(f"sweep {cfg.out}: {done} done, {len(groups['failed'])} failed, "
                f"{len(runs) - done - len(groups['failed'])} not finished; "

@@ -1,6 +1,7 @@
 """Sweeps: grid expansion, local execution, resume without duplicates, failures recorded."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +196,21 @@ def test_an_algorithm_refines_the_profile_of_its_sweep_runs():
     assert dreamer.algo_config().batch_size == 8 and dreamer.algo_config().imag_starts == 128
     assert by_algo[("bc", "snip")].steps == 5_000 and by_algo[("bc", "snip")].algo_options == ()
     assert SweepConfig.build(None, algo="dreamer", steps=7).base_run("dreamer").steps == 7  # a flag still wins
+
+
+def test_the_summary_counts_this_sweeps_grid_when_another_sweep_shares_the_folder(capsys, tmp_path, hopper_file,
+                                                                                   monkeypatch):
+    import offprune.sweep as sw
+
+    execute = sw.execute
+
+    def execute_then_another_sweep_starts(runs, out, *args):
+        errors = execute(runs, out, *args)
+        from offprune import atomic  # a second study writes its (one-run) grid to the shared folder
+        atomic.write_json(Path(out) / sw.MANIFEST, [runs[0].to_dict()])
+        return errors
+
+    monkeypatch.setattr(sw, "execute", execute_then_another_sweep_starts)
+    code, out, err = run_cli(capsys, *sweep_args(tmp_path, hopper_file))
+    assert code == 0, err
+    assert "6 done, 0 failed, 0 not finished" in out
