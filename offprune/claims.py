@@ -110,9 +110,20 @@ def random_masks(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS) -> list[d
 
 
 def claim_table(results: pd.DataFrame, finals: pd.DataFrame, layers: pd.DataFrame | None,
-                reps: int = stats.DEFAULT_REPS) -> pd.DataFrame:
-    """Every claim the results can speak to, as rows of claim | measurement | agrees."""
-    rows = performance_holds_at_95(finals, reps) + random_masks(finals, reps)
+                reps: int = stats.DEFAULT_REPS, labels: pd.Series | None = None) -> pd.DataFrame:
+    """Every claim the results can speak to, as rows of claim | measurement | agrees. `finals`
+    name the raw criterion (`prune`); `labels` (run_id -> offprune.report.criterion_labels) keep
+    variants out: the claims read the plain criteria only ('snip', not 'snip+shuffle' or
+    'snip+masks-from'), the pruning-batch claim the plain criteria and their batch variants."""
+    if labels is not None:
+        label = finals.run_id.map(labels)
+        plain = finals[label == finals.prune]
+        finals = finals[(label == finals.prune) | (label == finals.prune + label.str.extract(r"(\+pb\d+)$")[0])]
+        if layers is not None and len(layers):
+            layers = layers[layers.run_id.isin(set(plain.run_id))]
+    else:
+        plain = finals
+    rows = performance_holds_at_95(plain, reps) + random_masks(plain, reps)
     if layers is not None and len(layers):
         rows += last_layer_kept(layers)
     rows += prune_batch_does_not_matter(results, finals, reps)

@@ -460,8 +460,8 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     raw_finals, _ = final_scores(results)
     raw_layers = _layers(results_path, raw_finals)
     changing = set(results.run_id[results.prune.isin(CHANGING_METHODS)])  # masks that move during training
-    claims = claim_table(results, raw_finals, raw_layers, reps)  # the paper's claims: by the raw criterion
     labels = criterion_labels(results)
+    claims = claim_table(results, raw_finals, raw_layers, reps, labels)  # the paper's claims: plain criteria
     results = results.assign(prune=results.run_id.map(labels))
     finals, report.notes = final_scores(results)
     results = results[results.run_id.isin(finals.run_id)]

@@ -50,3 +50,21 @@ def test_prune_batch_claim_needs_overlapping_cis():
     assert t.loc["bc snip 0.98 on h: the pruning batch size does not change the score", "agrees"].startswith("no")
     assert "batch 10: 51.0 [" in t.loc["bc snip 0.98 on h: the pruning batch size does not change the score",
                                        "measurement"]
+
+
+def test_claims_read_plain_criteria_not_their_variants():
+    finals = finals_of({
+        ("bc", "hopper-expert-v5", "dense", 0.0, 0): [100, 100, 100],
+        ("bc", "hopper-expert-v5", "snip", 0.95, 100): [95, 95, 95],
+    })
+    shuffled = finals[finals.prune == "snip"].assign(run_id=lambda f: f.run_id + "_shuffle", normalized_score=10)
+    batch10 = finals[finals.prune == "snip"].assign(run_id=lambda f: f.run_id + "_pb10", normalized_score=90,
+                                                   prune_batch=10)
+    finals = pd.concat([finals, shuffled, batch10], ignore_index=True)
+    labels = pd.Series({r: ("snip+shuffle" if r.endswith("_shuffle") else "snip+pb10" if r.endswith("_pb10") else p)
+                        for r, p in zip(finals.run_id, finals.prune)})
+    t = claim_table(finals, finals, None, reps=200, labels=labels).set_index("claim")
+    holds = t.loc["at 95% snip holds for bc on hopper-expert-v5"]
+    assert holds.measurement.startswith("95.0 vs dense 100.0: 0.95") and holds.measurement.endswith("3 / 3 seeds")
+    batch = t.loc["bc snip 0.95 on hopper-expert-v5: the pruning batch size does not change the score"]
+    assert batch.measurement == "batch 10: 90.0 [90.0, 90.0]; batch 100: 95.0 [95.0, 95.0]"  # the shuffled runs left out
