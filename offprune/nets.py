@@ -75,11 +75,21 @@ class VAE(nn.Module):
             z = torch.randn(obs.shape[0], self.latent_dim, device=obs.device).clamp(-clip, clip)
         return self.max_action * torch.tanh(self.decoder(torch.cat([obs, z], 1)))
 
-    def unsquashed_output(self, obs: Tensor, action: Tensor) -> Tensor:
-        """Every head's output without noise, clamp or tanh: the decoder's pre-tanh output at
-        z = the encoder's mean, beside the log-std head (SynFlow's path through all the weights)."""
+    def synflow_output(self, obs: Tensor, action: Tensor) -> Tensor:
+        """SynFlow's output for the VAE (its R is this tensor's sum): two disjoint networks, each
+        called on all-ones inputs as the algorithm calls it and normalised by its own path sum.
+
+        The encoder (mean and log-std heads, no clamp) and the decoder (pre-tanh, latent input all
+        ones, as when acting from the prior) share no path. Fed the encoder's mean as its latent
+        input, the decoder's direct state inputs carry orders of magnitude less flow than the
+        paths through the encoder, and SynFlow prunes every one of them (an agent blind to the
+        state); summed unnormalised, the part with more flow takes the whole budget over the
+        rounds and the other collapses. Divided by their own (constant) sums, each part's layers
+        carry a total score of ~1 each, so one global ranking compares them fairly."""
         h = F.relu(self.encoder(torch.cat([obs, action], 1)))
-        return torch.cat([self.decoder(torch.cat([obs, self.mean(h)], 1)), self.log_std(h)], 1)
+        encoder = torch.cat([self.mean(h), self.log_std(h)], 1)
+        decoder = self.decoder(torch.cat([obs, obs.new_ones(obs.shape[0], self.latent_dim)], 1))
+        return torch.cat([encoder / encoder.sum().detach(), decoder / decoder.sum().detach()], 1)
 
     def loss(self, obs: Tensor, action: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Reconstruction MSE + 0.5 KL(q(z|s,a) || N(0, I)), as BCQ."""

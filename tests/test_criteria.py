@@ -40,6 +40,20 @@ def test_synflow_keeps_every_layer_where_global_magnitude_collapses_one():
     assert sum(d.kept for d in layer_densities(synflow)) == round(0.01 * sum(d.total for d in layer_densities(synflow)))
 
 
+@pytest.mark.parametrize("algo", ["bc", "bcq"])
+def test_synflow_keeps_the_vae_decoder_seeing_every_state_feature(algo):
+    # The decoder takes (state, z). Fed the encoder's mean as z, SynFlow's paths through the encoder
+    # outweighed the decoder's direct state inputs and pruned all 11 of them: an agent blind to the state.
+    torch.manual_seed(0)
+    agent = ALGOS[algo].Agent(11, 3, 1.0, ALGOS[algo].Config(), torch.device("cpu"))
+    vae = {"vae": agent.prunable_networks()["vae"]}
+    masks = compute_masks(vae, "synflow", 0.95, "global", lambda: random_batch(11, 3, 100, 0),
+                          torch.Generator().manual_seed(0), rounds=100)["vae"]
+    first = masks["decoder.0.weight"]  # [750, 11 state + 6 latent inputs]
+    assert (first[:, :11].sum(0) > 0).all() and (first[:, 11:].sum(0) > 0).all()
+    assert (masks["encoder.0.weight"].sum(0) > 0).all()  # every (state, action) input of the encoder too
+
+
 def test_synflow_without_an_output_is_one_clear_error():
     from offprune.errors import UserError
 

@@ -46,7 +46,7 @@ class Agent(AgentBase):
 
     def prunable_networks(self) -> dict[str, PrunableNetwork]:
         return {"vae": PrunableNetwork(self.vae, lambda b: self.vae.loss(b.observations, b.actions)[0],
-                                       output=lambda b: self.vae.unsquashed_output(b.observations, b.actions))}
+                                       output=lambda b: self.vae.synflow_output(b.observations, b.actions))}
 
     def update_vae(self, batch: Batch) -> dict[str, float]:
         loss, info = self.vae.loss(batch.observations, batch.actions)

@@ -90,7 +90,7 @@ class Agent(AgentBase):
                 ones_output(self.critic.q1),
             ),
             "vae": PrunableNetwork(self.vae, lambda b: self.vae_loss(b)[0],
-                                   output=lambda b: self.vae.unsquashed_output(b.observations, b.actions)),
+                                   output=lambda b: self.vae.synflow_output(b.observations, b.actions)),
         }
 
     # --- losses -----------------------------------------------------------------------------
