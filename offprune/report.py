@@ -54,6 +54,7 @@ class Report:
 QUESTIONS_NOTE = ("Each row: a variant against its baseline at the same algorithm, dataset and sparsity, the ratio "
                   "of their mean final scores with a 95% bootstrap CI; the answer reads the CI: below 1, above 1, or "
                   "across 1 (no difference shown at this number of seeds).")
+PAPER_BUDGET = "1M updates on D4RL v2 data (1M transitions per dataset), 5 seeds"
 CHANGING_METHODS = DYNAMIC_METHODS + SUPERMASK_METHODS  # masks that change during training
 FINAL_EVALUATIONS = 2  # a run's final score: the mean of its last this-many evaluations
 
@@ -598,6 +599,8 @@ def _missing_runs(results_path, finals: pd.DataFrame) -> list[str]:
 def _summary(finals: pd.DataFrame, results_path, threshold: float) -> list[str]:
     seeds = sorted(finals.seed.unique())
     return [
+        f"- budget: {', '.join(f'{s:,}' for s in sorted(finals.step.unique()))} updates per run, {len(seeds)} seed(s), "
+        f"the datasets below; the pruning paper's: {PAPER_BUDGET}. Scores that fall short here may not at its budget",
         f"- results: `{results_path}`: {finals.run_id.nunique()} finished runs",
         f"- algos: {', '.join(sorted(finals.algo.unique()))}; datasets: {', '.join(sorted(finals.dataset.unique()))}",
         f"- criteria: {', '.join(sorted(finals.prune.unique()))}; sparsities: "

@@ -287,3 +287,12 @@ def test_masks_that_change_get_the_realised_sparsity_figure_not_the_layer_figure
     assert "mask changes per run (mean): gmp 7" in md
     assert any(n.startswith("figure 3 shows fixed masks only") for n in rep.notes)
     assert rep.scores.set_index("prune").loc["gmp", "mean"] == 90.0
+
+
+def test_the_report_opens_with_its_budget_beside_the_papers(results_dir, tmp_path):
+    make_report(results_dir, tmp_path / "rep", reps=100)
+    first = (tmp_path / "rep" / "summary.md").read_text().splitlines()[2]
+    assert first == ("- budget: 1,000 updates per run, 3 seed(s), the datasets below; the pruning paper's: 1M updates "
+                     "on D4RL v2 data (1M transitions per dataset), 5 seeds. Scores that fall short here may not at its "
+                     "budget")
+    assert "the pruning paper&#x27;s: 1M updates" in (tmp_path / "rep" / "report.html").read_text().split("<li>")[1]
