@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from offprune import atomic
+from offprune import atomic, checkpoint
 from offprune.config import RunConfig
 from offprune.errors import UserError
 from offprune.results import COLUMN_DEFAULTS, LAYERS_FILE, RESULTS_FILE, ROW_KEY, read_rows, write_parquet_atomic
@@ -64,6 +64,12 @@ def consolidate(out: str | Path, results_dir: str | Path, runs: list[RunConfig])
         results_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write {results_dir}: {e.strerror or e}") from None
+    # two sweeps of one study (a subset rerun beside the full one) must not lose each other's runs
+    with checkpoint.locked(results_dir, wait=True):
+        return _consolidate(out, results_dir, runs)
+
+
+def _consolidate(out: str | Path, results_dir: Path, runs: list[RunConfig]) -> int:
     old_rows = _read(results_dir / RESULTS_FILE)
     old_layers = _read(results_dir / LAYERS_FILE)
     new_rows, new_layers = [], []

@@ -60,6 +60,24 @@ def test_consolidation_is_idempotent(capsys, tmp_path, hopper_file):
     assert pd.read_parquet(tmp_path / "reports" / "results.parquet").equals(pd.read_parquet(pd.io.common.BytesIO(first)))
 
 
+def test_consolidation_waits_for_another_sweep_consolidating_the_same_study(capsys, tmp_path, hopper_file):
+    import threading
+
+    from offprune import checkpoint
+
+    path = study_file(tmp_path, hopper_file)
+    assert run_cli(capsys, "sweep", "--config", path, "--no-progress")[0] == 0
+    runs = grid(SweepConfig.build(path))
+    finished = threading.Event()
+    with checkpoint.locked(tmp_path / "reports"):  # another sweep is merging its runs in
+        worker = threading.Thread(target=lambda: (study.consolidate(tmp_path / "runs", tmp_path / "reports", runs),
+                                                  finished.set()))
+        worker.start()
+        assert not finished.wait(0.5)  # it reads the file only after the other wrote it
+    worker.join(10)
+    assert finished.is_set()
+
+
 def test_finished_means_the_final_row_at_this_budget(tmp_path):
     runs = grid(SweepConfig.build(None, algo="bc", prune="snip", sparsity="0.9", seeds="0", steps=10))
     rows = pd.DataFrame({"run_id": [runs[0].name, runs[1].name], "step": [10, 5],
