@@ -78,7 +78,7 @@ def criterion_labels(results: pd.DataFrame) -> pd.Series:
     for run_id, prune in runs.prune.items():
         if not pruned[run_id]:
             continue
-        if int(rounds[run_id]) != default_prune_rounds(prune):
+        if int(rounds[run_id]) not in (0, default_prune_rounds(prune)):  # 0: a method without rounds
             labels[run_id] += f"+r{int(rounds[run_id])}"
         if int(batch[run_id]) not in (0, DEFAULT_PRUNE_BATCH.get(prune, 100)):
             labels[run_id] += f"+pb{int(batch[run_id])}"

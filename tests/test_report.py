@@ -241,11 +241,12 @@ def test_criterion_labels_keep_variants_apart():
             dict(base, run_id="g", prune="snip", prune_batch=10), dict(base, run_id="h", prune="synflow", prune_rounds=100),
             dict(base, run_id="i", prune="snip", score_transfer="src", omega=0.2),
             dict(base, run_id="j", prune="dense", prune_rounds=0, prune_batch=0),
-            dict(base, run_id="k", prune="small-dense", prune_rounds=0, prune_batch=0)]
+            dict(base, run_id="k", prune="small-dense", prune_rounds=0, prune_batch=0),
+            dict(base, run_id="l", prune="edge-popup", scope="layer", prune_rounds=0, prune_batch=0)]
     labels = criterion_labels(pd.DataFrame(rows)).to_dict()
     assert labels == {"a": "snip", "b": "snip+r10", "c": "random+erk", "d": "snip+reinit", "e": "snip+shuffle",
                       "f": "grasp", "g": "snip+pb10", "h": "synflow", "i": "snip+fstl0.2", "j": "dense",
-                      "k": "small-dense"}
+                      "k": "small-dense", "l": "edge-popup+layer"}
 
 
 def test_report_answers_the_reviewer_questions_its_runs_can(tmp_path):
