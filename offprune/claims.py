@@ -15,11 +15,6 @@ from offprune import stats
 HOLD = 0.9  # a pruned score "holds" at >= this fraction of the dense score
 
 
-def _ratio(groups: list[np.ndarray]) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.mean(groups[0]) / np.mean(groups[1]))
-
-
 def performance_holds_at_95(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS) -> list[dict]:
     """Paper: at 95 % sparsity SNIP and GraSP keep the dense performance everywhere except BCQ on hopper."""
     rows = []
@@ -29,8 +24,8 @@ def performance_holds_at_95(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS
         if not len(dense) or dense.normalized_score.mean() <= 0:
             continue
         scores, base = g.normalized_score.to_numpy(), dense.normalized_score.to_numpy()
-        ratio = _ratio([scores, base])
-        lo, hi = stats.stratified_bootstrap_ci([scores, base], _ratio, reps)
+        ratio = stats.ratio_of_means([scores, base])
+        lo, hi = stats.stratified_bootstrap_ci([scores, base], stats.ratio_of_means, reps)
         expected = not (algo == "bcq" and dataset.startswith("hopper"))
         holds = ratio >= HOLD
         rows.append(dict(

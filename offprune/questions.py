@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from offprune import stats
@@ -62,10 +61,6 @@ QUESTIONS = (
 KEYS = ["algo", "dataset", "target_sparsity"]
 
 
-def _ratio(groups: list[np.ndarray]) -> float:
-    return float(np.mean(groups[0]) / np.mean(groups[1]))
-
-
 def answer(question: Question, lo: float, hi: float) -> str:
     """The question's answer for a ratio (variant / baseline) whose CI is [lo, hi]."""
     if hi < 1:
@@ -88,10 +83,11 @@ def question_table(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS) -> pd.D
                 b = g[g.prune == q.baseline].normalized_score.to_numpy()
                 if not len(v) or not len(b) or b.mean() <= 0:
                     continue
-                lo, hi = stats.stratified_bootstrap_ci([v, b], _ratio, reps)
+                lo, hi = stats.stratified_bootstrap_ci([v, b], stats.ratio_of_means, reps)
+                ratio = stats.ratio_of_means([v, b])
                 rows.append(dict(
                     question=q.text, case=f"{algo} {dataset} {sparsity:g}",
-                    measurement=f"{variant} {v.mean():.1f} vs {q.baseline} {b.mean():.1f}: {_ratio([v, b]):.2f} "
+                    measurement=f"{variant} {v.mean():.1f} vs {q.baseline} {b.mean():.1f}: {ratio:.2f} "
                                 f"[95% CI {lo:.2f}-{hi:.2f}], {len(v)} / {len(b)} seeds",
                     answer=answer(q, lo, hi)))
     return pd.DataFrame(rows, columns=["question", "case", "measurement", "answer"])

@@ -31,8 +31,6 @@ import pandas as pd
 from offprune import atomic
 from offprune import stats
 from offprune.errors import UserError
-from offprune.dynamic import DYNAMIC_METHODS
-from offprune.prune import SUPERMASK_METHODS
 from offprune.results import LAYERS_FILE, STORAGE_FILE, load
 
 RUN_KEYS = ["algo", "dataset", "prune", "target_sparsity", "seed", "run_id"]
@@ -55,7 +53,6 @@ QUESTIONS_NOTE = ("Each row: a variant against its baseline at the same algorith
                   "of their mean final scores with a 95% bootstrap CI; the answer reads the CI: below 1, above 1, or "
                   "across 1 (no difference shown at this number of seeds).")
 PAPER_BUDGET = "1M updates on D4RL v2 data (1M transitions per dataset), 5 seeds"
-CHANGING_METHODS = DYNAMIC_METHODS + SUPERMASK_METHODS  # masks that change during training
 FINAL_EVALUATIONS = 2  # a run's final score: the mean of its last this-many evaluations
 
 
@@ -136,11 +133,6 @@ def iqm_table(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def _ratio(groups: list[np.ndarray]) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.mean(groups[0]) / np.mean(groups[1]))
-
-
 def retention_table(finals: pd.DataFrame, threshold: float = 0.9, reps: int = stats.DEFAULT_REPS) -> pd.DataFrame:
     """Per (algo, dataset, criterion): the highest sparsity up to which EVERY sparsity keeps a mean
     final score of at least `threshold` x the dense mean, the ratio there with its bootstrap CI
@@ -162,8 +154,8 @@ def retention_table(finals: pd.DataFrame, threshold: float = 0.9, reps: int = st
                 holding, holding_ci, again = True, True, []
                 for sparsity, s in sorted(g.groupby("target_sparsity"), key=lambda kv: kv[0]):
                     scores = s.normalized_score.to_numpy()
-                    ratio = _ratio([scores, dense])
-                    lo, hi = stats.stratified_bootstrap_ci([scores, dense], _ratio, reps)
+                    ratio = stats.ratio_of_means([scores, dense])
+                    lo, hi = stats.stratified_bootstrap_ci([scores, dense], stats.ratio_of_means, reps)
                     if ratio >= threshold and holding:
                         row.update(highest_sparsity=sparsity, ratio=ratio, ratio_ci_lo=lo, ratio_ci_hi=hi)
                     elif ratio >= threshold:
@@ -336,7 +328,7 @@ def plot_layers(layers: pd.DataFrame, sparsity: float, path: Path) -> Path:
                                     "COLLAPSED: some run kept none of the layer's weights")
 
 
-def plot_realised_sparsity(results: pd.DataFrame, path: Path) -> Path:
+def plot_realised_sparsity(results: pd.DataFrame, path: Path, caption: str) -> Path:
     """Realised sparsity over training of the runs whose masks change (gmp's rises on its
     schedule; set, rigl, edge-popup and biprop hold theirs while the positions move), a line per
     criterion and target sparsity, a panel per algo and dataset."""
@@ -353,7 +345,7 @@ def plot_realised_sparsity(results: pd.DataFrame, path: Path) -> Path:
     grid.set_axis_labels("gradient updates", "realised sparsity")
     grid.legend.set_title("criterion / target")
     grid.figure.suptitle("Sparsity during training of masks that change", y=1.03)
-    return _save(grid.figure, path, _mask_changes_text(results))
+    return _save(grid.figure, path, caption)
 
 
 def _mask_changes_text(results: pd.DataFrame) -> str:
@@ -460,7 +452,10 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
 
     raw_finals, _ = final_scores(results)
     raw_layers = _layers(results_path, raw_finals)
-    changing = set(results.run_id[results.prune.isin(CHANGING_METHODS)])  # masks that move during training
+    from offprune.dynamic import DYNAMIC_METHODS
+    from offprune.prune import SUPERMASK_METHODS
+
+    changing = set(results.run_id[results.prune.isin(DYNAMIC_METHODS + SUPERMASK_METHODS)])  # masks that move
     labels = criterion_labels(results)
     claims = claim_table(results, raw_finals, raw_layers, reps, labels)  # the paper's claims: plain criteria
     results = results.assign(prune=results.run_id.map(labels))
@@ -494,10 +489,11 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     if changing and "realised_sparsity" in results:
         log("figure: realised sparsity of changing masks")
         moving = results[results.run_id.isin(changing)]
-        path = plot_realised_sparsity(moving, out / "fig4_realised_sparsity.png")
+        changes = _mask_changes_text(moving)
+        path = plot_realised_sparsity(moving, out / "fig4_realised_sparsity.png", changes)
         figures.append((path, "Realised sparsity during training of the runs whose masks change (gmp, set, rigl, "
                               "edge-popup, biprop); their final scores stand beside the fixed masks' in figure 2; "
-                              + _mask_changes_text(moving) + "."))
+                              + changes + "."))
 
     pruned_levels = sorted(finals.loc[finals.prune != "dense", "target_sparsity"].unique())
     layers = raw_layers.assign(prune=raw_layers.run_id.map(labels)) if len(raw_layers) else raw_layers

@@ -23,6 +23,12 @@ def iqm(values: Sequence[float]) -> float:
     return float(x[cut:len(x) - cut].mean())
 
 
+def ratio_of_means(groups: Sequence[Sequence[float]]) -> float:
+    """mean(groups[0]) / mean(groups[1]): a score relative to a baseline (a bootstrap statistic)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.mean(groups[0]) / np.mean(groups[1]))
+
+
 def bootstrap_ci(
     values: Sequence[float],
     statistic: Callable[[np.ndarray], float] = np.mean,
