@@ -54,7 +54,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
     "prune-batch": (int, f"Samples in the pruning batch.  {PRUNE_BATCH_DEFAULT}"),
     "kernels": (click.Choice(KERNELS), KERNELS_HELP),
     "device": (str, "auto, cpu, cuda or cuda:N."),
-    "threads": (int, "Torch threads per run."),
+    "threads": (int, "Threads per run (with sparse kernels: torch's ops on one, wide target products split over all)."),
 }
 # run's defaults that are not a plain RunConfig default: None = decided later (help says how)
 RUN_DEFAULTS: dict[str, tuple[Any, str]] = {
@@ -643,7 +643,7 @@ def export(run_dir, out) -> None:
 @cli.command()
 @click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True)
 @click.option("--sparsity", type=float, default=0.95, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads for all three variants.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads for every variant (sparse: torch's ops on one thread, wide products split over all, as a run trains).")
 @click.option("--obs-dim", type=int, default=11, show_default=True, help="11/3: Hopper; 17/6: HalfCheetah, Walker2d.")
 @click.option("--act-dim", type=int, default=3, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds (median reported).")

@@ -65,7 +65,7 @@ class RunConfig:
     drop_fraction: float = 0.3  # set, rigl: fraction of kept weights replaced at the first change (cosine-decayed)
     env: str | None = None  # gymnasium id to evaluate in; None: from the file or the dataset name
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    threads: int | None = None  # torch intra-op threads; None: torch's default (1 for sparse kernels)
+    threads: int | None = None  # torch intra-op threads (None: torch's default); sparse kernels: offprune.sparse.sparse_threads
     kernels: str = "auto"  # 'dense' (masked), 'sparse' (kept weights only), 'auto' (fixed rule), 'measure' (timed)
     out: str = "runs"  # results folder; this run writes to OUT/RUN_ID/
     run_id: str | None = None  # None: derived from algo, dataset, criterion, sparsity and seed

@@ -32,10 +32,13 @@ agent turned back gives dense masked modules with bit-identical weights.
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -275,12 +278,26 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
     """The graph-free forward. A wide batch through a chain with a blocked (high-reuse) product
     runs in blocks of BLOCK_COLUMNS rows through the whole chain, so each block's activations stay
     in cache from layer to layer (BCQ's decoder on 1,000 target candidates), faster than blocking
-    inside each product. Rows are independent, so the result is bit-identical."""
+    inside each product. Rows are independent, so the result is bit-identical. Under
+    `sparse_threads` the blocks are shared out in contiguous groups, one per thread: the same
+    blocks whatever the thread count, so the same result (splitting rows anywhere else would not
+    be: a dense product's rounding can depend on how many rows it gets)."""
     rows = x.shape[0]
     if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(_uses_blocked_csr(layer) for layer in layers):
         return _chain_pass(layers, act, x, params)[0]
-    return torch.cat([_chain_pass(layers, act, x[start:start + BLOCK_COLUMNS], params)[0]
-                      for start in range(0, rows, BLOCK_COLUMNS)])
+    blocks = [slice(start, start + BLOCK_COLUMNS) for start in range(0, rows, BLOCK_COLUMNS)]
+    groups = _groups(blocks, rows * _chain_cost(layers))
+    inference = torch.is_inference_mode_enabled()
+
+    def group_pass(group: list[slice]) -> list[Tensor]:
+        with torch.inference_mode(inference), torch.no_grad():
+            return [_chain_pass(layers, act, x[block], params)[0] for block in group]
+
+    futures = [_pool().submit(group_pass, group) for group in groups[1:]]
+    outputs = group_pass(groups[0])
+    for future in futures:
+        outputs += future.result()
+    return torch.cat(outputs)
 
 
 class _SparseChainFunction(torch.autograd.Function):
@@ -329,6 +346,59 @@ class _SparseChainFunction(torch.autograd.Function):
             else:
                 grad_t = _activation_grad(below, h_t, act)
         return grad_x, None, None, *grads
+
+
+# --- sparse kernels on more than one thread ------------------------------------------------------
+
+# Each of torch's parallel ops wakes the sleeping OpenMP threads (OMP_WAIT_POLICY=PASSIVE), which
+# costs more than most of a sparse update's ops take: with 2 threads a sparse BCQ update was slower
+# than with one (benchmarks/README.md). So under `sparse_threads(n)` torch's own ops run on one
+# thread, and only work big enough to pay for a hand-off is shared, on n - 1 worker threads: the
+# row blocks of a wide graph-free chain (BCQ's decoder on a critic target's 1,000 candidates).
+# The blocks are the same with one thread, so results do not depend on the thread count.
+MIN_SHARED_WORK = 3_000_000  # multiply-adds from which work is shared (a hand-off costs ~10-50 us)
+
+_threads = 1
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _pools_lock:
+        if _threads not in _pools:
+            _pools[_threads] = ThreadPoolExecutor(_threads - 1, "offprune-sparse",
+                                                  initializer=torch.set_num_threads, initargs=(1,))
+        return _pools[_threads]
+
+
+def _groups(blocks: list[slice], work: int) -> list[list[slice]]:
+    """`blocks` in one contiguous group per sparse thread when the work is worth sharing, else one group."""
+    count = min(_threads, len(blocks)) if work >= MIN_SHARED_WORK else 1
+    bounds = [len(blocks) * k // count for k in range(count + 1)]
+    return [blocks[start:end] for start, end in zip(bounds, bounds[1:])]
+
+
+def _chain_cost(layers: Sequence[ChainLayer]) -> int:
+    """Multiply-adds per row of a chain's products."""
+    return sum(len(layer.col) if isinstance(layer, SparseLinear) and layer.kernel == "csr"
+               else layer.in_features * layer.out_features for layer in layers)
+
+
+@contextmanager
+def sparse_threads(threads: int) -> Iterator[None]:
+    """Run sparse kernels on `threads` threads inside the block (torch's own ops on one of them,
+    see above); torch's thread count is restored after."""
+    global _threads
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous_torch, previous = torch.get_num_threads(), _threads
+    torch.set_num_threads(1)
+    _threads = threads
+    try:
+        yield
+    finally:
+        _threads = previous
+        torch.set_num_threads(previous_torch)
 
 
 def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor) -> Tensor:

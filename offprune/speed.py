@@ -5,6 +5,7 @@ all variants alike. Inference: per-layer latency by kernel, and act() of inferen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -20,7 +21,7 @@ from offprune.checkpoint import stored_networks
 from offprune.config import RunConfig
 from offprune.data import Batch, SequenceBatch
 from offprune.prune import compute_masks
-from offprune.sparse import SparseLinear, apply_masks, inference_copy, median_seconds
+from offprune.sparse import SparseLinear, apply_masks, has_sparse_layers, inference_copy, median_seconds, sparse_threads
 
 VARIANTS = ("dense_unmasked", "dense_masked", "sparse", "dense_reparam")
 # dense_masked: offprune's dense training (masked gradients, pruned weights zeroed after each step);
@@ -102,6 +103,10 @@ class ChangingMasks:
         self.schedule = DropAndGrow(networks, masks, seed, end=10**9, every=every, drop_fraction=0.3)
         self.step = 0
 
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return self.agent.modules
+
     def update(self, batch) -> dict[str, float]:
         info = self.agent.update(batch)
         self.step += 1
@@ -124,13 +129,20 @@ def measure_changing(algo: str, sparsity: float, every: int, obs_dim: int = 11, 
 
 def interleaved_rates(agents: dict, batches: list, repeats: int) -> dict[str, float]:
     """Median update steps/s of each agent over `repeats` rounds, the agents' rounds interleaved
-    so the machine's noise hits them alike (after a warm-up: allocator, optimizer state)."""
+    so the machine's noise hits them alike (after a warm-up: allocator, optimizer state). Agents
+    with sparse layers train under `sparse_threads` with torch's thread count, as a run would."""
+    threads = torch.get_num_threads()
+
+    def rate(agent, batches: list) -> float:
+        sparse = any(has_sparse_layers(m) for m in agent.modules.values())
+        with sparse_threads(threads) if sparse else contextlib.nullcontext():
+            return steps_per_second(agent, batches)
     for agent in agents.values():
-        steps_per_second(agent, batches[:3])
+        rate(agent, batches[:3])
     rounds: dict[str, list[float]] = {v: [] for v in agents}
     for _ in range(repeats):
         for v, agent in agents.items():
-            rounds[v].append(steps_per_second(agent, batches))
+            rounds[v].append(rate(agent, batches))
     return {v: statistics.median(r) for v, r in rounds.items()}
 
 

@@ -8,6 +8,7 @@ row it describes, which it also carries, so a crash between the two loses no row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,7 +42,7 @@ from offprune.dynamic import DYNAMIC_METHODS, DropAndGrow, GradualMagnitude, Sch
 from offprune.small_dense import small_dense_config
 from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
-from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule
+from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule, sparse_threads
 from offprune.supermask import Supermasks
 
 # file names of a run folder (kept here too: tools import them from train)
@@ -157,8 +158,6 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     with checkpoint.locked(run_dir, wait=wait_for_lock):
         ckpt = checkpoint.load(run_dir, device, log) if resume else None
         progress = restore(ckpt, cfg, setup, run_dir, log) if ckpt else start(cfg, setup, run_dir, log)
-        if progress.kernels == "sparse" and cfg.threads is None:
-            torch.set_num_threads(1)  # sparse kernels run fastest single-threaded on small CPUs
         dense_layout = ckpt is not None and ckpt.get("layout") == checkpoint.LAYOUT
         if dense_layout:  # weights before the kernels: a sparse conversion reads them
             load_module_states(ckpt, setup)
@@ -175,11 +174,19 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
         layers = write_layers(cfg, setup, progress.masks, holder.kernels, run_dir, log)
         static = static_columns(cfg, setup, progress, device)
-        train_loop(cfg, setup, progress, holder, supermasks, static, run_dir, log)
+        with sparse_threads(training_threads(cfg, progress.kernels)) if progress.kernels == "sparse" \
+                else contextlib.nullcontext():
+            train_loop(cfg, setup, progress, holder, supermasks, static, run_dir, log)
     setup.env.close()
     results_path = run_dir / RESULTS_FILE
     rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
     return RunResult(run_dir, rows, layers)
+
+
+def training_threads(cfg: RunConfig, kernels: str) -> int:
+    """The threads a run trains on: --threads, else torch's default, else 1 with sparse kernels
+    (which share only their widest products out: offprune.sparse.sparse_threads)."""
+    return cfg.threads or (1 if kernels == "sparse" else torch.get_num_threads())
 
 
 def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
@@ -401,7 +408,7 @@ def static_columns(cfg: RunConfig, setup: Setup, progress: Progress, device: tor
         "d4rl_refs_approximate": dataset.env_id.endswith("-v5"),
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "cpu": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": training_threads(cfg, progress.kernels),
         "offprune_version": offprune.__version__,
         "torch_version": torch.__version__,
         **{f"{k}_version": v for k, v in env_versions().items()},

@@ -99,6 +99,49 @@ def test_wide_chain_runs_in_row_blocks_with_bit_identical_results(monkeypatch):
     assert torch.equal(whole, blocked)
 
 
+def test_sparse_threads_share_a_wide_chains_row_blocks_with_bit_identical_results(monkeypatch):
+    import threading
+
+    from offprune.prune import PrunableNetwork
+
+    net, masks = masked_mlp(nn.ReLU, widths=(14, 200, 150, 3))
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)  # the 200x150 product qualifies: blocked
+    x = torch.randn(1000, 14)
+    with torch.no_grad(), sparse_module.sparse_threads(1):
+        whole = net(x)
+    monkeypatch.setattr(sparse_module, "MIN_SHARED_WORK", 0)
+    passes = []
+    chain_pass = sparse_module._chain_pass
+    monkeypatch.setattr(sparse_module, "_chain_pass",
+                        lambda *a: passes.append((a[2].shape[0], threading.get_ident())) or chain_pass(*a))
+    torch.set_num_threads(3)
+    with torch.no_grad(), sparse_module.sparse_threads(3):
+        assert torch.get_num_threads() == 1  # torch's own ops on one thread
+        shared = net(x)
+    assert torch.get_num_threads() == 3  # restored
+    assert sorted(rows for rows, _ in passes) == [104] + [128] * 7  # the one-thread blocks
+    assert len({thread for _, thread in passes}) >= 2  # this thread and the pool's (an idle worker may take two groups)
+    assert torch.equal(whole, shared)
+
+
+def test_sparse_bcq_updates_are_bit_identical_on_one_and_two_threads():
+    from offprune.speed import algo_config, build, update_batches
+
+    config = algo_config("bcq")
+    batches = update_batches("bcq", config, 11, 3, 3)
+    trained = []
+    for threads in (1, 2):
+        agent = build("bcq", "sparse", 0.95, 11, 3, config=config)
+        torch.manual_seed(5)  # the VAE's and the target's noise
+        with sparse_module.sparse_threads(threads):
+            for batch in batches:
+                agent.update(batch)
+        trained.append({f"{m}.{k}": v for m, module in agent.modules.items() for k, v in module.state_dict().items()})
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
 def test_kernel_rule_keeps_small_or_dense_layers_on_dense_products():
     g = torch.Generator().manual_seed(0)
     assert kernel_for(torch.rand(750, 750, generator=g) < 0.05) == "csr"
