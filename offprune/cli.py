@@ -614,13 +614,13 @@ def storage(run_dir, table1, latency, repeats) -> None:
         click.echo(speed.layer_latency_table(checkpoint.stored_networks(agent), repeats=repeats).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
         batch = agent.act_batch
-        agents = {"modules": agent, "dense": speed.inference_agent(agent, batch, "dense", repeats),
-                  "auto": speed.inference_agent(agent, batch, "auto", repeats)}
+        agents = {"modules": agent, "dense": speed.inference_agent(agent, batch, "dense"),
+                  "auto": speed.inference_agent(agent, batch, "auto")}
         ms = {k: 1e3 * v for k, v in speed.act_latencies(agents, ckpt["agent"]["obs_dim"]).items()}
         dense_ms, ed_ms, auto_ms = ms["modules"], ms["dense"], ms["auto"]
         click.echo(f"\nact() with {batch} row(s) per call (median of 15 interleaved rounds of 100 calls, CPU: "
                    f"{cpu_model()}): dense modules {dense_ms:.3f} ms; inference copy, dense kernels "
-                   f"{ed_ms:.3f} ms; inference copy, kernels chosen by timing {auto_ms:.3f} ms -> {dense_ms / auto_ms:.2f}x vs dense "
+                   f"{ed_ms:.3f} ms; inference copy, kernels by rule {auto_ms:.3f} ms -> {dense_ms / auto_ms:.2f}x vs dense "
                    f"modules ({ed_ms / auto_ms:.2f}x from sparse kernels alone)")
 
 

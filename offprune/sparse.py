@@ -672,30 +672,34 @@ def choose_kernels(
     return ("sparse" if ratio >= margin else "dense"), ratio
 
 
-# --- inference copies: the same layers, each on the kernel that is fastest for acting ----------
+# --- inference copies: the same layers, each on a kernel suited to acting ---------------------
 
-INFERENCE_KERNELS = ("auto", "dense", "sparse")  # per copy: time per layer / all dense / all csr-addmm
-INFERENCE_MARGIN = 1.05  # auto: a sparse kernel replaces dense only when at least this much faster
+INFERENCE_KERNELS = ("auto", "dense", "sparse")  # per copy: by `inference_kernel_for` / all dense / all csr-addmm
+# From this many rows per call embedding bags ('csr') beat torch's CSR addmm (at 1-10 rows the
+# addmm is fastest, at 100 the bags; benchmarks/README.md has the per-layer timings).
+INFERENCE_CSR_MIN_ROWS = 32
 
 
-def _inference_layer(linear: nn.Linear, rows: int, kernels: str, repeats: int) -> nn.Module:
+def inference_kernel_for(mask: Tensor, rows: int) -> str:
+    """'dense', 'csr-addmm' or 'csr': the kernel of an inference copy's layer with this mask, for
+    `rows` rows per call. A fixed rule, not a timing, so a copy computes the same actions on any
+    machine and in every run: layers that training keeps on dense products (small or dense-ish,
+    `kernel_for`) stay dense; the others take CSR addmm for a few rows and bags from
+    INFERENCE_CSR_MIN_ROWS rows."""
+    if kernel_for(mask) != "csr":
+        return "dense"
+    return "csr" if rows >= INFERENCE_CSR_MIN_ROWS else "csr-addmm"
+
+
+def _inference_layer(linear: nn.Linear, rows: int, kernels: str) -> nn.Module:
     """`linear` itself, or a frozen SparseLinear over its non-zero weights on the kernel `kernels`
-    asks for ('sparse': csr-addmm; 'auto': the fastest of dense, csr-addmm and csr for `rows` rows)."""
-    if kernels == "dense":
-        return linear
+    asks for ('sparse': csr-addmm; 'auto': `inference_kernel_for`)."""
     mask = linear.weight.detach() != 0
-    if kernels == "sparse":
-        return SparseLinear(linear, mask, "csr-addmm").freeze()
-    x = torch.randn(rows, linear.in_features, device=linear.weight.device)
-    with torch.inference_mode():
-        dense_s = median_seconds(lambda: linear(x), repeats)
-        candidates = [SparseLinear(linear, mask, k).freeze() for k in ("csr-addmm", "csr")]
-        times = [median_seconds(lambda c=c: c(x), repeats) for c in candidates]
-    best = min(range(len(times)), key=times.__getitem__)
-    return candidates[best] if dense_s > INFERENCE_MARGIN * times[best] else linear
+    kernel = {"dense": "dense", "sparse": "csr-addmm"}.get(kernels) or inference_kernel_for(mask, rows)
+    return linear if kernel == "dense" else SparseLinear(linear, mask, kernel).freeze()
 
 
-def inference_copy(module: nn.Module, rows: int, kernels: str = "auto", repeats: int = 30) -> nn.Module:
+def inference_copy(module: nn.Module, rows: int, kernels: str = "auto") -> nn.Module:
     """A copy of a trained (dense masked) `module` for inference on `rows` rows per call: each
     Linear keeps its dense weight or becomes a frozen SparseLinear over its non-zero weights
     (INFERENCE_KERNELS), and every MLP runs as one fused chain, dense layers included (one loop
@@ -703,9 +707,8 @@ def inference_copy(module: nn.Module, rows: int, kernels: str = "auto", repeats:
     if kernels not in INFERENCE_KERNELS:
         raise ValueError(f"unknown inference kernels {kernels!r}")
     module = copy.deepcopy(module)
-    with torch.random.fork_rng(devices=[]):
-        for name, linear in _linear_names(module).items():
-            _replace(module, name, _inference_layer(linear, rows, kernels, repeats))
+    for name, linear in _linear_names(module).items():
+        _replace(module, name, _inference_layer(linear, rows, kernels))
     _mark_chains(module, dense_layers=True)
     return module
 

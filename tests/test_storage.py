@@ -135,7 +135,7 @@ def test_inference_copies_match_dense_outputs_and_leave_the_original_alone():
     with torch.inference_mode():
         expected = seq(x)
         for kernels, chosen in (("dense", ["dense"] * 3), ("sparse", ["csr-addmm"] * 3), ("auto", None)):
-            fast = sparse.inference_copy(seq, 10, kernels, repeats=3)
+            fast = sparse.inference_copy(seq, 10, kernels)
             assert fast.sparse_chain  # one fused loop, dense layers included
             assert chosen is None or sparse.layer_kernels_in(fast) == chosen
             torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
@@ -144,9 +144,29 @@ def test_inference_copies_match_dense_outputs_and_leave_the_original_alone():
     torch.testing.assert_close(csr(torch.ones(4, 64)), seq[2](torch.ones(4, 64)).detach())
 
 
+def test_inference_kernels_follow_a_fixed_rule_of_shape_density_and_rows():
+    g = torch.Generator().manual_seed(0)
+    big_sparse = torch.rand(750, 750, generator=g) < 0.05  # a 'csr' layer in training
+    head = torch.rand(3, 750, generator=g) < 0.05  # too small for csr: dense
+    dense_ish = torch.rand(750, 750, generator=g) < 0.5  # too dense for csr: dense
+    assert [sparse.inference_kernel_for(big_sparse, rows) for rows in (1, 10, 31, 32, 100)] == \
+        ["csr-addmm"] * 3 + ["csr"] * 2
+    assert sparse.inference_kernel_for(head, 10) == sparse.inference_kernel_for(dense_ish, 10) == "dense"
+    seq = mlp(750, (750,), 3)
+    with torch.no_grad():
+        seq[0].weight.mul_((torch.rand(750, 750, generator=g) < 0.5).float())
+        seq[2].weight.mul_((torch.rand(3, 750, generator=g) < 0.05).float())
+    seq.insert(0, nn.Linear(750, 750))  # not an MLP any more: layers only
+    with torch.no_grad():
+        seq[0].weight.mul_(big_sparse.float())
+    kernels = [sparse.layer_kernels_in(sparse.inference_copy(seq, rows)) for rows in (10, 10, 100)]
+    assert kernels[0] == kernels[1] == ["csr-addmm", "dense", "dense"]  # the same choice on every call
+    assert kernels[2] == ["csr", "dense", "dense"]
+
+
 def test_inference_agent_acts_as_the_trained_agent(tmp_path, hopper_file, capsys):
     agent, ckpt = checkpoint.load_run(run_bcq(capsys, tmp_path, hopper_file))
-    fast = speed.inference_agent(agent, agent.act_batch, "sparse", repeats=1)
+    fast = speed.inference_agent(agent, agent.act_batch, "sparse")
     assert all(k == "csr-addmm" for m in checkpoint.stored_networks(fast).values() for k in sparse.layer_kernels_in(m))
     assert all(k == "dense" for m in checkpoint.stored_networks(agent).values() for k in sparse.layer_kernels_in(m))
     obs = np.linspace(-1, 1, ckpt["agent"]["obs_dim"], dtype=np.float32)
@@ -194,7 +214,8 @@ def test_storage_latency_times_every_network_and_batch_and_act(tmp_path, hopper_
     code, out, err = run_cli(capsys, "storage", str(run_dir), "--latency", "--repeats", "1")
     assert code == 0, err
     table = out[out.index("network  batch"):out.index("act()")].strip().splitlines()
-    assert table[0].split() == ["network", "batch", "dense_ms", "csr_addmm_ms", "csr_ms", "auto_ms", "speedup_auto"]
+    assert table[0].split() == ["network", "batch", "dense_ms", "csr_addmm_ms", "csr_ms", "auto_ms", "best_ms",
+                                "speedup_auto"]
     assert sorted((r.split()[0], int(r.split()[1])) for r in table[1:]) == sorted(
         (n, b) for n in ("actor", "critic", "vae") for b in (1, 10, 100))
-    assert "act() with 10 row(s) per call" in out and "kernels chosen by timing" in out
+    assert "act() with 10 row(s) per call" in out and "kernels by rule" in out
