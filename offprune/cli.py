@@ -39,7 +39,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
     "prune": (click.Choice(METHODS), "Pruning criterion, scored on ONE batch per network before training; "
                                      "'dense' prunes nothing; synflow is data-free; small-dense trains narrower "
                                      "dense networks of the pruned size; gmp, set and rigl change the masks during "
-                                     "training (rigl on dense kernels); edge-popup and biprop freeze the weights and learn a "
+                                     "training; edge-popup and biprop freeze the weights and learn a "
                                      "score per weight, keeping the top scores in every forward pass (dense kernels)."),
     "sparsity": (float, "Fraction of prunable weights removed, in [0, 1)."),
     "dataset": (str, "D4RL-format HDF5: a name under $OFFPRUNE_DATASETS (else ./datasets) or a path."),
@@ -654,8 +654,8 @@ def export(run_dir, out) -> None:
               help="Override a field of the algorithm's Config, as for run (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (steps/s) for scripts and CI.")
 @click.option("--changes-every", type=int, default=None, metavar="N",
-              help="Instead: SET changing random-ERK masks every N updates, on dense vs sparse kernels (the cost of "
-                   "topology changes included).")
+              help="Instead: SET and RigL changing random-ERK masks every N updates, on dense vs sparse kernels (the "
+                   "cost of topology changes, RigL's dense gradient included).")
 @click.option("--breakdown", is_flag=True,
               help="Instead: where one update's time goes (profiled), dense masked vs sparse: forward and input-grad "
                    "gathers, the weight-grad sampled product, dense products, the optimizer step, the rest.")
@@ -687,10 +687,12 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
         if changes_every < 1:
             raise UserError("--changes-every must be at least 1")
         r = measure_changing(algo, sparsity, changes_every, obs_dim, act_dim, repeats, steps, config=config)
-        click.echo(f"{algo}, SET (random ERK {sparsity}, changes every {changes_every} updates), {threads} thread(s), "
-                   f"median of {repeats} interleaved rounds x {steps} updates, CPU: {cpu_model()}")
-        click.echo(f"  set_dense  {r['set_dense']:8.1f} steps/s\n  set_sparse {r['set_sparse']:8.1f} steps/s   "
-                   f"{r['set_sparse'] / r['set_dense']:5.2f}x dense masked")
+        click.echo(f"{algo}, SET and RigL (random ERK {sparsity}, changes every {changes_every} updates), "
+                   f"{threads} thread(s), median of {repeats} interleaved rounds x {steps} updates, CPU: {cpu_model()}")
+        for method in ("set", "rigl"):
+            dense, sparse = r[f"{method}_dense"], r[f"{method}_sparse"]
+            click.echo(f"  {method + '_dense':12s}{dense:8.1f} steps/s\n  {method + '_sparse':12s}{sparse:8.1f} steps/s   "
+                       f"{sparse / dense:5.2f}x dense masked")
         return
     if breakdown:
         from offprune.speed import BREAKDOWN_PHASES, build, update_batches, update_breakdown

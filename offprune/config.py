@@ -115,9 +115,6 @@ class RunConfig:
                                                         or self.weight_transfer):
             raise UserError(f"--prune {self.prune} learns its masks from frozen weights on dense kernels: it takes no "
                             "--kernels sparse, --mask-transform, --reinit, --masks-from or transfers")
-        if self.prune == "rigl" and self.kernels == "sparse":
-            raise UserError("--prune rigl grows where the dense gradient is largest, which sparse layers do not "
-                            "compute: use --kernels dense or auto (rigl trains dense)")
         if not 0 <= self.prune_start < self.prune_end <= 1 or self.prune_every < 1 or not 0 <= self.drop_fraction <= 1:
             raise UserError("need 0 <= --prune-start < --prune-end <= 1, --prune-every >= 1 and --drop-fraction in [0, 1]")
         if self.kernels == "sparse" and self.prune == "dense":

@@ -11,8 +11,8 @@ moments, starts regrown weights at zero and rebuilds sparse layers.
   weights with the smallest magnitude and regrows as many at random positions that were not kept
   (new weights 0); zeta_t = drop_fraction * (1 + cos(pi t / t_end)) / 2.
 - rigl (Evci et al. 2020): as set, but regrows where the magnitude of the dense gradient of the
-  network's own loss (one batch) is largest; it needs the dense gradient, so it trains on dense
-  kernels.
+  network's own loss (one batch) is largest; the dense gradient is computed at changes only, so
+  between them rigl trains on sparse kernels like any static mask.
 
 Every change is a pure function of the step, the weights, the run's seed and (rigl) the sampled
 batch, so a resumed run changes its masks exactly as an uninterrupted one.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from offprune.prune import PrunableNetwork, masks_from_scores, prunable_parameters
-from offprune.sparse import SparseLinear
+from offprune.sparse import SparseLinear, dense_view
 
 DYNAMIC_METHODS = ("gmp", "set", "rigl")
 
@@ -150,10 +150,13 @@ class DropAndGrow(Schedule):
 
 def dense_gradients(loss_batch: Callable[[], object]) -> Callable[[str, PrunableNetwork], dict[str, Tensor]]:
     """RigL's grow signal: the gradient of the network's own loss on a fresh batch with respect to
-    every weight, pruned ones included (dense kernels: pruned weights are stored zeros)."""
+    every weight, pruned ones included. On dense kernels pruned weights are stored zeros; sparse
+    layers are seen densely for this one gradient (`offprune.sparse.dense_view`), so RigL trains on
+    sparse kernels between changes."""
     def gradients(name: str, net: PrunableNetwork) -> dict[str, Tensor]:
-        params = prunable_parameters(net.module)
-        grads = torch.autograd.grad(net.loss(loss_batch()), list(params.values()), allow_unused=True)
+        with dense_view(net.module):
+            params = prunable_parameters(net.module)
+            grads = torch.autograd.grad(net.loss(loss_batch()), list(params.values()), allow_unused=True)
         return {k: torch.zeros_like(p) if gr is None else gr for (k, p), gr in zip(params.items(), grads)}
     return gradients
 

@@ -580,6 +580,25 @@ def rebuild_sparse_layers(networks: dict[str, PrunableNetwork], masks: dict[str,
     return kernels
 
 
+@contextmanager
+def dense_view(module: nn.Module) -> Iterator[dict[str, nn.Linear]]:
+    """Inside the block every SparseLinear of `module` is replaced by a dense masked nn.Linear copy
+    (yielded by name), so a loss differentiates with respect to every weight, pruned ones included
+    (RigL's grow signal); after it the very same SparseLinear modules are back (their parameters,
+    and so the optimizers' state, untouched)."""
+    sparse = {name: m for name, m in module.named_modules() if isinstance(m, SparseLinear)}
+    dense = {name: layer.to_linear() for name, layer in sparse.items()}
+    for name, linear in dense.items():
+        _replace(module, name, linear)
+    _mark_chains(module)
+    try:
+        yield dense
+    finally:
+        for name, layer in sparse.items():
+            _replace(module, name, layer)
+        _mark_chains(module)
+
+
 def convert_to_dense(module: nn.Module) -> nn.Module:
     """Turn every SparseLinear inside `module` back into a dense masked nn.Linear (in place)."""
     for name, m in list(module.named_modules()):

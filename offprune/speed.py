@@ -89,19 +89,23 @@ def steps_per_second(agent, batches: list[Batch]) -> float:
 
 
 class ChangingMasks:
-    """An agent whose masks SET changes every `every` updates (random ERK masks at the start): the
-    cost of topology changes (masks rebuilt, moments moved, sparse layers restructured) included."""
+    """An agent whose masks SET or RigL change every `every` updates (random ERK masks at the
+    start): the cost of topology changes (RigL's dense gradient, masks rebuilt, moments moved,
+    sparse layers restructured) included."""
 
     def __init__(self, algo: str, kernels: str, sparsity: float, obs_dim: int, act_dim: int, every: int, config,
-                 seed: int = 0):
-        from offprune.dynamic import DropAndGrow
+                 seed: int = 0, method: str = "set"):
+        from offprune.dynamic import DropAndGrow, dense_gradients
 
         torch.manual_seed(seed)
         self.agent = ALGOS[algo].Agent(obs_dim, act_dim, 1.0, config, torch.device("cpu"))
         networks = self.agent.prunable_networks()
         masks = compute_masks(networks, "random", sparsity, "erk", lambda: None, torch.Generator().manual_seed(seed))
         self.holder = apply_masks(networks, masks, self.agent.optimizers.values(), kernels)
-        self.schedule = DropAndGrow(networks, masks, seed, end=10**9, every=every, drop_fraction=0.3)
+        grow_batch = update_batches(algo, config, obs_dim, act_dim, 1, seed)[0]
+        gradients = dense_gradients(lambda: grow_batch) if method == "rigl" else None
+        self.schedule = DropAndGrow(networks, masks, seed, end=10**9, every=every, drop_fraction=0.3,
+                                    gradients=gradients)
         self.step = 0
 
     @property
@@ -120,11 +124,12 @@ class ChangingMasks:
 
 def measure_changing(algo: str, sparsity: float, every: int, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5,
                      steps: int = 30, config=None) -> dict[str, float]:
-    """Median update steps/s of SET-changing masks on dense and on sparse kernels, interleaved."""
+    """Median update steps/s of SET- and RigL-changing masks on dense and on sparse kernels,
+    interleaved (keys set_dense, set_sparse, rigl_dense, rigl_sparse)."""
     config = config if config is not None else algo_config(algo)
     batches = update_batches(algo, config, obs_dim, act_dim, steps)
-    agents = {f"set_{k}": ChangingMasks(algo, k, sparsity, obs_dim, act_dim, every, config)
-              for k in ("dense", "sparse")}
+    agents = {f"{m}_{k}": ChangingMasks(algo, k, sparsity, obs_dim, act_dim, every, config, method=m)
+              for m in ("set", "rigl") for k in ("dense", "sparse")}
     return interleaved_rates(agents, batches, repeats)
 
 

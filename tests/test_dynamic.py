@@ -7,7 +7,7 @@ import torch
 
 from offprune.dynamic import DropAndGrow, GradualMagnitude, change_steps, drop_fraction_at, gmp_sparsity
 from offprune.nets import mlp
-from offprune.prune import PrunableNetwork, masks_from_scores
+from offprune.prune import PrunableNetwork, compute_masks, masks_from_scores
 from offprune.results import load
 
 from conftest import run_cli
@@ -111,13 +111,44 @@ def test_a_run_across_mask_changes_resumes_exactly_and_keeps_pruned_weights_zero
         assert np.allclose(straight.realised_sparsity, 0.8, atol=1e-3)
 
 
-def test_set_learns_the_same_on_dense_and_sparse_kernels_across_changes(tmp_path, hopper_file, capsys):
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_set_and_rigl_learn_the_same_on_dense_and_sparse_kernels_across_changes(method, tmp_path, hopper_file,
+                                                                                capsys):
     for kernels in ("dense", "sparse"):
-        run(capsys, tmp_path / kernels, hopper_file, "--prune", "set", "--steps", "8", "--eval-every", "4",
+        run(capsys, tmp_path / kernels, hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4",
             "--prune-start", "0", "--prune-end", "1", "--kernels", kernels)
     dense, sparse = load(tmp_path / "dense"), load(tmp_path / "sparse")
     assert (sparse.kernels == "sparse").all() and (dense.kernels == "dense").all()
     np.testing.assert_allclose(sparse.loss_policy_loss, dense.loss_policy_loss, rtol=1e-4)
+    name = dense.run_id.iloc[0]
+    changes = {k: pd.read_parquet(tmp_path / k / name / "mask_changes.parquet") for k in ("dense", "sparse")}
+    assert changes["dense"].equals(changes["sparse"])  # the same weights dropped and grown at every change
+
+
+def test_rigls_dense_gradient_on_sparse_layers_equals_the_dense_masked_networks():
+    from offprune.algos import ALGOS
+    from offprune.dynamic import dense_gradients
+    from offprune.sparse import SparseLinear, apply_masks
+    from offprune.speed import algo_config, update_batches
+
+    config = algo_config("bcq")
+    batch = update_batches("bcq", config, 11, 3, 1)[0]
+    grads, layers = {}, {}
+    for kernels in ("dense", "sparse"):
+        torch.manual_seed(0)
+        agent = ALGOS["bcq"].Agent(11, 3, 1.0, config, torch.device("cpu"))
+        nets = agent.prunable_networks()
+        masks = compute_masks(nets, "random", 0.95, "erk", lambda: None, torch.Generator().manual_seed(0))
+        apply_masks(nets, masks, agent.optimizers.values(), kernels)
+        layers[kernels] = [m for m in agent.critic.q1.modules() if isinstance(m, SparseLinear)]
+        torch.manual_seed(1)  # the target's decoded candidates
+        grads[kernels] = dense_gradients(lambda: batch)("critic", nets["critic"])
+    assert len(layers["sparse"]) == 3 and not layers["dense"]
+    assert layers["sparse"] == [m for m in nets["critic"].module.modules() if isinstance(m, SparseLinear)]  # put back
+    assert grads["dense"].keys() == grads["sparse"].keys() == {"0.weight", "2.weight", "4.weight"}
+    assert torch.count_nonzero(grads["sparse"]["2.weight"][~masks["critic"]["2.weight"]]) > 0  # pruned positions too
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(grads["sparse"][name], g, rtol=1e-4, atol=1e-6)
 
 
 def test_a_scheduled_run_refuses_to_be_extended(tmp_path, hopper_file, capsys):
@@ -129,14 +160,15 @@ def test_a_scheduled_run_refuses_to_be_extended(tmp_path, hopper_file, capsys):
     assert code == 2 and "cannot be extended to 8" in err and err.count("\n") == 1
 
 
-def test_speed_agents_with_changing_masks_change_them_on_both_kernels():
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_speed_agents_with_changing_masks_change_them_on_both_kernels(method):
     from offprune.speed import ChangingMasks, algo_config, update_batches
     from offprune.sparse import SparseLinear
 
     config = algo_config("bc-mlp")
     batches = update_batches("bc-mlp", config, 11, 3, 4)
     for kernels in ("dense", "sparse"):
-        agent = ChangingMasks("bc-mlp", kernels, 0.9, 11, 3, every=2, config=config)
+        agent = ChangingMasks("bc-mlp", kernels, 0.9, 11, 3, every=2, config=config, method=method)
         first = {k: m.clone() for k, m in agent.schedule.masks["policy"].items()}
         for b in batches:
             agent.update(b)

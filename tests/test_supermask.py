@@ -180,11 +180,11 @@ def test_a_sweep_ranks_learned_masks_per_layer_unless_told_otherwise():
     assert scopes == {("dense", "global"), ("edge-popup", "layer"), ("biprop", "erk"), ("snip", "global")}
 
 
-def test_the_plan_probes_learned_masks_as_their_own_kind_and_rigl_as_dense():
+def test_the_plan_probes_learned_masks_as_their_own_kind_and_rigl_as_any_mask():
     from offprune.config import RunConfig
     from offprune.plan import kind_of
 
     base = RunConfig(algo="bc", dataset="hopper-expert-v5", sparsity=0.9)
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "edge-popup"})).kernels == "learned"
-    assert kind_of(RunConfig(**{**base.to_dict(), "prune": "rigl"})).kernels == "dense"
+    assert kind_of(RunConfig(**{**base.to_dict(), "prune": "rigl"})).kernels == "auto"
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "snip"})).kernels == "auto"

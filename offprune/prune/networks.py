@@ -18,9 +18,8 @@ METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "small-de
 UNMASKED = ("dense", "small-dense")
 # learn their masks during training from frozen weights (offprune.supermask)
 SUPERMASK_METHODS = ("edge-popup", "biprop")
-# train on dense kernels whatever --kernels says: rigl grows by the dense gradient, learned masks
-# keep a dense score per weight
-DENSE_KERNEL_METHODS = ("rigl", *SUPERMASK_METHODS)
+# train on dense kernels whatever --kernels says: learned masks keep a dense score per weight
+DENSE_KERNEL_METHODS = SUPERMASK_METHODS
 
 # Batch sizes of the paper (SNIP 100 samples, GraSP 200); other criteria take SNIP's.
 DEFAULT_PRUNE_BATCH = {"snip": 100, "grasp": 200}
