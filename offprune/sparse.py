@@ -424,9 +424,13 @@ def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
 
 
 def _mark_chains(module: nn.Module, dense_layers: bool = False) -> None:
+    """Fuse every MLP `chain_supported` (with `dense_layers`: nn.Linear layers too) that has a
+    SparseLinear: an all-dense stack stays torch's own, whose batch-major products are up to 4x
+    faster at a few rows (a 750x750 layer at 10 rows: 0.2 ms, feature-major 0.8 ms)."""
     for m in module.modules():
         if isinstance(m, MLP):
-            m.fused_forward = _fused_mlp_forward if chain_supported(m, dense_layers) else None
+            fuse = chain_supported(m, dense_layers) and any(isinstance(layer, SparseLinear) for layer in m)
+            m.fused_forward = _fused_mlp_forward if fuse else None
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
@@ -721,8 +725,8 @@ def _inference_layer(linear: nn.Linear, rows: int, kernels: str) -> nn.Module:
 def inference_copy(module: nn.Module, rows: int, kernels: str = "auto") -> nn.Module:
     """A copy of a trained (dense masked) `module` for inference on `rows` rows per call: each
     Linear keeps its dense weight or becomes a frozen SparseLinear over its non-zero weights
-    (INFERENCE_KERNELS), and every MLP runs as one fused chain, dense layers included (one loop
-    without per-module overhead, which dominates when acting on a few rows)."""
+    (INFERENCE_KERNELS), and every MLP with a sparse layer runs as one fused chain, dense layers
+    included (one loop without per-module overhead, which dominates when acting on a few rows)."""
     if kernels not in INFERENCE_KERNELS:
         raise ValueError(f"unknown inference kernels {kernels!r}")
     module = copy.deepcopy(module)

@@ -136,7 +136,8 @@ def test_inference_copies_match_dense_outputs_and_leave_the_original_alone():
         expected = seq(x)
         for kernels, chosen in (("dense", ["dense"] * 3), ("sparse", ["csr-addmm"] * 3), ("auto", None)):
             fast = sparse.inference_copy(seq, 10, kernels)
-            assert fast.sparse_chain  # one fused loop, dense layers included
+            # one fused loop where a layer is sparse; an all-dense stack stays torch's (faster at few rows)
+            assert fast.sparse_chain == (kernels == "sparse")  # auto: these 64-wide layers are too small for csr
             assert chosen is None or sparse.layer_kernels_in(fast) == chosen
             torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
     assert sparse.layer_kernels_in(seq) == ["dense"] * 3 and not seq.sparse_chain
