@@ -465,10 +465,13 @@ def convert_to_sparse(
     kernel: str | None = None,
 ) -> dict[str, dict[str, str]]:
     """Replace every masked Linear (in each network and its mask copies) by a SparseLinear and
-    point the optimizers at the new parameters. Call before any optimizer step (optimizer state
-    must be empty). `kernel` forces one of SPARSE_KERNELS for every layer (default: `kernel_for`).
-    Returns, per network, each converted weight's kernel."""
+    point the optimizers at the new parameters. `kernel` forces one of SPARSE_KERNELS for every
+    layer (default: `kernel_for`).
+    Returns, per network, each converted weight's kernel. Optimizer state already there (a run that
+    turns sparse during training) moves with the parameters: per-weight tensors (Adam's moments) at
+    the kept positions, the rest as it is."""
     replaced: dict[int, nn.Parameter] = {}
+    moved: list[tuple[Tensor, Tensor, Tensor | None]] = []  # (old parameter, new, kept flat positions)
     kernels: dict[str, dict[str, str]] = {name: {} for name in networks}
     for name, net in networks.items():
         for module in (net.module, *net.mask_copies):
@@ -480,14 +483,21 @@ def convert_to_sparse(
                 kernels[name][pname] = kernel or kernel_for(mask)
                 sparse = SparseLinear(linear, mask, kernels[name][pname])
                 replaced[id(linear.weight)] = sparse.values
-                replaced[id(linear.bias)] = sparse.bias
+                moved.append((linear.weight, sparse.values, sparse.flat_index))
+                if linear.bias is not None:
+                    replaced[id(linear.bias)] = sparse.bias
+                    moved.append((linear.bias, sparse.bias, None))
                 _replace(module, layer_name, sparse)
             _mark_chains(module)
     for opt in optimizers:
-        if opt.state:
-            raise RuntimeError("convert_to_sparse must run before the first optimizer step")
         for group in opt.param_groups:
             group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+        for old, new, kept in moved:
+            state = opt.state.pop(old, None)
+            if state is not None:
+                opt.state[new] = {key: value.flatten().index_select(0, kept)
+                                  if kept is not None and isinstance(value, Tensor) and value.shape == old.shape
+                                  else value for key, value in state.items()}
     return kernels
 
 
@@ -501,6 +511,10 @@ class MaskHolder:
 
     networks: dict[str, PrunableNetwork]
     optimizers: list[torch.optim.Optimizer]
+    # dense kernels under --kernels auto: the rows per update with which `kernels_by_rule` is asked
+    # again at every mask change, turning the run sparse when the masks have become sparse enough
+    # (gmp starts unpruned); None: the kernels stay as they are
+    rule_rows: int | None = None
 
     def set_masks(self, masks: dict[str, dict[str, Tensor]]) -> None:
         """New masks at a step (schedules, regrowth). Dense layers: MaskEnforcer.set_masks.
@@ -512,6 +526,19 @@ class MaskHolder:
             self.kernels[net].update(layer_kernels)
         self.enforcer.set_masks({net: {p: m for p, m in layer.items() if p not in rebuilt.get(net, {})}
                                  for net, layer in masks.items()})
+        if not self.sparse and self.rule_rows and kernels_by_rule(self.networks, masks, self.rule_rows)[0] == "sparse":
+            self.turn_sparse(masks)
+
+    def turn_sparse(self, masks: dict[str, dict[str, Tensor]]) -> None:
+        """From dense to sparse kernels in the middle of training: the masked Linear layers become
+        SparseLinear with their weights and optimizer state (`convert_to_sparse`); the enforcer
+        keeps holding only what stays dense (e.g. a GRU's weights)."""
+        self.enforcer.remove()
+        converted = convert_to_sparse(self.networks, masks, self.optimizers)
+        rest = {net: {p: m for p, m in layer.items() if p not in converted[net]} for net, layer in masks.items()}
+        self.enforcer = MaskEnforcer(self.networks, rest, self.optimizers)
+        self.kernels = {net: {p: converted[net].get(p, "dense") for p in layer} for net, layer in masks.items()}
+        self.sparse = True
 
 
 def apply_masks(

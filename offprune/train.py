@@ -165,6 +165,8 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         enforced = {n: {k: torch.ones_like(m) for k, m in layers.items()} for n, layers in progress.masks.items()} \
             if learned else progress.masks
         holder = apply_masks(setup.networks, enforced, setup.agent.optimizers.values(), progress.kernels)
+        if cfg.kernels == "auto" and progress.kernels == "dense" and cfg.prune in DYNAMIC_METHODS:
+            holder.rule_rows = setup.agent.rows_per_update  # gmp: sparse kernels once the masks are sparse enough
         supermasks = install_supermasks(cfg, setup, ckpt, progress, run_dir) if learned else None
         if ckpt:
             if not dense_layout:  # a checkpoint written before the dense layout: in the kernels' own
@@ -174,7 +176,9 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
         layers = write_layers(cfg, setup, progress.masks, holder.kernels, run_dir, log)
         static = static_columns(cfg, setup, progress, device)
-        with sparse_threads(training_threads(cfg, progress.kernels)) if progress.kernels == "sparse" \
+        if progress.kernels == "sparse" or holder.rule_rows:
+            static["torch_threads"] = training_threads(cfg, "sparse")
+        with sparse_threads(static["torch_threads"]) if progress.kernels == "sparse" or holder.rule_rows \
                 else contextlib.nullcontext():
             train_loop(cfg, setup, progress, holder, supermasks, static, run_dir, log)
     setup.env.close()
@@ -476,6 +480,9 @@ def train_loop(cfg: RunConfig, setup: Setup, progress: Progress, holder: MaskHol
         if schedule is not None and (new_masks := schedule.masks_at(step)) is not None:
             holder.set_masks(new_masks)
             progress.masks = new_masks
+            if holder.sparse and progress.kernels == "dense":  # the auto rule took sparse kernels at this change
+                progress.kernels = static["kernels"] = "sparse"
+                log(f"{cfg.name}: sparse kernels from update {step} on (the auto rule on the masks now)")
             if isinstance(schedule, Schedule):  # one row per layer and change
                 append_rows(run_dir / CHANGES_FILE, [{"run_id": cfg.name, **c} for c in schedule.changes],
                             key=("step", "network", "layer"))

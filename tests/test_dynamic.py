@@ -125,6 +125,31 @@ def test_set_and_rigl_learn_the_same_on_dense_and_sparse_kernels_across_changes(
     assert changes["dense"].equals(changes["sparse"])  # the same weights dropped and grown at every change
 
 
+def test_gmp_under_auto_kernels_turns_sparse_when_the_masks_are_sparse_enough_and_resumes_exactly(
+        tmp_path, hopper_file, capsys, monkeypatch):
+    from offprune import sparse
+
+    # unpruned layers are dense products (estimate exactly 1.0): dense at first, sparse once layers thin out
+    monkeypatch.setattr(sparse, "MIN_ESTIMATED_SPEEDUP", 1.01)
+    monkeypatch.setattr(sparse, "CSR_FIXED_COST", 0)  # a batch of 32 would never pay it
+    args = ("--prune", "gmp", "--steps", "9", "--eval-every", "3", "--prune-start", "0", "--prune-end", "1")
+    run(capsys, tmp_path / "auto", hopper_file, *args)
+    run(capsys, tmp_path / "dense", hopper_file, *args, "--kernels", "dense")
+    auto, dense = load(tmp_path / "auto"), load(tmp_path / "dense")
+    assert auto.kernels.tolist() == ["dense", "sparse", "sparse"]  # changes after updates 3 and 6: sparse from 6
+    assert (dense.kernels == "dense").all()
+    np.testing.assert_allclose(auto.loss_policy_loss, dense.loss_policy_loss, rtol=1e-4)
+    assert auto.realised_sparsity.tolist() == dense.realised_sparsity.tolist()
+    # interrupted after the switch (the checkpoint of update 6 back in place): it resumes on sparse kernels
+    folder = tmp_path / "auto" / auto.run_id.iloc[0]
+    (folder / "checkpoint.prev.pt").replace(folder / "checkpoint.pt")
+    pd.read_parquet(folder / "results.parquet").iloc[:2].to_parquet(folder / "results.parquet")
+    run(capsys, tmp_path / "auto", hopper_file, *args, "--resume")
+    resumed = load(tmp_path / "auto")
+    cols = [c for c in auto.columns if c.startswith("loss_")] + ["realised_sparsity", "kernels", "normalized_score"]
+    assert auto[cols].reset_index(drop=True).equals(resumed[cols].reset_index(drop=True))
+
+
 def test_rigls_dense_gradient_on_sparse_layers_equals_the_dense_masked_networks():
     from offprune.algos import ALGOS
     from offprune.dynamic import dense_gradients
