@@ -176,10 +176,10 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
         atomic.write_json(run_dir / CONFIG_FILE, cfg.to_dict())  # the run is known to start cleanly now
         layers = write_layers(cfg, setup, progress.masks, holder.kernels, run_dir, log)
         static = static_columns(cfg, setup, progress, device)
-        if progress.kernels == "sparse" or holder.rule_rows:
+        sparse_capable = progress.kernels == "sparse" or bool(holder.rule_rows)  # sparse now or may turn sparse
+        if sparse_capable:
             static["torch_threads"] = training_threads(cfg, "sparse")
-        with sparse_threads(static["torch_threads"]) if progress.kernels == "sparse" or holder.rule_rows \
-                else contextlib.nullcontext():
+        with sparse_threads(static["torch_threads"]) if sparse_capable else contextlib.nullcontext():
             train_loop(cfg, setup, progress, holder, supermasks, static, run_dir, log)
     setup.env.close()
     results_path = run_dir / RESULTS_FILE
