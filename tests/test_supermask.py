@@ -188,3 +188,45 @@ def test_the_plan_probes_learned_masks_as_their_own_kind_and_rigl_as_any_mask():
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "edge-popup"})).kernels == "learned"
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "rigl"})).kernels == "auto"
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "snip"})).kernels == "auto"
+
+
+def plain_supermask_forward(self, weight):
+    """The textbook form, rebuilt at every call: weight * (base + (|s| - |s|.detach()) * factor)."""
+    mask = self.ranking.float_mask(self.layer)
+    factor = None
+    if self.binary:
+        base = (weight.abs() * mask).sum() / mask.sum().clamp(min=1) * mask
+        factor, weight = weight.abs(), weight.sign()
+    else:
+        base = mask
+    if torch.is_grad_enabled() and self.scores.requires_grad:
+        a = self.scores.abs()
+        through = a - a.detach()
+        base = base + (through * factor if factor is not None else through)
+    return weight * base
+
+
+@pytest.mark.parametrize("method", ["edge-popup", "biprop"])
+def test_effective_weights_built_once_per_mask_train_exactly_as_the_formula_rebuilt_at_every_call(method,
+                                                                                                 monkeypatch):
+    from offprune.supermask import Supermask
+
+    def trained(forward):
+        with monkeypatch.context() as m:
+            if forward is not None:
+                m.setattr(Supermask, "forward", forward)
+            agent, nets = small_agent("bcq", actor_hidden=(24, 16), critic_hidden=(24, 16), vae_hidden=(24, 24),
+                                      batch_size=16)
+            supermasks = Supermasks(method, agent, nets, 0.7, "layer", {}, seed=2)
+            losses = [agent.update(random_batch(11, 3, 16, seed)) for seed in range(12)]
+            with torch.inference_mode():
+                action = agent.act(random_batch(11, 3, 1, 99).observations[0].numpy())
+            state = {name: p.detach().clone() for name, module in agent.modules.items()
+                     for name, p in module.named_parameters(prefix=name)}
+            return losses, state, supermasks.masks(), supermasks.changes, action
+
+    fast, plain = trained(None), trained(plain_supermask_forward)
+    assert fast[0] == plain[0]  # every loss of every update, exactly
+    assert fast[1].keys() == plain[1].keys() and all(torch.equal(fast[1][k], plain[1][k]) for k in fast[1])
+    assert all(torch.equal(fast[2][n][k], plain[2][n][k]) for n in fast[2] for k in fast[2][n])
+    assert fast[3] == plain[3] > 0 and (fast[4] == plain[4]).all()
