@@ -408,7 +408,7 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
     if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
         out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
-        out = _wide_chain_pass(layers, act, flat, tuple(p.detach() for p in params))
+        out = _wide_chain_pass(layers, act, flat, params)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -218,9 +219,16 @@ def test_effective_weights_built_once_per_mask_train_exactly_as_the_formula_rebu
             agent, nets = small_agent("bcq", actor_hidden=(24, 16), critic_hidden=(24, 16), vae_hidden=(24, 24),
                                       batch_size=16)
             supermasks = Supermasks(method, agent, nets, 0.7, "layer", {}, seed=2)
-            losses = [agent.update(random_batch(11, 3, 16, seed)) for seed in range(12)]
-            with torch.inference_mode():
-                action = agent.act(random_batch(11, 3, 1, 99).observations[0].numpy())
+            obs = random_batch(11, 3, 1, 99).observations[0].numpy()
+            for module in agent.modules.values():  # as a resume does: every frozen weight written (versions move)
+                module.load_state_dict(module.state_dict())
+            actions, losses = [], []
+            for seed in range(12):  # acting between updates: nothing built in inference mode may be kept for training
+                if seed % 4 == 0:
+                    with torch.inference_mode():
+                        actions.append(agent.act(obs))
+                losses.append(agent.update(random_batch(11, 3, 16, seed)))
+            action = np.concatenate(actions)
             state = {name: p.detach().clone() for name, module in agent.modules.items()
                      for name, p in module.named_parameters(prefix=name)}
             return losses, state, supermasks.masks(), supermasks.changes, action
