@@ -659,8 +659,11 @@ def export(run_dir, out) -> None:
 @click.option("--breakdown", is_flag=True,
               help="Instead: where one update's time goes (profiled), dense masked vs sparse: forward and input-grad "
                    "gathers, the weight-grad sampled product, dense products, the optimizer step, the rest.")
+@click.option("--learned", is_flag=True,
+              help="Instead: edge-popup and biprop (per-layer masks re-ranked from learned scores after every update; "
+                   "dense kernels) against the unpruned agent.")
 def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json, changes_every,
-          breakdown) -> None:
+          breakdown, learned) -> None:
     """Update steps/s of one algorithm's SNIP-pruned agent, interleaved in one process.
 
     dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
@@ -693,6 +696,15 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
             dense, sparse = r[f"{method}_dense"], r[f"{method}_sparse"]
             click.echo(f"  {method + '_dense':12s}{dense:8.1f} steps/s\n  {method + '_sparse':12s}{sparse:8.1f} steps/s   "
                        f"{sparse / dense:5.2f}x dense masked")
+        return
+    if learned:
+        from offprune.speed import measure_learned
+
+        r = measure_learned(algo, sparsity, obs_dim, act_dim, repeats, steps, config=config)
+        click.echo(f"{algo}, edge-popup and biprop at {sparsity} (per layer), {threads} thread(s), median of {repeats} "
+                   f"interleaved rounds x {steps} updates, CPU: {cpu_model()}")
+        for name, value in r.items():
+            click.echo(f"  {name:<15} {value:8.1f} steps/s   {r['dense_unmasked'] / value:5.2f}x the unpruned update's time")
         return
     if breakdown:
         from offprune.speed import BREAKDOWN_PHASES, build, update_batches, update_breakdown

@@ -133,6 +133,23 @@ def measure_changing(algo: str, sparsity: float, every: int, obs_dim: int = 11, 
     return interleaved_rates(agents, batches, repeats)
 
 
+def measure_learned(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5,
+                    steps: int = 30, config=None) -> dict[str, float]:
+    """Median update steps/s of an unpruned agent and of edge-popup and biprop agents (scores over
+    frozen weights, per-layer top-k masks after every update, dense kernels), interleaved (keys
+    dense_unmasked, edge-popup, biprop)."""
+    from offprune.supermask import Supermasks
+
+    config = config if config is not None else algo_config(algo)
+    batches = update_batches(algo, config, obs_dim, act_dim, steps)
+    agents = {"dense_unmasked": build(algo, "dense_unmasked", sparsity, obs_dim, act_dim, config=config)}
+    for method in ("edge-popup", "biprop"):
+        agent = build(algo, "dense_unmasked", sparsity, obs_dim, act_dim, config=config)
+        Supermasks(method, agent, agent.prunable_networks(), sparsity, "layer", {}, seed=0)
+        agents[method] = agent
+    return interleaved_rates(agents, batches, repeats)
+
+
 def interleaved_rates(agents: dict, batches: list, repeats: int) -> dict[str, float]:
     """Median update steps/s of each agent over `repeats` rounds, the agents' rounds interleaved
     so the machine's noise hits them alike (after a warm-up: allocator, optimizer state). Agents

@@ -238,3 +238,15 @@ def test_effective_weights_built_once_per_mask_train_exactly_as_the_formula_rebu
     assert fast[1].keys() == plain[1].keys() and all(torch.equal(fast[1][k], plain[1][k]) for k in fast[1])
     assert all(torch.equal(fast[2][n][k], plain[2][n][k]) for n in fast[2] for k in fast[2][n])
     assert fast[3] == plain[3] > 0 and (fast[4] == plain[4]).all()
+
+
+def test_speed_times_learned_masks_beside_the_unpruned_update(capsys):
+    code, out, err = run_cli(capsys, "speed", "--algo", "bc-mlp", "--sparsity", "0.8", "--learned", "--repeats", "1",
+                             "--steps", "2")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert list(rows) == ["dense_unmasked", "edge-popup", "biprop"]
+    assert all(float(r[1]) > 0 for r in rows.values()) and rows["dense_unmasked"][3] == "1.00x"
+    code, _, err = run_cli(capsys, "speed", "--algo", "dreamer", "--sparsity", "0.8", "--learned", "--repeats", "1",
+                           "--steps", "1")
+    assert code == 2 and err.count("\n") == 1 and "masks Linear layers" in err
