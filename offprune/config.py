@@ -155,6 +155,11 @@ class RunConfig:
         return dataclasses.replace(defaults, **values)
 
     @property
+    def schedule_window(self) -> tuple[int, int]:
+        """The updates between which a mask schedule changes masks: prune_start and prune_end as counts."""
+        return round(self.prune_start * self.steps), round(self.prune_end * self.steps)
+
+    @property
     def pruning_batch_size(self) -> int:
         return self.prune_batch or DEFAULT_PRUNE_BATCH.get(self.prune, 100)
 

@@ -9,6 +9,7 @@ early (a robot that falls) are cheaper.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from offprune.algos import ALGOS
 from offprune.config import RunConfig
 from offprune.data.d4rl import env_from_name
+from offprune.dynamic import change_steps, gmp_sparsity
 from offprune.envs import make_env
 from offprune.prune import DENSE_KERNEL_METHODS, SUPERMASK_METHODS, compute_masks
 from offprune.sparse import apply_masks, kernels_by_rule
@@ -30,7 +32,9 @@ MAX_EPISODE_STEPS = 1_000  # gymnasium MuJoCo locomotion time limit
 @dataclass(frozen=True)
 class Kind:
     algo: str
-    kernels: str  # what the run trains with: 'dense' or 'sparse'; 'learned': masks learned by scores (dense)
+    # what the run trains with: 'dense', 'sparse' or 'auto' (the rule decides); 'gmp': dense, then
+    # sparse once the auto rule picks it; 'edge-popup' / 'biprop': masks learned by scores (dense)
+    kernels: str
     sparsity: float
     env_id: str
 
@@ -74,7 +78,9 @@ def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
 def kind_of(cfg: RunConfig) -> Kind:
     kernels = "dense"
     if cfg.prune in SUPERMASK_METHODS:
-        kernels = "learned"
+        kernels = cfg.prune
+    elif cfg.prune == "gmp" and cfg.kernels == "auto":
+        kernels = "gmp"
     elif cfg.prune in DENSE_KERNEL_METHODS:
         kernels = "dense"
     elif cfg.prune != "dense":
@@ -82,8 +88,37 @@ def kind_of(cfg: RunConfig) -> Kind:
     return Kind(cfg.algo, kernels, cfg.sparsity, env_id_of(cfg))
 
 
+def gmp_dense_updates(cfg: RunConfig, obs_dim: int, act_dim: int) -> int:
+    """Updates a gmp run under --kernels auto trains on dense kernels: until the first mask change
+    at whose sparsity the auto rule picks sparse kernels (the rule asked, as in training, of
+    magnitude masks; here of the initial weights')."""
+    torch.manual_seed(0)
+    agent = ALGOS[cfg.algo].Agent(obs_dim, act_dim, 1.0, cfg.algo_config(), torch.device("cpu"))
+    networks = agent.prunable_networks()
+    start, end = cfg.schedule_window
+    for step in change_steps(cfg.steps, start, end, cfg.prune_every):
+        overrides = {name: gmp_sparsity(step, s, start, end) for name, s in cfg.sparsity_of}
+        masks = compute_masks(networks, "magnitude", gmp_sparsity(step, cfg.sparsity, start, end), cfg.scope,
+                              lambda: None, torch.Generator().manual_seed(0), overrides)
+        if kernels_by_rule(networks, masks, agent.rows_per_update)[0] == "sparse":
+            return step
+    return cfg.steps
+
+
 def probe(cfg: RunConfig, updates: int = 8, acts: int = 50) -> tuple[Probe, str]:
-    """Time this run's kind here; returns the probe and the kernels it would train with."""
+    """Time this run's kind here; returns the probe and the kernels it would train with. A gmp run
+    under auto is timed dense and sparse (at its final masks), its update time the mix of the two
+    over the updates it spends on each."""
+    if kind_of(cfg).kernels == "gmp":
+        dense, _ = probe(dataclasses.replace(cfg, prune="dense", sparsity=0.0, sparsity_of=()), updates, acts)
+        sparse, kernels = probe(dataclasses.replace(cfg, prune="snip"), updates, acts)
+        if kernels == "dense":
+            return dense, "dense"
+        env = make_env(env_id_of(cfg))
+        dense_share = gmp_dense_updates(cfg, env.observation_space.shape[0], env.action_space.shape[0]) / cfg.steps
+        env.close()
+        return Probe(dense_share * dense.update_s + (1 - dense_share) * sparse.update_s, sparse.act_s,
+                     sparse.env_step_s), "gmp"
     env = make_env(env_id_of(cfg))
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     threads = torch.get_num_threads()
@@ -148,12 +183,12 @@ def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print) -> list[st
             log(f"probing {cfg.algo} {'dense' if cfg.prune == 'dense' else f'{cfg.sparsity:g}'} on {kind.env_id} ...")
             probes[kind] = probe(cfg)
     durations = [run_seconds(cfg, probes[kind_of(cfg)][0]) for cfg in todo]
-    lines.append(f"{'algo':<8} {'sparsity':>8} {'kernels':>7} {'env':<16} {'runs':>5} {'updates/s':>9} "
+    lines.append(f"{'algo':<8} {'sparsity':>8} {'kernels':>10} {'env':<16} {'runs':>5} {'updates/s':>9} "
                  f"{'min/run':>8} {'min total':>9}")
     for kind, (p, kernels) in probes.items():
         of_kind = [d for cfg, d in zip(todo, durations) if kind_of(cfg) == kind]
-        shown = "learned" if kind.kernels == "learned" else kernels  # edge-popup, biprop: dense, plus their scores
-        lines.append(f"{kind.algo:<8} {kind.sparsity:>8g} {shown:>7} {kind.env_id:<16} {len(of_kind):>5} "
+        shown = kind.kernels if kind.kernels in SUPERMASK_METHODS else kernels  # edge-popup, biprop: dense + scores
+        lines.append(f"{kind.algo:<8} {kind.sparsity:>8g} {shown:>10} {kind.env_id:<16} {len(of_kind):>5} "
                      f"{1 / p.update_s:>9.1f} {np.mean(of_kind) / 60:>8.1f} {sum(of_kind) / 60:>9.1f}")
     total = sum(durations)
     lines.append(f"total {total / 3600:.2f} h of run time; wall time with --jobs {jobs}: "

@@ -424,11 +424,10 @@ def mask_schedule(cfg: RunConfig, setup: Setup, progress: Progress) -> MaskSched
     starting from the masks now; None: masks fixed at initialisation."""
     if cfg.prune not in DYNAMIC_METHODS:
         return None
-    end = round(cfg.prune_end * cfg.steps)
+    start, end = cfg.schedule_window
     if cfg.prune == "gmp":
         final = {name: dict(cfg.sparsity_of).get(name, cfg.sparsity) for name in setup.networks}
-        return GradualMagnitude(setup.networks, progress.masks, cfg.seed, final, round(cfg.prune_start * cfg.steps),
-                                end, cfg.prune_every, cfg.scope)
+        return GradualMagnitude(setup.networks, progress.masks, cfg.seed, final, start, end, cfg.prune_every, cfg.scope)
     gradients = dense_gradients(lambda: setup.sampler.sample(cfg.pruning_batch_size)) if cfg.prune == "rigl" else None
     return DropAndGrow(setup.networks, progress.masks, cfg.seed, end, cfg.prune_every, cfg.drop_fraction, gradients)
 

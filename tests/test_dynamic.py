@@ -203,3 +203,35 @@ def test_speed_agents_with_changing_masks_change_them_on_both_kernels(method):
         if kernels == "sparse":
             layer = agent.agent.policy.net[2]
             assert isinstance(layer, SparseLinear) and torch.equal(layer.mask(), now["net.2.weight"])
+
+
+def test_the_plan_times_gmp_dense_until_the_auto_rule_turns_it_sparse(monkeypatch):
+    from offprune import plan
+    from offprune.algos import ALGOS
+    from offprune.config import RunConfig
+    from offprune.sparse import kernels_by_rule
+
+    cfg = RunConfig(algo="bcq", dataset="hopper-expert-v5", prune="gmp", sparsity=0.95, steps=20000)
+    assert plan.kind_of(cfg).kernels == "gmp"
+    assert plan.kind_of(RunConfig(**{**cfg.to_dict(), "kernels": "dense"})).kernels == "dense"
+    turn = plan.gmp_dense_updates(cfg, 11, 3)
+    start, end = cfg.schedule_window
+    steps = change_steps(cfg.steps, start, end, cfg.prune_every)
+    assert (start, end) == (4000, 16000) and turn in steps and turn != steps[0]
+
+    def rule_at(step):  # the auto rule on magnitude masks at that change's sparsity, as training asks it
+        torch.manual_seed(0)
+        agent = ALGOS["bcq"].Agent(11, 3, 1.0, cfg.algo_config(), torch.device("cpu"))
+        nets = agent.prunable_networks()
+        masks = compute_masks(nets, "magnitude", gmp_sparsity(step, 0.95, start, end), "global", lambda: None,
+                              torch.Generator().manual_seed(0), {})
+        return kernels_by_rule(nets, masks, agent.rows_per_update)[0]
+    assert rule_at(turn) == "sparse" and rule_at(turn - cfg.prune_every) == "dense"
+    # the run's update time: the dense rate until then, the sparse rate after
+    probed = {"dense": plan.Probe(0.05, 1e-3, 1e-4), "snip": plan.Probe(0.01, 2e-4, 1e-4)}
+    timed = plan.probe
+    monkeypatch.setattr(plan, "probe", lambda c, *a: (probed[c.prune], "dense" if c.prune == "dense" else "sparse"))
+    mixed, kernels = timed(cfg)
+    share = turn / cfg.steps
+    assert kernels == "gmp" and mixed.update_s == pytest.approx(share * 0.05 + (1 - share) * 0.01, rel=1e-12)
+    assert mixed.act_s == 2e-4

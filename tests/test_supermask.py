@@ -186,7 +186,8 @@ def test_the_plan_probes_learned_masks_as_their_own_kind_and_rigl_as_any_mask():
     from offprune.plan import kind_of
 
     base = RunConfig(algo="bc", dataset="hopper-expert-v5", sparsity=0.9)
-    assert kind_of(RunConfig(**{**base.to_dict(), "prune": "edge-popup"})).kernels == "learned"
+    assert kind_of(RunConfig(**{**base.to_dict(), "prune": "edge-popup"})).kernels == "edge-popup"
+    assert kind_of(RunConfig(**{**base.to_dict(), "prune": "biprop"})).kernels == "biprop"
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "rigl"})).kernels == "auto"
     assert kind_of(RunConfig(**{**base.to_dict(), "prune": "snip"})).kernels == "auto"
 
