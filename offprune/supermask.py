@@ -45,8 +45,8 @@ Masks = dict[str, dict[str, Tensor]]
 
 # The ranking runs every update on every layer, so it is written for speed: on CPU it works on numpy
 # views of the scores (no copy), whose comparisons and counts on float32 arrays run several times
-# faster than torch's (a 750x750 layer: `>=` 30 vs 250 us, counting 54 vs 370 us); other devices
-# keep torch. The same values either way: only comparisons, counts and one top-k are involved.
+# faster than torch's (benchmarks/README.md); other devices keep torch. The same values either
+# way: only comparisons, counts and one top-k are involved.
 Array = Union[Tensor, np.ndarray]
 
 
@@ -150,7 +150,7 @@ class Ranking:
             if self._masks and moved:
                 self.changes += 1
             for n in moved:
-                # via uint8: torch converts bool to float ~8x slower than uint8 to float on CPU
+                # via uint8: torch converts bool to float several times slower than uint8 on CPU
                 self._masks[n], self._float[n] = new[n], new[n].view(torch.uint8).to(self.scores[n].dtype)
                 self.generation[n] += 1
             self._versions, self._stale = versions, False
