@@ -89,5 +89,6 @@ def question_table(finals: pd.DataFrame, reps: int = stats.DEFAULT_REPS) -> pd.D
                     question=q.text, case=f"{algo} {dataset} {sparsity:g}",
                     measurement=f"{variant} {v.mean():.1f} vs {q.baseline} {b.mean():.1f}: {ratio:.2f} "
                                 f"[95% CI {lo:.2f}-{hi:.2f}], {len(v)} / {len(b)} seeds",
-                    answer=answer(q, lo, hi)))
+                    # one seed on a side: the bootstrap CI collapses to the point estimate and says nothing
+                    answer=answer(q, lo, hi) if min(len(v), len(b)) > 1 else "too few seeds to tell (one run)"))
     return pd.DataFrame(rows, columns=["question", "case", "measurement", "answer"])

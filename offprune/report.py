@@ -179,7 +179,8 @@ def retention_table(finals: pd.DataFrame, threshold: float = 0.9, reps: int = st
 
 def score_matrix(scores: pd.DataFrame, threshold: float = 0.9, markup: str = "md") -> pd.DataFrame:
     """Mean final score [95% CI] per (algo, dataset, criterion) x sparsity, as strings; bold where
-    the CI's lower bound is at least `threshold` x the dense mean. `markup`: 'md' or 'html'."""
+    the CI's lower bound is at least `threshold` x the dense mean. A cell of one seed has no CI
+    (a study in progress): its mean and '(1 seed)', never bold. `markup`: 'md' or 'html'."""
     bold = ("**", "**") if markup == "md" else ("<b>", "</b>")
     rows = []
     for (algo, dataset), group in scores.groupby(["algo", "dataset"]):
@@ -188,8 +189,9 @@ def score_matrix(scores: pd.DataFrame, threshold: float = 0.9, markup: str = "md
         for prune, g in group.groupby("prune"):
             row = {"algo": algo, "dataset": dataset, "criterion": prune}
             for r in g.itertuples():
-                cell = f"{r.mean:.1f} [{r.ci_lo:.1f}, {r.ci_hi:.1f}]"
-                if prune != "dense" and not math.isnan(dense_mean) and r.ci_lo >= threshold * dense_mean:
+                cell = f"{r.mean:.1f} [{r.ci_lo:.1f}, {r.ci_hi:.1f}]" if r.seeds > 1 else f"{r.mean:.1f} (1 seed)"
+                if (prune != "dense" and r.seeds > 1 and not math.isnan(dense_mean)
+                        and r.ci_lo >= threshold * dense_mean):
                     cell = f"{bold[0]}{cell}{bold[1]}"
                 row["dense" if prune == "dense" else f"{r.sparsity:g}"] = cell
             rows.append(row)

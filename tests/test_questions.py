@@ -43,3 +43,9 @@ def test_answer_reads_the_interval_against_one():
 def test_a_baseline_without_a_positive_mean_gives_no_row():
     finals = finals_of({("bc", "snip", 0.9): [0, 0, 0], ("bc", "synflow", 0.9): [5, 5, 5]})
     assert question_table(finals, reps=100).empty
+
+
+def test_one_seed_on_a_side_answers_nothing():
+    finals = finals_of({("bc", "snip", 0.95): [50, 50, 50], ("bc", "snip+shuffle", 0.95): [25]})
+    row = question_table(finals, reps=100).iloc[0]
+    assert row.measurement.endswith("1 / 3 seeds") and row.answer == "too few seeds to tell (one run)"

@@ -182,6 +182,9 @@ def test_score_matrix_bolds_where_the_ci_clears_the_threshold(results_dir, tmp_p
     assert m.loc["snip", "0.5"].startswith("**95.0 [") and m.loc["snip", "0.5"].endswith("]**")
     assert m.loc["snip", "0.9"].startswith("91.0 [")  # mean above 90 but its CI dips below: not bold
     assert m.loc["dense", "dense"] == "100.0 [100.0, 100.0]" and m.loc["grasp", "0.9"] == ""
+    one_seed = rep.scores[(rep.scores.prune == "snip") & (rep.scores.sparsity == 0.5)].assign(seeds=1)
+    single = score_matrix(pd.concat([rep.scores[rep.scores.prune == "dense"], one_seed]), 0.9, "md")
+    assert single.set_index("criterion").loc["snip", "0.5"] == "95.0 (1 seed)"  # no CI, never bold
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "<b>95.0 [" in page and "**" not in page
     md = (tmp_path / "rep" / "summary.md").read_text()
