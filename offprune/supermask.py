@@ -51,7 +51,8 @@ Array = Union[Tensor, np.ndarray]
 
 
 def _array(t: Tensor) -> Array:
-    return t.detach().numpy() if t.device.type == "cpu" else t
+    numpy_kind = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)  # numpy has no bfloat16
+    return t.detach().numpy() if numpy_kind else t
 
 
 def _count(x: Array) -> int:

@@ -251,3 +251,15 @@ def test_speed_times_learned_masks_beside_the_unpruned_update(capsys):
     code, _, err = run_cli(capsys, "speed", "--algo", "dreamer", "--sparsity", "0.8", "--learned", "--repeats", "1",
                            "--steps", "1")
     assert code == 2 and err.count("\n") == 1 and "masks Linear layers" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_top_k_masks_rank_other_float_types_as_the_mask_rule_does(dtype):
+    from offprune.prune import masks_from_scores
+
+    g = torch.Generator().manual_seed(5)
+    scores = {"a": (torch.rand(40, 30, generator=g) * 50).round().to(dtype), "b": torch.rand(20, 40, generator=g).to(dtype)}
+    masks, kths = top_k_masks(scores, 0.8, "layer")
+    hinted, _ = top_k_masks(scores, 0.8, "layer", kths)
+    expected = masks_from_scores({k: v.float() for k, v in scores.items()}, 0.8, "layer")
+    assert all(torch.equal(masks[k], expected[k]) and torch.equal(hinted[k], expected[k]) for k in scores)
