@@ -264,7 +264,8 @@ def sweep(config_file, show_status, show_plan, only_consolidate, progress, **fla
         if cfg.results:
             study.check(cfg.results)
             done |= study.finished_runs(cfg.results, runs)
-        for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True)):
+        started = {r.name: sw.trained_steps(Path(cfg.out) / r.name) for r in runs if r.name not in done}
+        for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True), started=started):
             click.echo(line)
         return
     if only_consolidate:

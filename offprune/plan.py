@@ -169,11 +169,15 @@ def wall_seconds(durations: list[float], jobs: int) -> float:
     return max(workers) if durations else 0.0
 
 
-def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print) -> list[str]:
-    """Lines of the plan: runs per kind with their probed time, totals, wall time for `jobs`."""
+def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print,
+         started: dict[str, int] | None = None) -> list[str]:
+    """Lines of the plan: runs per kind with their probed time, totals, wall time for `jobs`.
+    `started`: updates already trained by interrupted runs (they continue from there)."""
+    started = started or {}
     todo = [cfg for cfg in runs if cfg.name not in done]
+    continuing = sum(1 for cfg in todo if started.get(cfg.name, 0) > 0)
     lines = [f"{len(runs)} runs in the sweep: {len(runs) - len(todo)} done, {len(todo)} to run "
-             f"({jobs} at a time)"]
+             f"({jobs} at a time)" + (f", {continuing} of them continuing from a checkpoint" if continuing else "")]
     if not todo:
         return lines
     probes: dict[Kind, tuple[Probe, str]] = {}
@@ -182,7 +186,7 @@ def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print) -> list[st
         if kind not in probes:
             log(f"probing {cfg.algo} {'dense' if cfg.prune == 'dense' else f'{cfg.sparsity:g}'} on {kind.env_id} ...")
             probes[kind] = probe(cfg)
-    durations = [run_seconds(cfg, probes[kind_of(cfg)][0]) for cfg in todo]
+    durations = [run_seconds(cfg, probes[kind_of(cfg)][0], started.get(cfg.name, 0)) for cfg in todo]
     lines.append(f"{'algo':<8} {'sparsity':>8} {'kernels':>10} {'env':<16} {'runs':>5} {'updates/s':>9} "
                  f"{'min/run':>8} {'min total':>9}")
     for kind, (p, kernels) in probes.items():

@@ -172,6 +172,14 @@ def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path,
     assert run_cli(capsys, "sweep", "--config", path, "--no-progress")[0] == 0
     code, out, _ = run_cli(capsys, "sweep", "--config", path, "--plan", "--seeds", "0-1")
     assert out.splitlines()[0] == "6 runs in the sweep: 3 done, 3 to run (2 at a time)"
+    # a run interrupted after its first evaluation (update 2 of 4) is counted from there: 2 updates + 1 evaluation
+    cfg = grid(SweepConfig.build(path))[0]
+    assert plan.run_seconds(cfg, plan.Probe(0.01, 0.001, 0.001), 2) == pytest.approx(2.02)
+    monkeypatch.setattr(plan, "probe", lambda c, *a: (plan.Probe(update_s=60.0, act_s=0.0, env_step_s=0.0), "sparse"))
+    lines = plan.plan([cfg], set(), 1, log=lambda m: None, started={cfg.name: 2})
+    assert lines[0] == "1 runs in the sweep: 0 done, 1 to run (1 at a time), 1 of them continuing from a checkpoint"
+    assert lines[2].split()[-2:] == ["2.0", "2.0"]  # min/run, min total: 2 updates left of 4, a minute each
+    assert plan.plan([cfg], set(), 1, log=lambda m: None)[2].split()[-2:] == ["4.0", "4.0"]
 
 
 def test_status_of_a_study_counts_runs_finished_on_another_machine(capsys, tmp_path, hopper_file):
