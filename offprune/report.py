@@ -442,22 +442,22 @@ def make_report(
     return report
 
 
+Figure = tuple[Path, str]  # a written PNG and its caption
+
+
 def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity, threshold, reps, log) -> Report:
     import matplotlib
 
     matplotlib.use("Agg")
     import seaborn as sns
 
-    report = Report(out)
     from offprune.claims import claim_table
     from offprune.questions import question_table
 
+    report = Report(out)
     raw_finals, _ = final_scores(results)
     raw_layers = _layers(results_path, raw_finals)
-    from offprune.dynamic import DYNAMIC_METHODS
-    from offprune.prune import SUPERMASK_METHODS
-
-    changing = set(results.run_id[results.prune.isin(DYNAMIC_METHODS + SUPERMASK_METHODS)])  # masks that move
+    changing = _changing_runs(results)
     labels = criterion_labels(results)
     claims = claim_table(results, raw_finals, raw_layers, reps, labels)  # the paper's claims: plain criteria
     results = results.assign(prune=results.run_id.map(labels))
@@ -468,41 +468,90 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     questions = question_table(finals, reps)  # the reviewer's questions: by the labelled variants
     iqms = iqm_table(finals, reps)
     report.retention = retention_table(finals, threshold, reps)
+    report.notes[:0] = _coverage_notes(finals)
+
     sns.set_theme(style="whitegrid", context="paper")
+    figures = _score_figures(results, finals, report.scores, out, threshold, reps, log)
+    figures += _changing_mask_figures(results, changing, out, log)
+    layers = raw_layers.assign(prune=raw_layers.run_id.map(labels)) if len(raw_layers) else raw_layers
+    layer_figures, layer_notes = _layer_figures(layers, finals, changing, layer_sparsity, out, log)
+    storage_figures, storage_notes = _storage_figures(results_path, finals, out, log)
+    figures += layer_figures + storage_figures
+    report.notes += layer_notes + storage_notes
+
+    tables = {"claims.csv": claims, "questions.csv": questions, "scores.csv": report.scores,
+              "retention.csv": report.retention,
+              "iqm.csv": iqms}  # IQM over datasets per (algo, criterion, sparsity)
+    for name, table in tables.items():
+        table.to_csv(out / name, index=False)
+    report.files = [path for path, _ in figures]
+    report.files += _write_pages(report, results_path, finals, claims, questions, figures, threshold)
+    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv",
+                     out / "questions.csv"]
+    return report
+
+
+def _changing_runs(results: pd.DataFrame) -> set[str]:
+    """The run_ids whose masks move during training (changing schedules and learned masks)."""
+    from offprune.dynamic import DYNAMIC_METHODS
+    from offprune.prune import SUPERMASK_METHODS
+
+    return set(results.run_id[results.prune.isin(DYNAMIC_METHODS + SUPERMASK_METHODS)])
+
+
+def _coverage_notes(finals: pd.DataFrame) -> list[str]:
+    """Warnings, first in the report's notes, about what the results cannot show."""
+    notes = []
+    if not (finals.prune != "dense").any():
+        notes.append("these results hold only dense runs: there is nothing pruned to compare")
     few_seeds = finals.groupby(["algo", "dataset", "prune", "target_sparsity"]).seed.nunique().min()
     if few_seeds < 3:
-        report.notes.insert(0, f"some points have only {few_seeds} seed(s): with fewer than 3 seeds the 95% "
-                               "confidence intervals are not meaningful (one seed draws a zero-width interval)")
+        notes.append(f"some points have only {few_seeds} seed(s): with fewer than 3 seeds the 95% "
+                     "confidence intervals are not meaningful (one seed draws a zero-width interval)")
+    return notes
 
-    figures: list[tuple[Path, str]] = []
+
+def _score_figures(results: pd.DataFrame, finals: pd.DataFrame, scores: pd.DataFrame, out: Path, threshold: float,
+                   reps: int, log) -> list[Figure]:
+    """Figures 1 (training curves, one per criterion) and 2 (final score vs sparsity)."""
+    figures: list[Figure] = []
     criteria = sorted(p for p in finals.prune.unique() if p != "dense")
-    if not criteria:
-        report.notes.insert(0, "these results hold only dense runs: there is nothing pruned to compare")
     for prune in criteria:
         log(f"figure: training curves, {prune}")
         path = plot_training_curves(results, finals, prune, out / f"fig1_curves_{prune}.png", min(reps, 1000))
         figures.append((path, f"Normalised score during training, {prune}, one line per sparsity (black: dense)."))
     if criteria:
         log("figure: final score vs sparsity")
-        path = plot_score_vs_sparsity(report.scores, finals, out / "fig2_score_vs_sparsity.png", threshold)
+        path = plot_score_vs_sparsity(scores, finals, out / "fig2_score_vs_sparsity.png", threshold)
         figures.append((path, "Final normalised score vs fraction of weights kept (log axis, sparser to the right); "
                               f"grey band: dense 95% CI; dashed: {threshold:.0%} of dense."))
+    return figures
 
-    if changing and "realised_sparsity" in results:
-        log("figure: realised sparsity of changing masks")
-        moving = results[results.run_id.isin(changing)]
-        changes = _mask_changes_text(moving)
-        path = plot_realised_sparsity(moving, out / "fig4_realised_sparsity.png", changes)
-        figures.append((path, "Realised sparsity during training of the runs whose masks change (gmp, set, rigl, "
-                              "edge-popup, biprop); their final scores stand beside the fixed masks' in figure 2; "
-                              + changes + "."))
 
-    pruned_levels = sorted(finals.loc[finals.prune != "dense", "target_sparsity"].unique())
-    layers = raw_layers.assign(prune=raw_layers.run_id.map(labels)) if len(raw_layers) else raw_layers
+def _changing_mask_figures(results: pd.DataFrame, changing: set[str], out: Path, log) -> list[Figure]:
+    """Figure 4: realised sparsity during training of the runs whose masks change."""
+    if not changing or "realised_sparsity" not in results:
+        return []
+    log("figure: realised sparsity of changing masks")
+    moving = results[results.run_id.isin(changing)]
+    changes = _mask_changes_text(moving)
+    path = plot_realised_sparsity(moving, out / "fig4_realised_sparsity.png", changes)
+    return [(path, "Realised sparsity during training of the runs whose masks change (gmp, set, rigl, "
+                   "edge-popup, biprop); their final scores stand beside the fixed masks' in figure 2; "
+                   + changes + ".")]
+
+
+def _layer_figures(layers: pd.DataFrame, finals: pd.DataFrame, changing: set[str], layer_sparsity: float | None,
+                   out: Path, log) -> tuple[list[Figure], list[str]]:
+    """Figure 3 (kept fraction per layer at one sparsity, 0.95 when there is one, else the highest)
+    and a note per collapsed layer."""
+    figures: list[Figure] = []
+    notes: list[str] = []
     if changing and len(layers):  # layers.parquet holds their initial masks, not what they trained to
         layers = layers[~layers.run_id.isin(changing)]
-        report.notes.append("figure 3 shows fixed masks only: the per-layer counts of masks that change are in each "
-                            "run's mask_changes.parquet")
+        notes.append("figure 3 shows fixed masks only: the per-layer counts of masks that change are in each "
+                     "run's mask_changes.parquet")
+    pruned_levels = sorted(finals.loc[finals.prune != "dense", "target_sparsity"].unique())
     if layer_sparsity is None and pruned_levels:
         near_95 = [s for s in pruned_levels if np.isclose(s, 0.95)]
         layer_sparsity = float(near_95[0] if near_95 else pruned_levels[-1])
@@ -512,28 +561,30 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
         figures.append((path, f"Fraction of weights kept per layer at sparsity {layer_sparsity:g}, per criterion."))
         dead = layers[np.isclose(layers.target_sparsity, layer_sparsity) & (layers.kept == 0)]
         for (algo, prune, network, layer), g in dead.groupby(["algo", "prune", "network", "layer"]):
-            report.notes.append(f"layer collapse at {layer_sparsity:g}: {algo} {prune} {network} {layer} kept no "
-                                f"weights in {g.run_id.nunique()} run(s)")
+            notes.append(f"layer collapse at {layer_sparsity:g}: {algo} {prune} {network} {layer} kept no "
+                         f"weights in {g.run_id.nunique()} run(s)")
     elif layer_sparsity is not None:
-        report.notes.append(f"no per-layer counts at sparsity {layer_sparsity:g}: figure 3 left out")
+        notes.append(f"no per-layer counts at sparsity {layer_sparsity:g}: figure 3 left out")
+    return figures, notes
 
+
+def _storage_figures(results_path, finals: pd.DataFrame, out: Path, log) -> tuple[list[Figure], list[str]]:
+    """Figure 5: bytes per network and storage format, from the runs' storage.parquet files."""
     try:
         storage = load(results_path, STORAGE_FILE)
         storage = storage[storage.run_id.isin(finals.run_id)]
     except UserError:
         storage = pd.DataFrame()
-    if len(storage):
-        log("figure: storage")
-        path = plot_storage(storage, out / "fig5_storage.png")
-        figures.append((path, "Bytes per network vs sparsity, per storage format (log scale)."))
-    else:
-        report.notes.append("no storage figures in these results (run `offprune storage RUN_DIR`): figure 5 left out")
+    if not len(storage):
+        return [], ["no storage figures in these results (run `offprune storage RUN_DIR`): figure 5 left out"]
+    log("figure: storage")
+    path = plot_storage(storage, out / "fig5_storage.png")
+    return [(path, "Bytes per network vs sparsity, per storage format (log scale).")], []
 
-    claims.to_csv(out / "claims.csv", index=False)
-    questions.to_csv(out / "questions.csv", index=False)
-    report.scores.to_csv(out / "scores.csv", index=False)
-    report.retention.to_csv(out / "retention.csv", index=False)
-    iqms.to_csv(out / "iqm.csv", index=False)  # IQM over datasets per (algo, criterion, sparsity)
+
+def _write_pages(report: Report, results_path, finals: pd.DataFrame, claims: pd.DataFrame, questions: pd.DataFrame,
+                 figures: list[Figure], threshold: float) -> list[Path]:
+    """summary.md and the self-contained report.html; returns their paths."""
     display = retention_display(report.retention, threshold)
     matrix_md = score_matrix(report.scores, threshold, "md")
     summary = _summary(finals, results_path, threshold)
@@ -551,14 +602,9 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
         md += ["## The reviewer's questions", "", QUESTIONS_NOTE, "", markdown_table(questions), ""]
     md += ["## Figures", ""]
     md += [f"![{caption}]({path.name})\n\n{caption}\n" for path, caption in figures]
-    report.files = [path for path, _ in figures]
-    report.files.append(_write_text(out / "summary.md", "\n".join(md) + "\n"))
     page = _html(results_path, summary, display, score_matrix(report.scores, threshold, "html"), claims, questions,
                  figures, report.notes, threshold)
-    report.files.append(_write_text(out / "report.html", page))
-    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv",
-                     out / "questions.csv"]
-    return report
+    return [_write_text(report.out / "summary.md", "\n".join(md) + "\n"), _write_text(report.out / "report.html", page)]
 
 
 def _layers(results_path, finals: pd.DataFrame) -> pd.DataFrame:
