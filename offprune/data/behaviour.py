@@ -286,12 +286,9 @@ def train_behaviour(
 ) -> Path:
     """Train (or with `resume`, continue) the behaviour agent for `steps` env steps or `minutes`."""
     import torch
-    from stable_baselines3 import PPO, SAC
-    from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+    from stable_baselines3.common.vec_env import DummyVecEnv
 
     from offprune.envs import make_env
-    from offprune.evaluate import evaluate
 
     if env not in ENV_OF_FAMILY:
         raise UserError(f"unknown env '{env}' (choose from {', '.join(ENV_OF_FAMILY)})")
@@ -318,36 +315,119 @@ def train_behaviour(
     venv = DummyVecEnv([lambda: recorder_env])
     venv.seed(seed)
     if resume:
-        if algo == "ppo":
-            venv = VecNormalize.load(str(folder / "vecnormalize.pkl"), venv)
-        model = (SAC if algo == "sac" else PPO).load(folder / "checkpoint.zip", env=venv, device="cpu")
-        if algo == "sac":
-            model.load_replay_buffer(folder / "replay_buffer.pkl")
-        for chunk in (folder / "replay").glob("upto_*.npz"):  # collected after the checkpoint: redone
-            if int(chunk.stem.split("_")[1]) > state["steps_done"]:
-                chunk.unlink()
+        model = _resumed_model(folder, algo, venv, state["steps_done"])
     else:
         state = {"env": env, "env_id": env_id, "algo": algo, "seed": seed, "steps_done": 0, "seconds": 0.0,
                  "evaluations": [], "finished": False}
-        if algo == "sac":
-            model = SAC("MlpPolicy", venv, seed=seed, device="cpu", learning_starts=SAC_LEARNING_STARTS, verbose=0)
-        else:
-            venv = VecNormalize(venv, norm_obs=True, norm_reward=True)
-            model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **ppo_kwargs(env))
+        model = _new_model(env, algo, venv, seed)
     state.update(target_steps=steps, finished=False)
     deadline = None if minutes is None else time.time() + minutes * 60 - state["seconds"]
-    started, seconds_before = time.time(), state["seconds"]
-    random_log_prob = uniform_log_prob(venv.action_space)
+    writer = _SnapshotWriter(folder, algo, env_id, state, recorder_env, eval_env, log)
+    callback = _recorder_callback(writer, steps, eval_every, deadline, uniform_log_prob(model.env.action_space),
+                                  progress)
+    model.learn(total_timesteps=max(steps - state["steps_done"], 1), callback=callback,
+                reset_num_timesteps=not resume)
+    state.update(finished=True)
+    _write_json(folder / "state.json", state)
+    return folder
+
+
+def _new_model(env: str, algo: str, venv, seed: int):
+    """A fresh SAC, or PPO on observation- and reward-normalised `venv`."""
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if algo == "sac":
+        return SAC("MlpPolicy", venv, seed=seed, device="cpu", learning_starts=SAC_LEARNING_STARTS, verbose=0)
+    venv = VecNormalize(venv, norm_obs=True, norm_reward=True)
+    return PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **ppo_kwargs(env))
+
+
+def _resumed_model(folder: Path, algo: str, venv, steps_done: int):
+    """The checkpointed agent (with its replay buffer or normaliser) on `venv`; replay chunks
+    collected after the checkpoint are deleted, because they will be collected again."""
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if algo == "ppo":
+        venv = VecNormalize.load(str(folder / "vecnormalize.pkl"), venv)
+    model = (SAC if algo == "sac" else PPO).load(folder / "checkpoint.zip", env=venv, device="cpu")
+    if algo == "sac":
+        model.load_replay_buffer(folder / "replay_buffer.pkl")
+    for chunk in (folder / "replay").glob("upto_*.npz"):
+        if int(chunk.stem.split("_")[1]) > steps_done:
+            chunk.unlink()
+    return model
+
+
+@dataclass
+class _SnapshotWriter:
+    """What a behaviour training writes at each snapshot: the policy (and PPO's observation
+    statistics), its evaluation, the transitions collected since the last snapshot, the checkpoint
+    to resume from, and state.json."""
+
+    folder: Path
+    algo: str
+    env_id: str
+    state: dict
+    recorder_env: TransitionRecorder
+    eval_env: gym.Env
+    log: Callable[[str], None]
+
+    def __post_init__(self) -> None:
+        self.started, self.seconds_before = time.time(), self.state["seconds"]
+
+    def write(self, model, training_env, step: int) -> None:
+        from offprune.evaluate import evaluate
+
+        if step == self.state["steps_done"]:
+            return
+        folder = self.folder
+        model.save(folder / "snapshots" / f"step_{step}.zip")
+        if self.algo == "ppo":
+            import pickle
+
+            training_env.save(str(folder / "vecnormalize.pkl"))
+            rms = training_env.obs_rms
+            stats = (rms.mean, rms.var, training_env.clip_obs, training_env.epsilon)
+            atomic.write_bytes(_normalizer_path(folder, step), pickle.dumps(stats))
+        policy = Policy(model, _obs_stats(folder, step), step, 0.0)
+        returns = evaluate(lambda obs: policy.act(obs)[0], self.eval_env, EVAL_EPISODES, seed=10_000 + step)
+        mean, std = float(returns.mean()), float(returns.std())
+        arrays = self.recorder_env.take()
+
+        def save_chunk(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{k.replace("/", "__"): v for k, v in arrays.items()})
+
+        atomic.write_with(folder / "replay" / f"upto_{step}.npz", save_chunk)
+        model.save(folder / "checkpoint.zip")
+        if self.algo == "sac":
+            model.save_replay_buffer(folder / "replay_buffer.pkl")
+        self.state["evaluations"].append({"step": step, "return_mean": mean, "return_std": std})
+        self.state.update(steps_done=step, seconds=self.seconds_before + time.time() - self.started)
+        _write_json(folder / "state.json", self.state)
+        self.log(f"behaviour {self.algo} {self.env_id}: step {step}, return {mean:.1f} ± {std:.1f}, "
+                 f"{self.state['seconds'] / 60:.1f} min")
+
+
+def _recorder_callback(writer: _SnapshotWriter, steps: int, eval_every: int, deadline: float | None,
+                       random_log_prob: float, progress: bool):
+    """The SB3 callback of a behaviour training: the behaviour log-probability of every step into
+    the recorder, a snapshot every `eval_every` steps and at the end, a stop at `steps` or `deadline`."""
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    algo = writer.algo
 
     class Recorder(BaseCallback):
-        """Adds the behaviour log-probability of every step, snapshots + evaluates the policy."""
-
         def _on_training_start(self) -> None:
             self.bar = None
             if progress:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=steps, initial=self.num_timesteps, desc=f"behaviour {algo} {env_id}", unit="step")
+                self.bar = tqdm(total=steps, initial=self.num_timesteps, desc=f"behaviour {algo} {writer.env_id}",
+                                unit="step")
 
         def _on_step(self) -> bool:
             if algo == "ppo":
@@ -355,60 +435,24 @@ def train_behaviour(
             elif self.num_timesteps <= SAC_LEARNING_STARTS:
                 log_prob = random_log_prob
             else:
-                log_prob = self._sac_log_prob(self.model._last_obs, self.locals["buffer_actions"])
-            recorder_env.log_probs.append(log_prob)
+                with torch.no_grad():
+                    dist = sac_distribution(self.model.policy.actor,
+                                            torch.as_tensor(self.model._last_obs, dtype=torch.float32))
+                    log_prob = float(dist.log_prob(torch.as_tensor(self.locals["buffer_actions"],
+                                                                   dtype=torch.float32)))
+            writer.recorder_env.log_probs.append(log_prob)
             if self.bar is not None:
                 self.bar.update(1)
             if self.num_timesteps % eval_every == 0:
-                self.snapshot()
+                writer.write(self.model, self.training_env, self.num_timesteps)
             return self.num_timesteps < steps and (deadline is None or time.time() < deadline)
 
-        def _sac_log_prob(self, obs, buffer_actions) -> float:
-            with torch.no_grad():
-                dist = sac_distribution(self.model.policy.actor, torch.as_tensor(obs, dtype=torch.float32))
-                return float(dist.log_prob(torch.as_tensor(buffer_actions, dtype=torch.float32)))
-
-        def snapshot(self) -> None:
-            step = self.num_timesteps
-            if step == state["steps_done"]:
-                return
-            self.model.save(folder / "snapshots" / f"step_{step}.zip")
-            if algo == "ppo":
-                self.training_env.save(str(folder / "vecnormalize.pkl"))
-                import pickle
-
-                rms = self.training_env.obs_rms
-                stats = (rms.mean, rms.var, self.training_env.clip_obs, self.training_env.epsilon)
-                atomic.write_bytes(_normalizer_path(folder, step), pickle.dumps(stats))
-            policy = Policy(self.model, _obs_stats(folder, step), step, 0.0)
-            returns = evaluate(lambda obs: policy.act(obs)[0], eval_env, EVAL_EPISODES, seed=10_000 + step)
-            mean, std = float(returns.mean()), float(returns.std())
-            arrays = recorder_env.take()
-            def save_chunk(tmp: Path) -> None:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **{k.replace("/", "__"): v for k, v in arrays.items()})
-
-            atomic.write_with(folder / "replay" / f"upto_{step}.npz", save_chunk)
-            self.model.save(folder / "checkpoint.zip")
-            if algo == "sac":
-                self.model.save_replay_buffer(folder / "replay_buffer.pkl")
-            state["evaluations"].append({"step": step, "return_mean": mean, "return_std": std})
-            state.update(steps_done=step, seconds=seconds_before + time.time() - started)
-            _write_json(folder / "state.json", state)
-            log(f"behaviour {algo} {env_id}: step {step}, return {mean:.1f} ± {std:.1f}, "
-                f"{state['seconds'] / 60:.1f} min")
-
         def _on_training_end(self) -> None:
-            self.snapshot()
+            writer.write(self.model, self.training_env, self.num_timesteps)
             if self.bar is not None:
                 self.bar.close()
 
-    recorder = Recorder()
-    model.learn(total_timesteps=max(steps - state["steps_done"], 1), callback=recorder,
-                reset_num_timesteps=not resume)
-    state.update(finished=True)
-    _write_json(folder / "state.json", state)
-    return folder
+    return Recorder()
 
 
 def replay_until(env: str, algo: str, step: int) -> dict[str, np.ndarray]:
