@@ -268,26 +268,28 @@ def sweep(config_file, show_status, show_plan, only_consolidate, progress, **fla
         for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True), started=started):
             click.echo(line)
         return
-    if only_consolidate:
-        from offprune import study
-
-        if not cfg.results:
-            raise UserError("--consolidate needs a study: a config with results = 'FOLDER'")
-        study.check(cfg.results)
-        held = study.consolidate(cfg.out, cfg.results, runs)
-        click.echo(f"{cfg.results}: {held} runs consolidated of the {len(runs)} in the grid")
-        return
+    if only_consolidate and not cfg.results:
+        raise UserError("--consolidate needs a study: a config with results = 'FOLDER'")
     if cfg.results:
         from offprune import study
 
         study.check(cfg.results)
-        skip = study.finished_runs(cfg.results, runs)
+        study_grid = sw.grid(SweepConfig.build(config_file))  # the study is its file's grid, whatever the flags
+        own = study.own_runs(runs, study_grid)
+        if len(own) < len(runs):
+            click.echo(f"{len(runs) - len(own)} of this sweep's runs are not runs of {config_file} (other settings): "
+                       f"they are not consolidated into {cfg.results}", err=True)
+        if only_consolidate:
+            held = study.consolidate(cfg.out, cfg.results, own, study_grid)
+            click.echo(f"{cfg.results}: {held} runs consolidated of the {len(study_grid)} in the study's grid")
+            return
+        skip = study.finished_runs(cfg.results, own)
         study.make_missing_datasets([r for r in runs if r.name not in skip], log=lambda m: click.echo(m, err=True))
-        study.consolidate(cfg.out, cfg.results, runs)  # runs.json, and runs finished before
+        study.consolidate(cfg.out, cfg.results, own, study_grid)  # runs.json, and runs finished before
 
         def on_finished(name, error):
             if error is None:
-                study.consolidate(cfg.out, cfg.results, runs)
+                study.consolidate(cfg.out, cfg.results, own, study_grid)
     else:
         sw.check_datasets(runs)
     errors = sw.execute(runs, cfg.out, cfg.jobs, progress, cfg.executor, cfg.ray_address, skip, on_finished)

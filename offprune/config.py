@@ -37,6 +37,9 @@ MASK_TRANSFORMS = ("none", "shuffle")  # what happens to a criterion's masks bef
 
 # Fields a resumed run may change: they extend or relocate the run without changing what it is.
 RESUMABLE_CHANGES = ("steps", "device", "threads", "progress")
+# Fields that say where and how a run is executed, not what it computes: a study's run made with
+# other values of these is still that study's run.
+EXECUTION_FIELDS = ("out", "progress", "device", "threads")
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,10 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def experiment(self) -> dict:
+        """`to_dict` without EXECUTION_FIELDS: what the run computes."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
     def differences(self, other: dict) -> list[str]:
         """Fields (other than RESUMABLE_CHANGES) whose value differs from a saved config. A field

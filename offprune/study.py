@@ -56,9 +56,19 @@ def finished_runs(results_dir: str | Path, runs: list[RunConfig]) -> set[str]:
     return {cfg.name for cfg in runs if (cfg.name, cfg.steps) in have}
 
 
-def consolidate(out: str | Path, results_dir: str | Path, runs: list[RunConfig]) -> int:
-    """Copy the rows of every finished run of `runs` (in `out`) into `results_dir`; returns how many
-    runs the consolidated results hold. Idempotent: a run's rows replace its earlier copy."""
+def own_runs(runs: list[RunConfig], grid: list[RunConfig]) -> list[RunConfig]:
+    """The runs of `runs` that belong to the study whose grid is `grid`: the same name and the same
+    experiment (a sweep may run a subset of a study, or other settings such as a smoke test's
+    budget, which must not enter the study's results)."""
+    study = {cfg.name: cfg.experiment() for cfg in grid}
+    return [cfg for cfg in runs if study.get(cfg.name) == cfg.experiment()]
+
+
+def consolidate(out: str | Path, results_dir: str | Path, runs: list[RunConfig],
+                grid: list[RunConfig] | None = None) -> int:
+    """Copy the rows of every finished run of `runs` (in `out`) into `results_dir`, and write the
+    study's `grid` (default: `runs`) as its runs.json; returns how many runs the consolidated
+    results hold. Idempotent: a run's rows replace its earlier copy."""
     results_dir = Path(results_dir)
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -66,10 +76,10 @@ def consolidate(out: str | Path, results_dir: str | Path, runs: list[RunConfig])
         raise UserError(f"cannot write {results_dir}: {e.strerror or e}") from None
     # two sweeps of one study (a subset rerun beside the full one) must not lose each other's runs
     with checkpoint.locked(results_dir, wait=True):
-        return _consolidate(out, results_dir, runs)
+        return _consolidate(out, results_dir, runs, runs if grid is None else grid)
 
 
-def _consolidate(out: str | Path, results_dir: Path, runs: list[RunConfig]) -> int:
+def _consolidate(out: str | Path, results_dir: Path, runs: list[RunConfig], grid: list[RunConfig]) -> int:
     old_rows = _read(results_dir / RESULTS_FILE)
     old_layers = _read(results_dir / LAYERS_FILE)
     new_rows, new_layers = [], []
@@ -90,8 +100,7 @@ def _consolidate(out: str | Path, results_dir: Path, runs: list[RunConfig]) -> i
         write_parquet_atomic(rows, results_dir / RESULTS_FILE)
     if layers is not None:
         write_parquet_atomic(layers, results_dir / LAYERS_FILE)
-    grid = [cfg.to_dict() for cfg in runs]
-    atomic.write_json(results_dir / RUNS_FILE, grid)
+    atomic.write_json(results_dir / RUNS_FILE, [cfg.to_dict() for cfg in grid])
     return 0 if rows is None else rows["run_id"].nunique()
 
 

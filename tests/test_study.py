@@ -229,3 +229,24 @@ def test_criterion_variants_in_a_grid_become_run_options(tmp_path):
     path.write_text('algo = ["bc"]\nprune = ["snip+r0"]\nsparsity = [0.9]\n')
     with pytest.raises(UserError, match="criterion 'snip\\+r0': unknown option 'r0'"):
         grid(SweepConfig.build(path))
+
+
+def test_a_sweep_over_part_of_a_study_keeps_the_studys_grid(capsys, tmp_path, hopper_file):
+    """A subset (--sparsity) is consolidated under the study's own grid; runs with other settings
+    (--eval-episodes) run but never enter the study's results."""
+    path = study_file(tmp_path, hopper_file)
+    code, out, err = run_cli(capsys, "sweep", "--config", path, "--sparsity", "0.5", "--no-progress")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "reports" / "runs.json").read_text())) == 3  # the file's grid, not the subset's
+    consolidated = pd.read_parquet(tmp_path / "reports" / "results.parquet")
+    assert sorted(consolidated.run_id.unique()) == ["bc-mlp_hopper-random-v5_dense_s0_seed0",
+                                                    "bc-mlp_hopper-random-v5_snip_s0.5_seed0"]
+
+    code, out, err = run_cli(capsys, "sweep", "--config", path, "--sparsity", "0.9", "--eval-episodes", "2",
+                             "--out", tmp_path / "other", "--no-progress")
+    assert code == 0, err
+    assert "2 of this sweep's runs are not runs of" in err
+    assert (tmp_path / "other" / "bc-mlp_hopper-random-v5_snip_s0.9_seed0").is_dir()  # it ran
+    after = pd.read_parquet(tmp_path / "reports" / "results.parquet")
+    pd.testing.assert_frame_equal(after, consolidated)  # and stayed out of the study
+    assert len(json.loads((tmp_path / "reports" / "runs.json").read_text())) == 3
