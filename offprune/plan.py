@@ -33,7 +33,8 @@ MAX_EPISODE_STEPS = 1_000  # gymnasium MuJoCo locomotion time limit
 class Kind:
     algo: str
     # what the run trains with: 'dense', 'sparse' or 'auto' (the rule decides); 'gmp': dense, then
-    # sparse once the auto rule picks it; 'edge-popup' / 'biprop': masks learned by scores (dense)
+    # sparse once the auto rule picks it; 'edge-popup' / 'biprop': masks learned by scores (dense);
+    # 'small-dense': the narrower dense networks of the equal-size control
     kernels: str
     sparsity: float
     env_id: str
@@ -53,13 +54,16 @@ def env_id_of(cfg: RunConfig) -> str:
 def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
     """A fresh agent pruned as `cfg` would be (SNIP masks stand in for every fixed-mask criterion:
     speed depends on how many weights are kept, not which; edge-popup and biprop are installed as
-    they train), and the kernels its run would use."""
+    they train; small-dense builds its narrower networks), and the kernels its run would use."""
+    from offprune.small_dense import small_dense_config
     from offprune.supermask import Supermasks
 
     config = cfg.algo_config()
+    if cfg.prune == "small-dense":
+        config, _ = small_dense_config(cfg.algo, config, cfg.sparsity, obs_dim, act_dim)
     torch.manual_seed(0)
     agent = ALGOS[cfg.algo].Agent(obs_dim, act_dim, 1.0, config, torch.device("cpu"))
-    if cfg.prune == "dense":
+    if cfg.prune in ("dense", "small-dense"):
         return agent, "dense"
     networks = agent.prunable_networks()
     if cfg.prune in SUPERMASK_METHODS:
@@ -77,7 +81,7 @@ def _agent(cfg: RunConfig, obs_dim: int, act_dim: int) -> tuple[object, str]:
 
 def kind_of(cfg: RunConfig) -> Kind:
     kernels = "dense"
-    if cfg.prune in SUPERMASK_METHODS:
+    if cfg.prune in SUPERMASK_METHODS or cfg.prune == "small-dense":
         kernels = cfg.prune
     elif cfg.prune == "gmp" and cfg.kernels == "auto":
         kernels = "gmp"
@@ -191,7 +195,8 @@ def plan(runs: list[RunConfig], done: set[str], jobs: int, log=print,
                  f"{'min/run':>8} {'min total':>9}")
     for kind, (p, kernels) in probes.items():
         of_kind = [d for cfg, d in zip(todo, durations) if kind_of(cfg) == kind]
-        shown = kind.kernels if kind.kernels in SUPERMASK_METHODS else kernels  # edge-popup, biprop: dense + scores
+        # edge-popup, biprop: dense + scores; small-dense: narrower dense networks
+        shown = kind.kernels if kind.kernels in (*SUPERMASK_METHODS, "small-dense") else kernels
         lines.append(f"{kind.algo:<8} {kind.sparsity:>8g} {shown:>10} {kind.env_id:<16} {len(of_kind):>5} "
                      f"{1 / p.update_s:>9.1f} {np.mean(of_kind) / 60:>8.1f} {sum(of_kind) / 60:>9.1f}")
     total = sum(durations)

@@ -257,3 +257,16 @@ def test_synflow_names_the_network_without_an_output():
         masks_of(nets, "synflow", 0.9, "global", lambda: None, torch.Generator())
     kept = masks_of(nets, "synflow", 0.9, "global", lambda: None, torch.Generator(), {"rssm": 0.0}, rounds=2)
     assert all(bool(m.all()) for m in kept["rssm"].values()) and not all(bool(m.all()) for m in kept["encoder"].values())
+
+
+def test_the_plan_probes_small_dense_as_its_narrower_dense_networks():
+    from offprune import plan
+    from offprune.config import RunConfig
+    from offprune.prune import prunable_parameters
+
+    cfg = RunConfig(algo="bc-mlp", prune="small-dense", sparsity=0.9, dataset="hopper-expert-v5")
+    assert plan.kind_of(cfg).kernels == "small-dense"  # not the SNIP-masked kind of the same sparsity
+    agent, kernels = plan._agent(cfg, 11, 3)
+    kept = sum(p.numel() for net in agent.prunable_networks().values()
+               for p in prunable_parameters(net.module).values())
+    assert kernels == "dense" and kept == 76 * 11 + 77 * 76 + 3 * 77  # the widths a small-dense run trains
