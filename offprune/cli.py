@@ -243,33 +243,16 @@ def sweep(config_file, show_status, show_plan, only_consolidate, progress, **fla
 
     cfg = SweepConfig.build(config_file, **flags)
     if show_status:
-        if cfg.results:  # a study: its grid, with runs finished on any machine (the consolidated results)
-            from offprune import study
-
-            groups = sw.status_of(sw.grid(cfg), cfg.out, study.finished_runs(cfg.results, sw.grid(cfg)))
-        else:
-            groups = sw.status(cfg.out)
-        for state, names in groups.items():
-            click.echo(f"{state:<8} {len(names):>4}" + (f"  {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-                                                       if names and state != "done" else ""))
+        _echo_sweep_status(cfg)
         return
     runs = sw.grid(cfg)
-    skip: set[str] = set()
-    on_finished = None
     if show_plan:
-        from offprune import study
-        from offprune.plan import plan
-
-        done = {r.name for r in runs if sw.read_state(Path(cfg.out) / r.name) == "done"}
-        if cfg.results:
-            study.check(cfg.results)
-            done |= study.finished_runs(cfg.results, runs)
-        started = {r.name: sw.trained_steps(Path(cfg.out) / r.name) for r in runs if r.name not in done}
-        for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True), started=started):
-            click.echo(line)
+        _echo_sweep_plan(cfg, runs)
         return
     if only_consolidate and not cfg.results:
         raise UserError("--consolidate needs a study: a config with results = 'FOLDER'")
+    skip: set[str] = set()
+    on_finished = None
     if cfg.results:
         from offprune import study
 
@@ -302,6 +285,37 @@ def sweep(config_file, show_status, show_plan, only_consolidate, progress, **fla
     failed = [n for n, e in errors.items() if e]
     if failed:
         raise UserError(f"{len(failed)} run(s) failed (see their log.txt); rerun the sweep to retry them")
+
+
+def _echo_sweep_status(cfg) -> None:
+    """`sweep --status`: runs per state; a study counts the runs finished on any machine (its
+    consolidated results) as done."""
+    from offprune import sweep as sw
+
+    if cfg.results:
+        from offprune import study
+
+        groups = sw.status_of(sw.grid(cfg), cfg.out, study.finished_runs(cfg.results, sw.grid(cfg)))
+    else:
+        groups = sw.status(cfg.out)
+    for state, names in groups.items():
+        click.echo(f"{state:<8} {len(names):>4}" + (f"  {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                                                   if names and state != "done" else ""))
+
+
+def _echo_sweep_plan(cfg, runs) -> None:
+    """`sweep --plan`: the runs left and their time, probed here; nothing runs."""
+    from offprune import study
+    from offprune import sweep as sw
+    from offprune.plan import plan
+
+    done = {r.name for r in runs if sw.read_state(Path(cfg.out) / r.name) == "done"}
+    if cfg.results:
+        study.check(cfg.results)
+        done |= study.finished_runs(cfg.results, runs)
+    started = {r.name: sw.trained_steps(Path(cfg.out) / r.name) for r in runs if r.name not in done}
+    for line in plan(runs, done, cfg.jobs, log=lambda m: click.echo(m, err=True), started=started):
+        click.echo(line)
 
 
 @cli.command()
