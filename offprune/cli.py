@@ -326,7 +326,10 @@ def _echo_sweep_plan(cfg, runs) -> None:
 @click.option("--threshold", type=float, default=0.9, show_default=True,
               help="Fraction of the dense score a sparsity must keep to count in the table.")
 @click.option("--bootstrap", "reps", type=int, default=2000, show_default=True, help="Bootstrap resamples per CI.")
-def report(results, out, layer_sparsity, threshold, reps) -> None:
+@click.option("--readme", type=click.Path(dir_okay=False), default=None,
+              help="A study's text (studies/NAME.md: its question, then '---' lines before what the runs show): "
+                   "also write README.md, the text around the status, machine, time and the report's tables.")
+def report(results, out, layer_sparsity, threshold, reps, readme) -> None:
     """Figures (PNG), one self-contained HTML page and a markdown summary from results.
 
     \b
@@ -345,12 +348,16 @@ def report(results, out, layer_sparsity, threshold, reps) -> None:
     if reps < 100:
         raise UserError("--bootstrap must be at least 100 resamples")
     name = Path(results.rstrip("/")).name.replace("*", "all") or "results"
-    rep = make_report(results, out or Path("reports") / name, layer_sparsity, threshold, reps,
-                      log=lambda m: click.echo(m, err=True))
+    out = out or Path("reports") / name
+    command = (f"offprune report {results} --out {out}" + (f" --threshold {threshold:g}" if threshold != 0.9 else "")
+               + (f" --readme {readme}" if readme else ""))
+    rep = make_report(results, out, layer_sparsity, threshold, reps, log=lambda m: click.echo(m, err=True),
+                      readme=readme, command=command)
     click.echo(markdown_table(retention_display(rep.retention, threshold)))
     for note in rep.notes:
         click.echo(f"note: {note}")
-    click.echo(f"wrote {rep.out}/report.html, summary.md and {sum(p.suffix == '.png' for p in rep.files)} figure(s)")
+    click.echo(f"wrote {rep.out}/report.html, summary.md" + (", README.md" if readme else "")
+               + f" and {sum(p.suffix == '.png' for p in rep.files)} figure(s)")
 
 
 @cli.command("bench")

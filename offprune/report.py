@@ -43,6 +43,8 @@ class Report:
     files: list[Path] = field(default_factory=list)
     retention: pd.DataFrame | None = None  # item 4
     scores: pd.DataFrame | None = None  # final score per (algo, dataset, criterion, sparsity)
+    claims: pd.DataFrame | None = None  # the paper's claims checked
+    questions: pd.DataFrame | None = None  # the reviewer's questions answered
     notes: list[str] = field(default_factory=list)
 
 
@@ -413,8 +415,11 @@ def make_report(
     threshold: float = 0.9,
     reps: int = stats.DEFAULT_REPS,
     log: Callable[[str], None] = lambda message: None,
+    readme: str | Path | None = None,
+    command: str = "",
 ) -> Report:
-    """Write figures (PNG), report.html (self-contained) and summary.md for the results at `results_path`.
+    """Write figures (PNG), report.html (self-contained) and summary.md for the results at `results_path`;
+    with `readme` (a study's text, offprune.readme), README.md too, naming `command` as what made it.
 
     Everything is made in a temporary folder inside `out` and moved in at the end, so a failure
     leaves no half-written report (a study's folder also holds its results and README)."""
@@ -431,6 +436,8 @@ def make_report(
         raise UserError(f"cannot write the report to {out}: {e.strerror}") from None
     try:
         report = _make_report(results, results_path, work, layer_sparsity, threshold, reps, log)
+        if readme is not None:
+            report.files.append(_write_readme(report, results_path, readme, threshold, command))
         report.files = [out / f.name for f in report.files]
         for f in report.files:
             os.replace(work / f.name, f)
@@ -459,13 +466,13 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     raw_layers = _layers(results_path, raw_finals)
     changing = _changing_runs(results)
     labels = criterion_labels(results)
-    claims = claim_table(results, raw_finals, raw_layers, reps, labels)  # the paper's claims: plain criteria
+    report.claims = claims = claim_table(results, raw_finals, raw_layers, reps, labels)  # plain criteria
     results = results.assign(prune=results.run_id.map(labels))
     finals, report.notes = final_scores(results)
     results = results[results.run_id.isin(finals.run_id)]
     report.notes += _missing_runs(results_path, finals)
     report.scores = score_table(finals, reps)
-    questions = question_table(finals, reps)  # the reviewer's questions: by the labelled variants
+    report.questions = questions = question_table(finals, reps)  # by the labelled variants
     iqms = iqm_table(finals, reps)
     report.retention = retention_table(finals, threshold, reps)
     report.notes[:0] = _coverage_notes(finals)
@@ -489,6 +496,23 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv",
                      out / "questions.csv"]
     return report
+
+
+def _write_readme(report: Report, results_path, text_file, threshold: float, command: str) -> Path:
+    """README.md of a study from its text and the report's tables; the grid is the results folder's
+    runs.json when there is one."""
+    from offprune.readme import study_readme
+
+    results = load(results_path)
+    labels = criterion_labels(results)
+    finals, _ = final_scores(results.assign(prune=results.run_id.map(labels)))
+    names = _study_grid(results_path)
+    tables = {"scores": markdown_table(score_matrix(report.scores, threshold, "md")),
+              "claims": markdown_table(report.claims) if len(report.claims) else "",
+              "questions": markdown_table(report.questions) if len(report.questions) else ""}
+    text = study_readme(text_file, results[results.run_id.isin(finals.run_id)], finals, names, tables, threshold,
+                        command)
+    return _write_text(report.out / "README.md", text)
 
 
 def _changing_runs(results: pd.DataFrame) -> set[str]:
@@ -621,17 +645,22 @@ def _title(results_path) -> str:
     return path.parent.name if path.suffix == ".parquet" else path.name
 
 
-def _missing_runs(results_path, finals: pd.DataFrame) -> list[str]:
-    """Runs a study's grid (runs.json next to its results) expects that have no final result yet."""
+def _study_grid(results_path) -> list[str] | None:
+    """The run names of a study's grid (runs.json next to its results); None when there is none."""
     from offprune.config import RunConfig
     from offprune.study import expected_runs
 
     path = Path(str(results_path))
     folder = path.parent if path.suffix == ".parquet" else path
     grid = expected_runs(folder) if folder.is_dir() else None
-    if not grid:
+    return [RunConfig(**cfg).name for cfg in grid] if grid else None
+
+
+def _missing_runs(results_path, finals: pd.DataFrame) -> list[str]:
+    """Runs a study's grid expects that have no final result yet."""
+    names = _study_grid(results_path)
+    if not names:
         return []
-    names = [RunConfig(**cfg).name for cfg in grid]
     missing = [n for n in names if n not in set(finals.run_id)]
     done = len(names) - len(missing)
     if not missing:

@@ -250,3 +250,29 @@ def test_a_sweep_over_part_of_a_study_keeps_the_studys_grid(capsys, tmp_path, ho
     after = pd.read_parquet(tmp_path / "reports" / "results.parquet")
     pd.testing.assert_frame_equal(after, consolidated)  # and stayed out of the study
     assert len(json.loads((tmp_path / "reports" / "runs.json").read_text())) == 3
+
+
+def test_a_study_readme_puts_its_text_around_the_results_tables(capsys, tmp_path, hopper_file):
+    from offprune.readme import split_text
+
+    assert split_text("ask\n---\nshow\n") == ("ask", "", "show")
+    assert split_text("ask\n---\n- made by abc\n---\nshow") == ("ask", "- made by abc", "show")
+    path = study_file(tmp_path, hopper_file)
+    assert run_cli(capsys, "sweep", "--config", path, "--sparsity", "0.5", "--no-progress")[0] == 0  # 2 of 3 runs
+    text = tmp_path / "tiny.md"
+    text.write_text("# tiny: does SNIP hold?\n---\n- runs made by commit abc\n---\n## Findings\n\nNot yet.\n")
+    code, out, err = run_cli(capsys, "report", tmp_path / "reports" / "results.parquet", "--out", tmp_path / "reports",
+                             "--readme", text, "--bootstrap", "100")
+    assert code == 0, err
+    readme = (tmp_path / "reports" / "README.md").read_text()
+    assert readme.startswith("# tiny: does SNIP hold?\n\n## Status\n\n2 of 3 runs of the grid are done; missing: "
+                             "bc-mlp_hopper-random-v5_snip_s0.9_seed0.")
+    assert f"offprune sweep --config {tmp_path / 'tiny.toml'}\n" in readme
+    machine = readme[readme.index("## Machine and time"):readme.index("## Final scores")]
+    assert "torch threads per run: " in machine and machine.rstrip().endswith("- runs made by commit abc")
+    scores = readme[readme.index("## Final scores"):readme.index("## Paper claim")]
+    assert "| bc-mlp | hopper-random-v5 | snip |" in scores and "0.9 |" not in scores  # the finished runs only
+    assert readme.rstrip().endswith("## Findings\n\nNot yet.")
+    code, _, err = run_cli(capsys, "report", tmp_path / "reports" / "results.parquet", "--out", tmp_path / "r2",
+                           "--readme", tmp_path / "none.md", "--bootstrap", "100")
+    assert code == 2 and "cannot read the study text" in err and not (tmp_path / "r2" / "README.md").exists()
