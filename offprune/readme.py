@@ -52,12 +52,11 @@ def _values(results: pd.DataFrame, column: str) -> str:
 
 
 def study_readme(text_file: str | Path, results: pd.DataFrame, finals: pd.DataFrame, grid: list[str] | None,
-                 tables: dict[str, str], threshold: float, report_command: str) -> str:
-    """The README's markdown. `results`: every row; `finals`: the final score per finished run (the
-    report's); `grid`: the study's run names (None: the finished runs are the grid); `tables`:
-    markdown of the report's 'scores', 'claims' and 'questions' tables ('' when empty)."""
-    from offprune.report import FINAL_EVALUATIONS, QUESTIONS_NOTE
-
+                 tables: dict[str, str], threshold: float, final_evaluations: int, report_command: str) -> str:
+    """The README's markdown. `results`: the finished runs' rows; `finals`: their final scores (the
+    mean of their last `final_evaluations`); `grid`: the study's run names (None: the finished runs
+    are the grid); `tables`: markdown of the report's 'scores', 'claims' and 'questions' (with its
+    note) tables ('' when empty)."""
     text_file = Path(text_file)
     try:
         opening, machine, findings = split_text(text_file.read_text())
@@ -91,13 +90,13 @@ def study_readme(text_file: str | Path, results: pd.DataFrame, finals: pd.DataFr
     if machine:
         lines += [machine]
     lines += ["", "## Final scores", "",
-              f"Mean normalised score of the last {FINAL_EVALUATIONS} evaluations ({_values(results, 'eval_episodes')} "
+              f"Mean normalised score of the last {final_evaluations} evaluations ({_values(results, 'eval_episodes')} "
               "episodes each) per run, then mean [95% bootstrap CI] over seeds; bold: the CI's lower bound is at least "
               f"{threshold:.0%} of the dense mean.", "", tables["scores"], "",
               "## Paper claim | offprune's measurement | agrees?", "",
               tables["claims"] or "(none of the paper's claims is about these runs)", ""]
     if tables["questions"]:
-        lines += ["## The reviewer's questions", "", QUESTIONS_NOTE, "", tables["questions"], ""]
+        lines += ["## The reviewer's questions", "", tables["questions"], ""]
     if findings:
         lines += [findings, ""]
     return "\n".join(lines)

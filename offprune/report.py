@@ -509,9 +509,9 @@ def _write_readme(report: Report, results_path, text_file, threshold: float, com
     names = _study_grid(results_path)
     tables = {"scores": markdown_table(score_matrix(report.scores, threshold, "md")),
               "claims": markdown_table(report.claims) if len(report.claims) else "",
-              "questions": markdown_table(report.questions) if len(report.questions) else ""}
+              "questions": QUESTIONS_NOTE + "\n\n" + markdown_table(report.questions) if len(report.questions) else ""}
     text = study_readme(text_file, results[results.run_id.isin(finals.run_id)], finals, names, tables, threshold,
-                        command)
+                        FINAL_EVALUATIONS, command)
     return _write_text(report.out / "README.md", text)
 
 
