@@ -295,7 +295,8 @@ def _echo_sweep_status(cfg) -> None:
     if cfg.results:
         from offprune import study
 
-        groups = sw.status_of(sw.grid(cfg), cfg.out, study.finished_runs(cfg.results, sw.grid(cfg)))
+        runs = sw.grid(cfg)
+        groups = sw.status_of(runs, cfg.out, study.finished_runs(cfg.results, runs))
     else:
         groups = sw.status(cfg.out)
     for state, names in groups.items():

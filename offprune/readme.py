@@ -64,7 +64,8 @@ def study_readme(text_file: str | Path, results: pd.DataFrame, finals: pd.DataFr
         raise UserError(f"cannot read the study text {text_file}: {e.strerror or e}") from None
     config = text_file.with_suffix(".toml")
     grid = sorted(finals.run_id.unique()) if grid is None else grid
-    missing = [name for name in grid if name not in set(finals.run_id)]
+    finished = set(finals.run_id)
+    missing = [name for name in grid if name not in finished]
     status = f"{len(grid) - len(missing)} of {len(grid)} runs of the grid are done"
     if missing:
         status += (f"; missing: {', '.join(missing)}." if len(missing) <= 40

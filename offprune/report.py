@@ -435,9 +435,7 @@ def make_report(
     except OSError as e:
         raise UserError(f"cannot write the report to {out}: {e.strerror}") from None
     try:
-        report = _make_report(results, results_path, work, layer_sparsity, threshold, reps, log)
-        if readme is not None:
-            report.files.append(_write_readme(report, results_path, readme, threshold, command))
+        report = _make_report(results, results_path, work, layer_sparsity, threshold, reps, log, readme, command)
         report.files = [out / f.name for f in report.files]
         for f in report.files:
             os.replace(work / f.name, f)
@@ -452,7 +450,8 @@ def make_report(
 Figure = tuple[Path, str]  # a written PNG and its caption
 
 
-def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity, threshold, reps, log) -> Report:
+def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity, threshold, reps, log,
+                 readme: str | Path | None = None, command: str = "") -> Report:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,32 +485,30 @@ def _make_report(results: pd.DataFrame, results_path, out: Path, layer_sparsity,
     figures += layer_figures + storage_figures
     report.notes += layer_notes + storage_notes
 
-    tables = {"claims.csv": claims, "questions.csv": questions, "scores.csv": report.scores,
-              "retention.csv": report.retention,
-              "iqm.csv": iqms}  # IQM over datasets per (algo, criterion, sparsity)
+    tables = {"scores.csv": report.scores, "retention.csv": report.retention,
+              "iqm.csv": iqms,  # IQM over datasets per (algo, criterion, sparsity)
+              "claims.csv": claims, "questions.csv": questions}
     for name, table in tables.items():
         table.to_csv(out / name, index=False)
     report.files = [path for path, _ in figures]
     report.files += _write_pages(report, results_path, finals, claims, questions, figures, threshold)
-    report.files += [out / "scores.csv", out / "retention.csv", out / "iqm.csv", out / "claims.csv",
-                     out / "questions.csv"]
+    report.files += [out / name for name in tables]
+    if readme is not None:
+        report.files.append(_write_readme(report, results_path, results, finals, readme, threshold, command))
     return report
 
 
-def _write_readme(report: Report, results_path, text_file, threshold: float, command: str) -> Path:
-    """README.md of a study from its text and the report's tables; the grid is the results folder's
-    runs.json when there is one."""
+def _write_readme(report: Report, results_path, results: pd.DataFrame, finals: pd.DataFrame, text_file,
+                  threshold: float, command: str) -> Path:
+    """README.md of a study from its text and the report's tables (`results`: the finished runs'
+    rows); the grid is the results folder's runs.json when there is one."""
     from offprune.readme import study_readme
 
-    results = load(results_path)
-    labels = criterion_labels(results)
-    finals, _ = final_scores(results.assign(prune=results.run_id.map(labels)))
     names = _study_grid(results_path)
     tables = {"scores": markdown_table(score_matrix(report.scores, threshold, "md")),
               "claims": markdown_table(report.claims) if len(report.claims) else "",
               "questions": QUESTIONS_NOTE + "\n\n" + markdown_table(report.questions) if len(report.questions) else ""}
-    text = study_readme(text_file, results[results.run_id.isin(finals.run_id)], finals, names, tables, threshold,
-                        FINAL_EVALUATIONS, command)
+    text = study_readme(text_file, results, finals, names, tables, threshold, FINAL_EVALUATIONS, command)
     return _write_text(report.out / "README.md", text)
 
 
