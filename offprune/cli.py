@@ -70,6 +70,13 @@ SWEEP_HELP = {"prune": "  A dense baseline per (algo, dataset, seed) is always a
                        "options after '+': snip+r10 (10 rounds), random+erk (a scope), snip+shuffle, snip+reinit."}
 
 
+def flags_given(*names: str) -> list[str]:
+    """Of the current command's parameters `names`, those the user set (not left at their default)."""
+    ctx = click.get_current_context()
+    defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+    return [name for name in names if ctx.get_parameter_source(name) not in defaults]
+
+
 def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -202,6 +209,10 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         progress=progress,
         sparsity_of=parse_pairs(sparsity_of, "--sparsity-of", float),
     ).validate()
+    ignored = cfg.ignored_options(flags_given("prune_start", "prune_end", "prune_every", "drop_fraction", "omega",
+                                              "transfer_noise"))
+    if ignored:
+        raise UserError("; ".join(ignored))
     if dataset == RunConfig.dataset:
         ensure_default_dataset(dataset, log=lambda m: click.echo(m, err=True))
     result = train_run(cfg, resume=resume, log=lambda m: click.echo(m, err=True))

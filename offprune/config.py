@@ -8,7 +8,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from offprune.errors import UserError
 from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES, SUPERMASK_METHODS
@@ -34,6 +34,11 @@ def profile_budget(profile: str, algo: str) -> dict[str, Any]:
 
 
 MASK_TRANSFORMS = ("none", "shuffle")  # what happens to a criterion's masks before training
+
+# The options each mask schedule uses; a run of any other method ignores them.
+SCHEDULE_OPTIONS = {"gmp": ("prune_start", "prune_end", "prune_every"),
+                    "set": ("prune_end", "prune_every", "drop_fraction"),
+                    "rigl": ("prune_end", "prune_every", "drop_fraction")}
 
 # Fields a resumed run may change: they extend or relocate the run without changing what it is.
 RESUMABLE_CHANGES = ("steps", "device", "threads", "progress")
@@ -156,6 +161,20 @@ class RunConfig:
                 raise UserError(f"--algo-opt {key}: {self.algo} has no such option (options: {', '.join(sorted(fields))})")
             values[key] = _parse_option(key, str(text), getattr(defaults, key))
         return dataclasses.replace(defaults, **values)
+
+    def ignored_options(self, given: Iterable[str]) -> list[str]:
+        """Of the fields a user set (`given`), the ones this run would silently ignore, each with
+        why: a mask schedule's options without that schedule, a transfer's weights without a transfer."""
+        reasons = []
+        for name in given:
+            users = [method for method, options in SCHEDULE_OPTIONS.items() if name in options]
+            if users and self.prune not in users:
+                reasons.append(f"--{name.replace('_', '-')} applies to --prune {' / '.join(users)}, not {self.prune}")
+        if "omega" in given and not (self.score_transfer or self.weight_transfer):
+            reasons.append("--omega weighs a transfer: it needs --score-transfer or --weight-transfer")
+        if "transfer_noise" in given and not self.score_transfer:
+            reasons.append("--transfer-noise weighs FSTL's random score: it needs --score-transfer")
+        return reasons
 
     @property
     def schedule_window(self) -> tuple[int, int]:

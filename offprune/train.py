@@ -29,7 +29,7 @@ import offprune
 from offprune import atomic, checkpoint
 from offprune.algos import ALGOS
 from offprune.algos.base import copy_sources_to_targets
-from offprune.config import RunConfig
+from offprune.config import SCHEDULE_OPTIONS, RunConfig
 from offprune.data import load_dataset
 from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
@@ -434,9 +434,7 @@ def mask_schedule(cfg: RunConfig, setup: Setup, progress: Progress) -> MaskSched
 
 def schedule_columns(cfg: RunConfig) -> dict:
     """The options of a mask schedule as result columns: the ones the run's method uses, 0 for the rest."""
-    uses = {"gmp": ("prune_start", "prune_end", "prune_every"),
-            "set": ("prune_end", "prune_every", "drop_fraction"), "rigl": ("prune_end", "prune_every", "drop_fraction")}
-    used = uses.get(cfg.prune, ())
+    used = SCHEDULE_OPTIONS.get(cfg.prune, ())
     return {name: (getattr(cfg, name) if name in used else type(getattr(cfg, name))(0))
             for name in ("prune_start", "prune_end", "prune_every", "drop_fraction")}
 

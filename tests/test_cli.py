@@ -105,6 +105,9 @@ def bad_file(tmp_path, name, mutate):
         (["--env", "NotAnEnv-v9"], "cannot make environment 'NotAnEnv-v9'"),
         (["--env", "Walker2d-v5"], "pass --env with the matching environment"),
         (["--device", "cuda:7"], "device 'cuda:7' requested but torch sees no CUDA GPU"),
+        (["--drop-fraction", "0.5"], "--drop-fraction applies to --prune set / rigl, not snip"),
+        (["--prune", "gmp", "--prune-every", "10", "--drop-fraction", "0.5"], "--drop-fraction applies to --prune set / rigl, not gmp"),
+        (["--omega", "0.5"], "--omega weighs a transfer: it needs --score-transfer or --weight-transfer"),
     ],
 )
 def test_bad_flags_end_in_one_line(capsys, tmp_path, hopper_file, args, message):

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from offprune.config import RunConfig
 from offprune.dynamic import DropAndGrow, GradualMagnitude, change_steps, drop_fraction_at, gmp_sparsity
 from offprune.nets import mlp
 from offprune.prune import PrunableNetwork, compute_masks, masks_from_scores
@@ -79,16 +80,16 @@ def test_a_run_across_mask_changes_resumes_exactly_and_keeps_pruned_weights_zero
                                                                                    capsys):
     from offprune import checkpoint
 
-    run(capsys, tmp_path / "straight", hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4",
-        "--prune-start", "0", "--prune-end", "1")
+    window = ("--prune-start", "0", "--prune-end", "1") if method == "gmp" else ("--prune-end", "1")
+    run(capsys, tmp_path / "straight", hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4", *window)
     straight = load(tmp_path / "straight")
     name = straight.run_id.iloc[0]
     # interrupt it after update 4: the previous checkpoint generation back in place, the last row gone
     folder = tmp_path / "straight" / name
     (folder / "checkpoint.prev.pt").replace(folder / "checkpoint.pt")
     pd.read_parquet(folder / "results.parquet").iloc[:1].to_parquet(folder / "results.parquet")
-    run(capsys, tmp_path / "straight", hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4",
-        "--prune-start", "0", "--prune-end", "1", "--resume")
+    run(capsys, tmp_path / "straight", hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4", *window,
+        "--resume")
     resumed = load(tmp_path / "straight")
     cols = [c for c in straight.columns if c.startswith("loss_")] + ["realised_sparsity", "mask_changes"]
     pd_equal = straight[cols].reset_index(drop=True).equals(resumed[cols].reset_index(drop=True))
@@ -116,7 +117,7 @@ def test_set_and_rigl_learn_the_same_on_dense_and_sparse_kernels_across_changes(
                                                                                 capsys):
     for kernels in ("dense", "sparse"):
         run(capsys, tmp_path / kernels, hopper_file, "--prune", method, "--steps", "8", "--eval-every", "4",
-            "--prune-start", "0", "--prune-end", "1", "--kernels", kernels)
+            "--prune-end", "1", "--kernels", kernels)
     dense, sparse = load(tmp_path / "dense"), load(tmp_path / "sparse")
     assert (sparse.kernels == "sparse").all() and (dense.kernels == "dense").all()
     np.testing.assert_allclose(sparse.loss_policy_loss, dense.loss_policy_loss, rtol=1e-4)
@@ -208,7 +209,7 @@ def test_speed_agents_with_changing_masks_change_them_on_both_kernels(method):
 def test_the_plan_times_gmp_dense_until_the_auto_rule_turns_it_sparse(monkeypatch):
     from offprune import plan
     from offprune.algos import ALGOS
-    from offprune.config import RunConfig
+
     from offprune.sparse import kernels_by_rule
 
     cfg = RunConfig(algo="bcq", dataset="hopper-expert-v5", prune="gmp", sparsity=0.95, steps=20000)
@@ -235,3 +236,16 @@ def test_the_plan_times_gmp_dense_until_the_auto_rule_turns_it_sparse(monkeypatc
     share = turn / cfg.steps
     assert kernels == "gmp" and mixed.update_s == pytest.approx(share * 0.05 + (1 - share) * 0.01, rel=1e-12)
     assert mixed.act_s == 2e-4
+
+
+def test_options_a_run_would_ignore_are_named():
+    assert RunConfig(prune="set").ignored_options(["prune_end", "prune_every", "drop_fraction"]) == []
+    assert RunConfig(prune="gmp").ignored_options(["prune_start", "prune_end", "prune_every"]) == []
+    assert RunConfig(prune="rigl").ignored_options(["prune_start", "drop_fraction"]) == [
+        "--prune-start applies to --prune gmp, not rigl"]
+    assert RunConfig(prune="snip").ignored_options(["prune_every", "omega"]) == [
+        "--prune-every applies to --prune gmp / set / rigl, not snip",
+        "--omega weighs a transfer: it needs --score-transfer or --weight-transfer"]
+    assert RunConfig(prune="snip", weight_transfer="runs/x").ignored_options(["omega", "transfer_noise"]) == [
+        "--transfer-noise weighs FSTL's random score: it needs --score-transfer"]
+    assert RunConfig(prune="snip", score_transfer="runs/x").ignored_options(["omega", "transfer_noise"]) == []
