@@ -209,8 +209,8 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         progress=progress,
         sparsity_of=parse_pairs(sparsity_of, "--sparsity-of", float),
     ).validate()
-    ignored = cfg.ignored_options(flags_given("prune_start", "prune_end", "prune_every", "drop_fraction", "omega",
-                                              "transfer_noise"))
+    ignored = cfg.ignored_options(flags_given("scope", "prune_start", "prune_end", "prune_every", "drop_fraction",
+                                              "omega", "transfer_noise"))
     if ignored:
         raise UserError("; ".join(ignored))
     if dataset == RunConfig.dataset:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from offprune.errors import UserError
-from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES, SUPERMASK_METHODS
+from offprune.prune import DEFAULT_PRUNE_BATCH, METHODS, SCOPES, SUPERMASK_METHODS, UNMASKED
 from offprune.sparse import KERNELS
 
 # Budget profiles: steps, evaluation cadence and episodes. `paper` is the pruning paper's protocol.
@@ -164,12 +164,15 @@ class RunConfig:
 
     def ignored_options(self, given: Iterable[str]) -> list[str]:
         """Of the fields a user set (`given`), the ones this run would silently ignore, each with
-        why: a mask schedule's options without that schedule, a transfer's weights without a transfer."""
+        why: a mask schedule's options without that schedule, a scope without masks, a transfer's
+        weights without a transfer."""
         reasons = []
         for name in given:
             users = [method for method, options in SCHEDULE_OPTIONS.items() if name in options]
             if users and self.prune not in users:
                 reasons.append(f"--{name.replace('_', '-')} applies to --prune {' / '.join(users)}, not {self.prune}")
+        if "scope" in given and self.prune in UNMASKED:
+            reasons.append(f"--scope spreads a sparsity over the layers; --prune {self.prune} masks no layer")
         if "omega" in given and not (self.score_transfer or self.weight_transfer):
             reasons.append("--omega weighs a transfer: it needs --score-transfer or --weight-transfer")
         if "transfer_noise" in given and not self.score_transfer:

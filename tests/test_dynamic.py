@@ -249,3 +249,6 @@ def test_options_a_run_would_ignore_are_named():
     assert RunConfig(prune="snip", weight_transfer="runs/x").ignored_options(["omega", "transfer_noise"]) == [
         "--transfer-noise weighs FSTL's random score: it needs --score-transfer"]
     assert RunConfig(prune="snip", score_transfer="runs/x").ignored_options(["omega", "transfer_noise"]) == []
+    assert RunConfig(prune="small-dense").ignored_options(["scope"]) == [
+        "--scope spreads a sparsity over the layers; --prune small-dense masks no layer"]
+    assert RunConfig(prune="random").ignored_options(["scope"]) == []
