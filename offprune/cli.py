@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from offprune.algos import ALGOS
-from offprune.config import MASK_TRANSFORMS, PROFILES, RunConfig, parse_pairs
+from offprune.config import IGNORABLE_FIELDS, MASK_TRANSFORMS, PROFILES, RunConfig, parse_pairs
 from offprune.errors import UserError
 from offprune.prune import DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, SCOPES, default_prune_rounds, default_scope
 from offprune.sparse import KERNELS, MIN_ESTIMATED_SPEEDUP
@@ -209,8 +209,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
         progress=progress,
         sparsity_of=parse_pairs(sparsity_of, "--sparsity-of", float),
     ).validate()
-    ignored = cfg.ignored_options(flags_given("scope", "prune_start", "prune_end", "prune_every", "drop_fraction",
-                                              "omega", "transfer_noise"))
+    ignored = cfg.ignored_options(flags_given(*IGNORABLE_FIELDS))
     if ignored:
         raise UserError("; ".join(ignored))
     if dataset == RunConfig.dataset:

@@ -36,9 +36,12 @@ def profile_budget(profile: str, algo: str) -> dict[str, Any]:
 MASK_TRANSFORMS = ("none", "shuffle")  # what happens to a criterion's masks before training
 
 # The options each mask schedule uses; a run of any other method ignores them.
+SCHEDULE_FIELDS = ("prune_start", "prune_end", "prune_every", "drop_fraction")
 SCHEDULE_OPTIONS = {"gmp": ("prune_start", "prune_end", "prune_every"),
                     "set": ("prune_end", "prune_every", "drop_fraction"),
                     "rigl": ("prune_end", "prune_every", "drop_fraction")}
+# Fields `RunConfig.ignored_options` checks: options some runs have no use for.
+IGNORABLE_FIELDS = ("scope", *SCHEDULE_FIELDS, "omega", "transfer_noise")
 
 # Fields a resumed run may change: they extend or relocate the run without changing what it is.
 RESUMABLE_CHANGES = ("steps", "device", "threads", "progress")

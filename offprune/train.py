@@ -29,7 +29,7 @@ import offprune
 from offprune import atomic, checkpoint
 from offprune.algos import ALGOS
 from offprune.algos.base import copy_sources_to_targets
-from offprune.config import SCHEDULE_OPTIONS, RunConfig
+from offprune.config import SCHEDULE_FIELDS, SCHEDULE_OPTIONS, RunConfig
 from offprune.data import load_dataset
 from offprune.data.d4rl import OfflineDataset
 from offprune.envs import cpu_model, env_versions, make_env
@@ -436,7 +436,7 @@ def schedule_columns(cfg: RunConfig) -> dict:
     """The options of a mask schedule as result columns: the ones the run's method uses, 0 for the rest."""
     used = SCHEDULE_OPTIONS.get(cfg.prune, ())
     return {name: (getattr(cfg, name) if name in used else type(getattr(cfg, name))(0))
-            for name in ("prune_start", "prune_end", "prune_every", "drop_fraction")}
+            for name in SCHEDULE_FIELDS}
 
 
 def sparsity_columns(masks: dict) -> dict:

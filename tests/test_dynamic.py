@@ -209,7 +209,6 @@ def test_speed_agents_with_changing_masks_change_them_on_both_kernels(method):
 def test_the_plan_times_gmp_dense_until_the_auto_rule_turns_it_sparse(monkeypatch):
     from offprune import plan
     from offprune.algos import ALGOS
-
     from offprune.sparse import kernels_by_rule
 
     cfg = RunConfig(algo="bcq", dataset="hopper-expert-v5", prune="gmp", sparsity=0.95, steps=20000)
