@@ -246,15 +246,30 @@ def _activation_grad(grad: Tensor, y: Tensor, act: nn.Module) -> Tensor:
     return torch.ops.aten.elu_backward(grad, act.alpha, 1, 1, True, y)
 
 
+def _product_weights(layers: Sequence[ChainLayer], params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Per layer, what its forward product multiplies by and its bias: (w0, b0, w1, b1, ...).
+    `params` are the layers' parameters (a SparseLinear's kept values or an nn.Linear's weight,
+    and the bias). A 'dense-product' or 'csr-addmm' layer's weight is built from its values here,
+    once per chain pass: a wide pass's row blocks share it and the backward reuses it."""
+    weights = list(params)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, SparseLinear) and layer.kernel != "csr":
+            weights[2 * i] = layer.product_weight(params[2 * i])
+    return tuple(weights)
+
+
 def _layer_product(layer: ChainLayer, weight: Tensor, bias: Tensor, h_t: Tensor) -> Tensor:
-    """W h_t + b for a feature-major h_t: a row-major [out, batch] tensor. `weight` is the layer's
-    parameter: a SparseLinear's kept values or an nn.Linear's dense weight."""
-    if isinstance(layer, nn.Linear):
-        return torch.addmm(bias.unsqueeze(1), weight, h_t)
-    if layer.kernel == "csr":
+    """W h_t + b for a feature-major h_t: a row-major [out, batch] tensor. `weight` is what the
+    layer multiplies by (`_product_weights`): kept values for 'csr', else a dense or CSR matrix."""
+    if isinstance(layer, SparseLinear) and layer.kernel == "csr":
         return csr_times(layer.crow, layer.col, weight, h_t if h_t.is_contiguous() else h_t.contiguous()).add_(
             bias.unsqueeze(1))
-    return torch.addmm(bias.unsqueeze(1), layer.product_weight(weight), h_t)
+    return torch.addmm(bias.unsqueeze(1), weight, h_t)
+
+
+def _is_csr(layer: ChainLayer) -> bool:
+    """A SparseLinear on 'csr' or 'csr-addmm' (its gradients are computed from the CSR structure)."""
+    return isinstance(layer, SparseLinear) and layer.kernel != "dense-product"
 
 
 def _uses_blocked_csr(layer: ChainLayer) -> bool:
@@ -262,12 +277,20 @@ def _uses_blocked_csr(layer: ChainLayer) -> bool:
 
 
 def _chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
-                params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
-    """Forward through the chain: the output ([batch, out] view) and each layer's feature-major input."""
+                weights: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+    """Forward through the chain (`weights` from `_product_weights`): the output ([batch, out]
+    view) and each layer's feature-major input.
+
+    An inference copy's dense first layer (nn.Linear) on a few rows runs batch-major, x W^T, and
+    hands on the transposed view: torch's W x^T is up to 4x slower there (benchmarks/README.md).
+    Training chains have no nn.Linear layers, so their products never depend on the batch."""
     h_t, inputs = x.T, []
     for i, layer in enumerate(layers):
         inputs.append(h_t)
-        h_t = _layer_product(layer, params[2 * i], params[2 * i + 1], h_t)
+        if i == 0 and isinstance(layer, nn.Linear) and x.shape[0] < INFERENCE_CSR_MIN_ROWS:
+            h_t = torch.addmm(weights[1], x, weights[0].T).T
+        else:
+            h_t = _layer_product(layer, weights[2 * i], weights[2 * i + 1], h_t)
         if i < len(layers) - 1:
             _activate_(h_t, act)
     return h_t.T, inputs
@@ -283,15 +306,16 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
     blocks whatever the thread count, so the same result (splitting rows anywhere else would not
     be: a dense product's rounding can depend on how many rows it gets)."""
     rows = x.shape[0]
+    weights = _product_weights(layers, params)
     if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(_uses_blocked_csr(layer) for layer in layers):
-        return _chain_pass(layers, act, x, params)[0]
+        return _chain_pass(layers, act, x, weights)[0]
     blocks = [slice(start, start + BLOCK_COLUMNS) for start in range(0, rows, BLOCK_COLUMNS)]
     groups = _groups(blocks, rows * _chain_cost(layers))
     inference = torch.is_inference_mode_enabled()
 
     def group_pass(group: list[slice]) -> list[Tensor]:
         with torch.inference_mode(inference), torch.no_grad():
-            return [_chain_pass(layers, act, x[block], params)[0] for block in group]
+            return [_chain_pass(layers, act, x[block], weights)[0] for block in group]
 
     futures = [_pool().submit(group_pass, group) for group in groups[1:]]
     outputs = group_pass(groups[0])
@@ -303,9 +327,13 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
 class _SparseChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layers, act, *params):
-        out, inputs = _chain_pass(layers, act, x, params)
+        weights = _product_weights(layers, params)
+        out, inputs = _chain_pass(layers, act, x, weights)
         ctx.layers, ctx.act = layers, act
-        ctx.save_for_backward(*inputs, *params[0::2])
+        # what the input gradient multiplies by: a dense matrix (the one the forward built for a
+        # 'dense-product' layer) or, for the CSR kernels, the kept values
+        ctx.save_for_backward(*inputs, *(params[2 * i] if _is_csr(layer) else weights[2 * i]
+                                         for i, layer in enumerate(layers)))
         return out
 
     @staticmethod
@@ -313,7 +341,7 @@ class _SparseChainFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         layers, act = ctx.layers, ctx.act
         saved = ctx.saved_tensors
-        inputs, values = saved[:len(layers)], saved[len(layers):]
+        inputs, matrices = saved[:len(layers)], saved[len(layers):]
         needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]  # needs: values_0, bias_0, ...
         # below the lowest layer with a trainable parameter, only the input gradient is left
         lowest = 0 if needs_x else min((i for i in range(len(layers)) if needs[2 * i] or needs[2 * i + 1]),
@@ -335,12 +363,10 @@ class _SparseChainFunction(torch.autograd.Function):
                 grads[2 * i + 1] = grad_t.sum(1)
             if i == 0 and not needs_x:
                 break
-            if dense:
-                below = torch.mm(values[i].T, grad_t)
-            elif layer.kernel == "dense-product":
-                below = torch.mm(layer.dense_weight(values[i]).T, grad_t)
+            if _is_csr(layer):
+                below = csr_times(layer.crow_t, layer.col_t, matrices[i].index_select(0, layer.perm_t), grad_t)
             else:
-                below = csr_times(layer.crow_t, layer.col_t, values[i].index_select(0, layer.perm_t), grad_t)
+                below = torch.mm(matrices[i].T, grad_t)
             if i == 0:
                 grad_x = below.T
             else:

@@ -145,6 +145,22 @@ def test_inference_copies_match_dense_outputs_and_leave_the_original_alone():
     torch.testing.assert_close(csr(torch.ones(4, 64)), seq[2](torch.ones(4, 64)).detach())
 
 
+def test_a_fused_inference_chain_with_dense_layers_matches_the_module_at_few_and_many_rows():
+    # BCQ's shape: a dense first layer (few inputs) and head around a sparse 'csr' layer. At few
+    # rows the first layer runs batch-major and hands on a transposed view; at many, W x^T.
+    torch.manual_seed(0)
+    seq = mlp(17, (300, 300), 3)
+    with torch.no_grad():
+        seq[2].weight.mul_((torch.rand(300, 300) < 0.05).float())
+    for rows in (1, 10, 100):
+        fast = sparse.inference_copy(seq, rows)
+        assert fast.sparse_chain and sparse.layer_kernels_in(fast) == \
+            ["dense", "csr-addmm" if rows < sparse.INFERENCE_CSR_MIN_ROWS else "csr", "dense"]
+        x = torch.randn(rows, 17)
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), seq(x), rtol=1e-5, atol=1e-6)
+
+
 def test_inference_kernels_follow_a_fixed_rule_of_shape_density_and_rows():
     g = torch.Generator().manual_seed(0)
     big_sparse = torch.rand(750, 750, generator=g) < 0.05  # a 'csr' layer in training
