@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from offprune.algos import ALGOS
-from offprune.config import IGNORABLE_FIELDS, MASK_TRANSFORMS, PROFILES, RunConfig, parse_pairs
+from offprune.config import IGNORABLE_FIELDS, MASK_TRANSFORMS, MAX_SEED, PROFILES, RunConfig, parse_pairs
 from offprune.errors import UserError
 from offprune.prune import DEFAULT_PRUNE_BATCH, DEFAULT_PRUNE_ROUNDS, METHODS, SCOPES, default_prune_rounds, default_scope
 from offprune.sparse import KERNELS, MIN_ESTIMATED_SPEEDUP
@@ -171,6 +171,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
     decoder, reward, actor, value. Config fields: see offprune/algos/ALGO.py.
     """
     from offprune.data.generate import ensure_default_dataset
+    from offprune.envs import check_env_id
     from offprune.train import run as train_run
 
     if seq_len is not None and not ALGOS[algo].Agent.sequential:
@@ -213,6 +214,8 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
     if ignored:
         raise UserError("; ".join(ignored))
     if dataset == RunConfig.dataset:
+        if env:
+            check_env_id(env)  # a mistyped --env fails before the default dataset is generated
         ensure_default_dataset(dataset, log=lambda m: click.echo(m, err=True))
     result = train_run(cfg, resume=resume, log=lambda m: click.echo(m, err=True))
     click.echo(format_summary(result))
@@ -337,7 +340,7 @@ def _echo_sweep_plan(cfg, runs) -> None:
 @click.option("--threshold", type=float, default=0.9, show_default=True,
               help="Fraction of the dense score a sparsity must keep to count in the table.")
 @click.option("--bootstrap", "reps", type=int, default=2000, show_default=True, help="Bootstrap resamples per CI.")
-@click.option("--readme", type=click.Path(dir_okay=False), default=None,
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A study's text (studies/NAME.md: its question, then '---' lines before what the runs show): "
                    "also write README.md, the text around the status, machine, time and the report's tables.")
 def report(results, out, layer_sparsity, threshold, reps, readme) -> None:
@@ -450,7 +453,7 @@ ENVS = ["hopper", "halfcheetah", "walker2d", "ant"]
 @click.option("--steps", type=int, default=None, help="Env steps of training (overrides the profile).")
 @click.option("--minutes", type=float, default=None, help="Wall-clock bound (overrides the profile).")
 @click.option("--eval-every", type=int, default=None, help="Env steps between snapshots + evaluations.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted or finished training (e.g. with more --steps).")
 def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume) -> None:
     """Train the behaviour policy that medium / expert / medium-replay data come from.
@@ -486,7 +489,7 @@ def datasets_train(env, algo, profile, steps, minutes, eval_every, seed, resume)
 @click.option("--profile", type=click.Choice(["quick", "d4rl"]), default="quick", show_default=True,
               help="Transitions: quick 100k, d4rl 1M.")
 @click.option("--transitions", type=int, default=None, help="Overrides the profile.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--out", default=None, help="Output file (default: $OFFPRUNE_DATASETS or ./datasets / ENV-QUALITY-v5.hdf5).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--policy", "policy_path", type=click.Path(), default=None,

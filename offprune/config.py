@@ -33,6 +33,7 @@ def profile_budget(profile: str, algo: str) -> dict[str, Any]:
     return budget
 
 
+MAX_SEED = 2**32 - 1  # seeds seed numpy too, whose legacy seeding takes [0, 2**32)
 MASK_TRANSFORMS = ("none", "shuffle")  # what happens to a criterion's masks before training
 
 # The options each mask schedule uses; a run of any other method ignores them.
@@ -99,6 +100,8 @@ class RunConfig:
             raise UserError(f"--prune {self.prune} at sparsity 0 removes nothing; use --prune dense")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope '{self.scope}' (choose from {', '.join(SCOPES)})")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed must be a whole number in [0, {MAX_SEED}] (numpy's seed range), got {self.seed}")
         for name in ("steps", "eval_every", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -262,6 +265,8 @@ def parse_list(text: str, kind=str) -> list:
         try:
             if kind is int and "-" in part.lstrip("-"):
                 lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise UserError(f"range '{part}' is empty (write LO-HI with LO <= HI)")
                 items.extend(range(int(lo), int(hi) + 1))
             else:
                 items.append(kind(part))

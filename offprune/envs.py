@@ -33,6 +33,14 @@ def make_env(env_id: str) -> gym.Env:
         raise UserError(f"cannot make environment '{env_id}': {e}") from None
 
 
+def check_env_id(env_id: str) -> None:
+    """A one-line error for an id gymnasium does not know, before any dataset is loaded or made."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"cannot make environment '{env_id}': {e}") from None
+
+
 def env_versions() -> dict[str, str]:
     import mujoco
 

@@ -101,6 +101,8 @@ def bad_file(tmp_path, name, mutate):
         (["--sparsity", "lots"], "'lots' is not a valid float"),
         (["--prune", "dense", "--sparsity", "0.5"], "--prune dense removes no weights"),
         (["--steps", "0"], "--steps must be at least 1"),
+        (["--seed", "-1"], "seed must be a whole number in [0, 4294967295]"),
+        (["--seed", str(2**32)], "seed must be a whole number in [0, 4294967295]"),
         (["--dataset", "hopper-nope-v2"], "dataset 'hopper-nope-v2' not found"),
         (["--env", "NotAnEnv-v9"], "cannot make environment 'NotAnEnv-v9'"),
         (["--env", "Walker2d-v5"], "pass --env with the matching environment"),
@@ -116,6 +118,13 @@ def test_bad_flags_end_in_one_line(capsys, tmp_path, hopper_file, args, message)
     assert err.count("\n") == 1 and err.startswith("offprune: error:") and message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "bcq_hopper-random-v5_snip_s0.9_seed0" / "results.parquet").exists()
+
+
+def test_a_mistyped_env_fails_before_the_default_dataset_is_generated(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path / "datasets"))
+    code, out, err = offprune(capsys, "run", "--env", "NotAnEnv-v9", "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and err.startswith("offprune: error: cannot make environment 'NotAnEnv-v9'"), err
+    assert not (tmp_path / "datasets").exists()
 
 
 @pytest.mark.parametrize(

@@ -276,4 +276,5 @@ def test_a_study_readme_puts_its_text_around_the_results_tables(capsys, tmp_path
     assert readme.rstrip().endswith("## Findings\n\nNot yet.")
     code, _, err = run_cli(capsys, "report", tmp_path / "reports" / "results.parquet", "--out", tmp_path / "r2",
                            "--readme", tmp_path / "none.md", "--bootstrap", "100")
-    assert code == 2 and "cannot read the study text" in err and not (tmp_path / "r2" / "README.md").exists()
+    # a missing study text fails before anything is written
+    assert code == 2 and "'--readme': File" in err and "does not exist" in err and not (tmp_path / "r2").exists()

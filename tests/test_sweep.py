@@ -20,6 +20,8 @@ def test_parse_lists_and_ranges():
     assert parse_list("bc,bcq") == ["bc", "bcq"]
     with pytest.raises(UserError, match="'x' is not a valid float"):
         parse_list("0.1,x", float)
+    with pytest.raises(UserError, match="range '5-2' is empty"):
+        parse_list("5-2", int)
     with pytest.raises(UserError, match="'a-b' is not a valid int or range"):
         parse_list("a-b", int)
 
