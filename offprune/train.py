@@ -157,6 +157,8 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
     run_dir = prepare_run_dir(cfg, resume)
     with checkpoint.locked(run_dir, wait=wait_for_lock):
         ckpt = checkpoint.load(run_dir, device, log) if resume else None
+        if resume and ckpt is None:
+            log(f"{cfg.name}: no checkpoint in {run_dir} to resume from; starting at step 0")
         progress = restore(ckpt, cfg, setup, run_dir, log) if ckpt else start(cfg, setup, run_dir, log)
         dense_layout = ckpt is not None and ckpt.get("layout") == checkpoint.LAYOUT
         if dense_layout:  # weights before the kernels: a sparse conversion reads them

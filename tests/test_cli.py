@@ -120,6 +120,13 @@ def test_bad_flags_end_in_one_line(capsys, tmp_path, hopper_file, args, message)
     assert not (tmp_path / "bcq_hopper-random-v5_snip_s0.9_seed0" / "results.parquet").exists()
 
 
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(capsys, tmp_path, hopper_file):
+    code, out, err = offprune(capsys, *quick(hopper_file, tmp_path, "--algo", "bc", "--steps", "1", "--resume"))
+    assert code == 0, err
+    assert "bc_hopper-random-v5_snip_s0.9_seed0: no checkpoint in" in err and "starting at step 0" in err
+    assert load(tmp_path).step.tolist() == [1]
+
+
 def test_a_mistyped_env_fails_before_the_default_dataset_is_generated(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("OFFPRUNE_DATASETS", str(tmp_path / "datasets"))
     code, out, err = offprune(capsys, "run", "--env", "NotAnEnv-v9", "--out", str(tmp_path), "--no-progress")
