@@ -143,9 +143,10 @@ def test_the_committed_study_files_parse():
     # (2 algos x (dense + 3 criteria x 2 sparsities) + BC dense)
     # criteria: 2 envs x 3 seeds x (1 + 9 variants x 3 sparsities); criteria-bcq: 1 env of the same
     # dynamic: 2 envs x 3 seeds x (1 + 6 methods x 3 sparsities); dynamic-bcq: 3 seeds x (1 + 6 x 2);
-    # bcq-seeds: 8 seeds x (dense + 3 variants)
+    # bcq-seeds: 8 seeds x (dense + 3 variants); learned-sparsity: 2 envs x 3 seeds x (1 + 2 methods x 2)
     assert counts == {"paper-95": 72, "bc-sparsity": 114, "prune-batch": 27, "algos-95": 90, "criteria": 168,
-                      "criteria-bcq": 84, "dynamic": 114, "dynamic-bcq": 39, "transfer": 12, "bcq-seeds": 32}
+                      "criteria-bcq": 84, "dynamic": 114, "dynamic-bcq": 39, "transfer": 12, "bcq-seeds": 32,
+                      "learned-sparsity": 30}
 
 
 def test_plan_counts_runs_exactly_and_estimates_from_the_probe(capsys, tmp_path, hopper_file, monkeypatch):
