@@ -264,10 +264,10 @@ def parse_list(text: str, kind=str) -> list:
             continue
         try:
             if kind is int and "-" in part.lstrip("-"):
-                lo, hi = part.split("-", 1)
-                if int(hi) < int(lo):
+                lo, hi = (int(bound) for bound in part.split("-", 1))
+                if hi < lo:
                     raise UserError(f"range '{part}' is empty (write LO-HI with LO <= HI)")
-                items.extend(range(int(lo), int(hi) + 1))
+                items.extend(range(lo, hi + 1))
             else:
                 items.append(kind(part))
         except ValueError:

@@ -30,7 +30,7 @@ def make_env(env_id: str) -> gym.Env:
     except gym.error.DependencyNotInstalled as e:
         raise UserError(f"environment {env_id} needs a package that is not installed: {e}") from None
     except (gym.error.Error, ModuleNotFoundError, ImportError) as e:
-        raise UserError(f"cannot make environment '{env_id}': {e}") from None
+        raise _cannot_make(env_id, e) from None
 
 
 def check_env_id(env_id: str) -> None:
@@ -38,7 +38,11 @@ def check_env_id(env_id: str) -> None:
     try:
         gym.spec(env_id)
     except gym.error.Error as e:
-        raise UserError(f"cannot make environment '{env_id}': {e}") from None
+        raise _cannot_make(env_id, e) from None
+
+
+def _cannot_make(env_id: str, error: Exception) -> UserError:
+    return UserError(f"cannot make environment '{env_id}': {error}")
 
 
 def env_versions() -> dict[str, str]:
