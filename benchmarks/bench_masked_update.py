@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from offprune.speed import VARIANTS, measure
+from offprune.speed import default_variants, measure
 
 
 def main() -> None:
@@ -30,10 +30,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), obs {args.obs_dim}, act {args.act_dim}, "
           f"sparsity {args.sparsity}, {args.repeats} x {args.steps} updates, median of rounds")
-    print(f"{'algo':<8} " + " ".join(f"{v + ' steps/s':>22}" for v in VARIANTS) + f" {'masked time / dense':>20}")
+    variants = default_variants()
+    print(f"{'algo':<8} " + " ".join(f"{v + ' steps/s':>22}" for v in variants) + f" {'masked time / dense':>20}")
     for algo in args.algos.split(","):
-        r = measure(algo, args.sparsity, args.obs_dim, args.act_dim, args.repeats, args.steps)
-        print(f"{algo:<8} " + " ".join(f"{r[v]:>22.1f}" for v in VARIANTS)
+        r = measure(algo, args.sparsity, args.obs_dim, args.act_dim, args.repeats, args.steps, variants)
+        print(f"{algo:<8} " + " ".join(f"{r[v]:>22.1f}" for v in variants)
               + f" {r['dense_unmasked'] / r['dense_masked']:>19.3f}x")
 
 

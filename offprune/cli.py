@@ -706,7 +706,9 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
 
     dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
     sparse: offprune's sparse kernels (--kernels sparse); dense_reparam: torch.nn.utils.prune's
-    weight * mask in every forward, for comparison with the usual pruning code bases."""
+    weight * mask in every forward, for comparison with the usual pruning code bases;
+    sparse_python (when the C++ chain loops are built): the sparse kernels' Python loops, which
+    compute the same bits, as where no C++ compiler is available."""
     import json
 
     import torch

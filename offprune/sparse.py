@@ -25,6 +25,11 @@ ONE autograd function whose backward walks the layers itself (activation gradien
 outputs), and a lone SparseLinear is a chain of one: per-layer autograd and module machinery was
 a third of a sparse BCQ update at 95 % before fusion.
 
+Compiled loops: where offprune.native has built its C++ library (on first use; it needs a C++
+compiler), a chain's forward pass and backward body run as one C++ call each, with a CSR product of
+its own that accumulates exactly as the embedding bag does. The results are bit-identical to the
+Python loops below, which run wherever the library is not there.
+
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
 agent turned back gives dense masked modules with bit-identical weights.
 """
@@ -44,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offprune import native
 from offprune.nets import MLP
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
@@ -267,6 +273,44 @@ def _layer_product(layer: ChainLayer, weight: Tensor, bias: Tensor, h_t: Tensor)
     return torch.addmm(bias.unsqueeze(1), weight, h_t)
 
 
+# --- the same loops in C++ (offprune.native): bit-identical, used whenever the library is there ---
+
+_NO_TENSOR = torch.empty(0)  # a place holder in the C++ loops' per-layer lists
+
+
+def _native(x: Tensor):
+    """The compiled chain loops, or None: not built (offprune.native) or not on the CPU."""
+    return native.chain_kernels() if x.device.type == "cpu" else None
+
+
+def _native_chain_pass(ext, layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
+                       weights: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+    kinds = [native.LINEAR if isinstance(layer, nn.Linear) else native.CSR if layer.kernel == "csr" else native.MATRIX
+             for layer in layers]
+    out, *inputs = ext.chain_pass(x, kinds, [getattr(layer, "crow", _NO_TENSOR) for layer in layers],
+                                  [getattr(layer, "col", _NO_TENSOR) for layer in layers], list(weights[0::2]),
+                                  list(weights[1::2]), _activation_code(act), getattr(act, "alpha", 1.0),
+                                  INFERENCE_CSR_MIN_ROWS)
+    return out, inputs
+
+
+def _native_chain_backward(ext, layers: Sequence[ChainLayer], act: nn.Module | None, grad_out: Tensor,
+                           inputs: Sequence[Tensor], matrices: Sequence[Tensor], needs: Sequence[bool],
+                           needs_x: bool, lowest: int) -> tuple[list[Tensor | None], Tensor | None]:
+    kinds = [native.GRAD_LINEAR if isinstance(layer, nn.Linear) else native.GRAD_DENSE_PRODUCT
+             if layer.kernel == "dense-product" else native.GRAD_CSR for layer in layers]
+    *grads, grad_x = ext.chain_backward(
+        grad_out, kinds, list(inputs), list(matrices),
+        [layer.pattern() if kind == native.GRAD_CSR else _NO_TENSOR for layer, kind in zip(layers, kinds)],
+        *([getattr(layer, name, _NO_TENSOR) for layer in layers] for name in ("flat_index", "crow_t", "col_t", "perm_t")),
+        list(needs), needs_x, lowest, _activation_code(act), getattr(act, "alpha", 1.0))
+    return grads, grad_x
+
+
+def _activation_code(act: nn.Module | None) -> int:
+    return native.ELU if isinstance(act, nn.ELU) else native.RELU
+
+
 def _is_csr(layer: ChainLayer) -> bool:
     """A SparseLinear on 'csr' or 'csr-addmm' (its gradients are computed from the CSR structure)."""
     return isinstance(layer, SparseLinear) and layer.kernel != "dense-product"
@@ -284,6 +328,9 @@ def _chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
     An inference copy's dense first layer (nn.Linear) on a few rows runs batch-major, x W^T, and
     hands on the transposed view: torch's W x^T is up to 4x slower there (benchmarks/README.md).
     Training chains have no nn.Linear layers, so their products never depend on the batch."""
+    ext = _native(x)
+    if ext is not None:
+        return _native_chain_pass(ext, layers, act, x, weights)
     h_t, inputs = x.T, []
     for i, layer in enumerate(layers):
         inputs.append(h_t)
@@ -346,6 +393,10 @@ class _SparseChainFunction(torch.autograd.Function):
         # below the lowest layer with a trainable parameter, only the input gradient is left
         lowest = 0 if needs_x else min((i for i in range(len(layers)) if needs[2 * i] or needs[2 * i + 1]),
                                        default=len(layers))
+        ext = _native(grad_out)
+        if ext is not None:
+            grads, grad_x = _native_chain_backward(ext, layers, act, grad_out, inputs, matrices, needs, needs_x, lowest)
+            return grad_x, None, None, *grads
         grads: list[Tensor | None] = [None] * (2 * len(layers))
         grad_x = None
         grad_t = _feature_major(grad_out)

@@ -16,10 +16,12 @@ import torch
 import torch.nn.utils.prune
 from torch import nn
 
+from offprune import native
 from offprune.algos import ALGOS
 from offprune.checkpoint import stored_networks
 from offprune.config import RunConfig
 from offprune.data import Batch, SequenceBatch
+from offprune.native import GATHER_EVENT
 from offprune.prune import compute_masks
 from offprune.sparse import (SparseLinear, apply_masks, has_sparse_layers, inference_copy, inference_kernel_for,
                              median_seconds, sparse_threads)
@@ -28,6 +30,29 @@ VARIANTS = ("dense_unmasked", "dense_masked", "sparse", "dense_reparam")
 # dense_masked: offprune's dense training (masked gradients, pruned weights zeroed after each step);
 # dense_reparam: torch.nn.utils.prune's way (weight = weight_orig * mask recomputed every forward),
 # what most pruning-at-initialisation code bases do; shown for context, not used by offprune.
+# sparse_python: the sparse kernels with their Python loops, what sparse training costs where the
+# C++ chain loops (offprune.native) cannot be built; measured when they are there.
+PYTHON_LOOPS = "sparse_python"
+
+
+class PythonLoops:
+    """A sparse agent whose fused chains run their Python loops (`offprune.native.python_loops`)."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return self.agent.modules
+
+    def update(self, batch) -> dict[str, float]:
+        with native.python_loops():
+            return self.agent.update(batch)
+
+
+def default_variants() -> tuple[str, ...]:
+    """VARIANTS, and the Python loops next to 'sparse' when the C++ loops are what 'sparse' uses."""
+    return (*VARIANTS, PYTHON_LOOPS) if native.chain_kernels() is not None else VARIANTS
 
 
 def random_batches(obs_dim: int, act_dim: int, size: int, count: int, seed: int = 0, seq_len: int | None = None
@@ -61,6 +86,8 @@ def update_batches(algo: str, config, obs_dim: int, act_dim: int, count: int, se
 
 def build(algo: str, variant: str, sparsity: float, obs_dim: int, act_dim: int, seed: int = 0, config=None):
     """An agent at initialisation: unpruned, or SNIP-pruned with one of the masked variants."""
+    if variant == PYTHON_LOOPS:
+        return PythonLoops(build(algo, "sparse", sparsity, obs_dim, act_dim, seed, config))
     torch.manual_seed(seed)
     module = ALGOS[algo]
     config = config if config is not None else algo_config(algo)
@@ -170,8 +197,10 @@ def interleaved_rates(agents: dict, batches: list, repeats: int) -> dict[str, fl
 
 
 def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5, steps: int = 30,
-            variants=VARIANTS, config=None) -> dict[str, float]:
-    """Median update steps/s of each variant over `repeats` interleaved rounds of `steps` updates."""
+            variants: tuple[str, ...] | None = None, config=None) -> dict[str, float]:
+    """Median update steps/s of each variant (default: `default_variants()`) over `repeats`
+    interleaved rounds of `steps` updates."""
+    variants = variants if variants is not None else default_variants()
     config = config if config is not None else algo_config(algo)
     batches = update_batches(algo, config, obs_dim, act_dim, steps)
     agents = {v: build(algo, v, sparsity, obs_dim, act_dim, config=config) for v in variants}
@@ -236,10 +265,15 @@ def act_latencies(agents: dict[str, object], obs_dim: int, rounds: int = 15, cal
 
 # --- where an update's time goes ---------------------------------------------------------------
 
-# Phases of a training update, told apart by torch profiler op names (and, for the embedding-bag
-# gathers, by whether they run inside autograd's backward).
+# Phases of a training update, told apart by torch profiler op names (and, for the CSR gathers, by
+# whether they run inside autograd's backward).
 BREAKDOWN_PHASES = ("forward gather", "input-grad gather", "weight-grad sampled product", "dense products",
                     "optimizer step", "rest")
+
+
+def _is_gather(name: str) -> bool:
+    """A CSR product: torch's embedding bag or the compiled one (offprune.native)."""
+    return "embedding_bag" in name or name == GATHER_EVENT
 
 
 def _phase(event, ancestors: list[str]) -> str | None:
@@ -248,8 +282,8 @@ def _phase(event, ancestors: list[str]) -> str | None:
         return "optimizer step"
     if any(a.startswith("Optimizer.step") for a in ancestors):
         return None  # counted with its step
-    if "embedding_bag" in name:
-        if any("embedding_bag" in a for a in ancestors):
+    if _is_gather(name):
+        if any(_is_gather(a) for a in ancestors):
             return None  # an inner call of the same gather
         return "input-grad gather" if any("Backward" in a for a in ancestors) else "forward gather"
     if name == "aten::sparse_sampled_addmm":

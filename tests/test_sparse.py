@@ -1,5 +1,6 @@
 """Sparse execution: same learning as dense masked training, exact conversion both ways."""
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -14,6 +15,7 @@ from offprune.algos import ALGOS
 from offprune.prune import MaskEnforcer, compute_masks
 from offprune.results import load
 from offprune.checkpoint import load_run
+from offprune import native
 from offprune import sparse as sparse_module
 from offprune.sparse import (SparseLinear, apply_masks, convert_to_dense, convert_to_sparse, has_sparse_layers,
                              kernel_for)
@@ -68,7 +70,7 @@ def test_blocked_csr_product_is_bit_identical_to_one_call(monkeypatch):
     lin, mask = masked_linear(out_f=50, in_f=60, density=0.1)
     sparse = SparseLinear(lin, mask, "csr")
     x = torch.randn(1000, 60)
-    with torch.no_grad():
+    with torch.no_grad(), native.python_loops():  # the Python loops' blocking (the C++ product blocks itself)
         monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 10**9)  # never blocked
         whole = sparse(x)
         monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
@@ -371,6 +373,7 @@ def test_speed_json(capsys):
     figures = json.loads(out)
     assert {"dense_unmasked", "dense_masked", "sparse"} <= set(figures)
     assert all(figures[k] > 0 for k in ("dense_unmasked", "dense_masked", "sparse"))
+    assert ("sparse_python" in figures) == (native.chain_kernels() is not None)  # both loops, when there are two
     code, _, err = run_cli(capsys, "speed", "--sparsity", "0")
     assert code == 2 and "--sparsity must be in (0, 1)" in err
     code, _, err = run_cli(capsys, "speed", "--algo-opt", "nope=1")
@@ -477,3 +480,120 @@ def test_the_update_breakdown_puts_gathers_on_sparse_kernels_and_products_on_den
     assert dense["forward gather"] == dense["input-grad gather"] == dense["weight-grad sampled product"] == 0
     assert dense["dense products"] > 0 and dense["optimizer step"] > 0
     assert sparse["forward gather"] > 0 and sparse["input-grad gather"] > 0 and sparse["weight-grad sampled product"] > 0
+
+
+# --- the C++ chain loops (offprune.native) compute the same bits as the Python loops ------------
+
+def compiled_chain_loops():
+    """The compiled module; a failed build is a test failure wherever a C++ compiler is present."""
+    import os
+    import shutil
+
+    if os.environ.get(native.ENV_SWITCH) == "0":
+        pytest.skip(f"{native.ENV_SWITCH}=0")
+    ext = native.chain_kernels()
+    if ext is None:
+        assert not (shutil.which("c++") or shutil.which("g++")), "a C++ compiler is here, but the chain loops did not build"
+        pytest.skip("no C++ compiler")
+    return ext
+
+
+def random_csr(out_f, in_f, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    mask[3] = False  # an output row with no kept weight
+    lin = nn.Linear(in_f, out_f)
+    return SparseLinear(lin, mask, "csr")
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 100, 128, 129, 300, 1000])
+def test_the_compiled_csr_product_is_bit_identical_to_the_embedding_bag(batch):
+    ext = compiled_chain_loops()
+    layer = random_csr(70, 90, 0.1, batch)
+    values, bias = layer.values.detach(), layer.bias.detach()
+    x_t = torch.randn(90, batch)
+    wide = torch.randn(90, batch + 7)[:, 3:3 + batch]  # a strided view whose rows start off cache lines
+    for x in (x_t, wide):
+        plain = sparse_module._bag(x.contiguous(), layer.col, layer.crow, values)
+        assert torch.equal(ext.gather(x, layer.crow, layer.col, values, None, False), plain)
+        fused = ext.gather(x, layer.crow, layer.col, values, bias, True)
+        assert torch.equal(fused, plain.add_(bias.unsqueeze(1)).relu_())
+        assert (fused[3] == bias[3].clamp_min(0)).all()  # the empty row: bias only
+
+
+def chain_results(net, x, grad):
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    for p in net.parameters():
+        p.grad = None
+    y = net(x)
+    y.backward(grad)
+    with torch.no_grad():
+        graph_free = net(x)
+    return [y, graph_free, x.grad, *(p.grad for p in net.parameters())]
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.ELU])
+@pytest.mark.parametrize("kernel", [None, "csr-addmm", "csr"])
+@pytest.mark.parametrize("rows", [10, 100, 1000])
+def test_compiled_and_python_chain_loops_compute_the_same_bits(activation, kernel, rows):
+    from offprune.prune import PrunableNetwork
+
+    compiled_chain_loops()
+    net, masks = masked_mlp(activation, widths=(14, 200, 150, 3))
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [], kernel=kernel)
+    assert net.sparse_chain
+    for x_needs_grad in (True, False):
+        x = torch.randn(rows, 14, requires_grad=x_needs_grad)
+        grad = torch.randn(rows, 3)
+        compiled = chain_results(net, x, grad)
+        with native.python_loops():
+            python = chain_results(net, x, grad)
+        assert len(compiled) == len(python) == 9
+        for a, b in zip(compiled, python):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [5, 100])
+def test_compiled_and_python_loops_give_inference_copies_the_same_outputs(rows):
+    from offprune.sparse import inference_copy, layer_kernels_in
+
+    compiled_chain_loops()
+    net, _ = masked_mlp(nn.ReLU, widths=(14, 200, 150, 3))
+    copy_ = inference_copy(net, rows)
+    assert layer_kernels_in(copy_) == ["dense", "csr-addmm" if rows < 32 else "csr", "dense"]
+    x = torch.randn(rows, 14)
+    with torch.inference_mode():
+        compiled = copy_(x)
+        with native.python_loops():
+            python = copy_(x)
+    assert torch.equal(compiled, python)
+
+
+def test_compiled_and_python_loops_train_bcq_to_the_same_bits():
+    from offprune.speed import algo_config, build, update_batches
+
+    compiled_chain_loops()
+    config = algo_config("bcq")
+    batches = update_batches("bcq", config, 11, 3, 5)
+    trained = []
+    for python in (False, True):
+        agent = build("bcq", "sparse", 0.95, 11, 3, config=config)
+        torch.manual_seed(5)
+        with native.python_loops() if python else contextlib.nullcontext():
+            losses = [agent.update(batch) for batch in batches]
+        trained.append((losses, {f"{m}.{k}": v for m, module in agent.modules.items()
+                                 for k, v in module.state_dict().items()}))
+    assert trained[0][0] == trained[1][0]
+    assert all(torch.equal(trained[0][1][k], trained[1][1][k]) for k in trained[0][1])
+
+
+def test_a_failed_build_falls_back_to_the_python_loops(tmp_path, monkeypatch, capfd):
+    broken = tmp_path / "_chain.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    assert native._load() is None
+    assert "C++ chain loops are unavailable" in capfd.readouterr().err
+    assert not any((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native._load() is None  # switched off: not even tried

@@ -1,0 +1,283 @@
+// A fused chain's forward pass and backward body in C++ (offprune/native.py builds this file on
+// first use). They compute exactly what the Python loops in offprune/sparse.py (`_chain_pass`
+// and `_SparseChainFunction.backward`) compute: the same torch operators with the same arguments
+// in the same order, except that CSR products go through `gather` below, which is bit-identical to
+// the embedding bag the Python loops use. Gained: a faster CSR product, no interpreter or Python
+// binding cost per operator, and the GIL released for the whole pass.
+#include <torch/extension.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define OFFPRUNE_X86 1
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Layer kinds, numbered as in offprune/native.py.
+constexpr int64_t CSR = 0;     // a CSR product (`gather`) by the kept values
+constexpr int64_t MATRIX = 1;  // addmm by a built weight (dense-product, csr-addmm)
+constexpr int64_t LINEAR = 2;  // an inference copy's nn.Linear (addmm by its weight)
+
+// Backward kinds: how a layer's weight gradient and input gradient are computed.
+constexpr int64_t GRAD_CSR = 0;            // sampled product on the pattern; input grad by bags
+constexpr int64_t GRAD_DENSE_PRODUCT = 1;  // dense product, kept positions picked
+constexpr int64_t GRAD_LINEAR = 2;         // dense product
+
+constexpr int64_t RELU = 1;
+constexpr int64_t ELU = 2;
+
+Tensor bag(const Tensor& x_t, const Tensor& col, const Tensor& crow, const Tensor& values) {
+  return std::get<0>(at::embedding_bag(x_t, col, crow, false, 0, false, values, true));
+}
+
+// --- the CSR gather: y = W x_t (+ bias) (relu), W in CSR (crow, col, values), x_t [in, batch] ----
+//
+// Each output element is accumulated exactly as torch's embedding_bag (FBGEMM) accumulates it:
+// a chain of fused multiply-adds from 0 over the row's kept weights in CSR order, so the result is
+// bit-identical to `embedding_bag`, `add_(bias)` and `relu_()` (the tests compare them). What
+// differs is the loop: column blocks of at most 16 * MAX_VECTORS floats, each block of a wide
+// batch first copied to a compact buffer (gathered rows of a [in, 1000] activation lie 4 KB apart
+// and collide in cache), and the bias and ReLU applied while the result is in registers.
+#if OFFPRUNE_X86
+constexpr int MAX_VECTORS = 8;
+
+template <int NV>
+__attribute__((target("avx512f"))) void gather_rows(const int32_t* crow, const int32_t* col, const float* values,
+                                                    const float* x, int64_t ldx, float* out, int64_t ldo,
+                                                    const float* bias, bool relu, int64_t rows, __mmask16 last) {
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = _mm512_setzero_ps();
+    }
+    for (int32_t k = crow[r]; k < crow[r + 1]; ++k) {
+      const __m512 w = _mm512_set1_ps(values[k]);
+      const float* p = x + static_cast<int64_t>(col[k]) * ldx;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV - 1; ++v) {
+        acc[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * v), acc[v]);
+      }
+      acc[NV - 1] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(last, p + 16 * (NV - 1)), acc[NV - 1]);
+    }
+    float* o = out + r * ldo;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      __m512 y = acc[v];
+      if (bias != nullptr) {
+        y = _mm512_add_ps(y, _mm512_set1_ps(bias[r]));
+      }
+      if (relu) {
+        y = _mm512_max_ps(y, _mm512_setzero_ps());
+      }
+      if (v < NV - 1) {
+        _mm512_storeu_ps(o + 16 * v, y);
+      } else {
+        _mm512_mask_storeu_ps(o + 16 * v, last, y);
+      }
+    }
+  }
+}
+
+using GatherRows = void (*)(const int32_t*, const int32_t*, const float*, const float*, int64_t, float*, int64_t,
+                            const float*, bool, int64_t, __mmask16);
+constexpr GatherRows GATHER_ROWS[MAX_VECTORS] = {gather_rows<1>, gather_rows<2>, gather_rows<3>, gather_rows<4>,
+                                                 gather_rows<5>, gather_rows<6>, gather_rows<7>, gather_rows<8>};
+
+bool has_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+#else
+bool has_avx512() { return false; }
+#endif
+
+// Column blocks: a batch of more than UNPACKED_MAX columns, or one whose rows do not start on
+// cache lines, is copied PACK_WIDTH columns at a time to an aligned buffer and multiplied from
+// there (both measured best on BCQ's layers at 100 to 1,000 rows; benchmarks/README.md).
+int64_t g_pack_width = 64;
+int64_t g_unpacked_max = 128;
+int64_t g_min_batch = 0;  // below this many columns, the embedding bag itself (for measuring)
+
+#if OFFPRUNE_X86
+// out[:, start:start + width] for output rows [row_begin, row_end), from x's columns at `x`
+// (row stride ldx); ldo is out's row stride.
+void gather_block(const int32_t* crow, const int32_t* col, const float* values, const float* x, int64_t ldx,
+                  float* out, int64_t ldo, const float* bias, bool relu, int64_t row_begin, int64_t row_end,
+                  int64_t width) {
+  for (int64_t done = 0; done < width; done += 16 * MAX_VECTORS) {
+    const int64_t part = std::min<int64_t>(16 * MAX_VECTORS, width - done);
+    const int vectors = static_cast<int>((part + 15) / 16);
+    const int64_t tail = part - 16 * (vectors - 1);
+    const __mmask16 last = tail == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
+    GATHER_ROWS[vectors - 1](crow + row_begin, col, values, x + done, ldx, out + row_begin * ldo + done, ldo,
+                             bias != nullptr ? bias + row_begin : nullptr, relu, row_end - row_begin, last);
+  }
+}
+
+Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
+                     const Tensor* bias, bool relu) {
+  const int64_t batch = x_t.size(1), out_rows = crow.size(0) - 1, in_rows = x_t.size(0);
+  Tensor out = at::empty({out_rows, batch}, x_t.options());
+  Tensor bias_c = bias != nullptr ? bias->contiguous() : Tensor();
+  const float* b = bias != nullptr ? bias_c.data_ptr<float>() : nullptr;
+  const int32_t* crow_p = crow.data_ptr<int32_t>();
+  const int32_t* col_p = col.data_ptr<int32_t>();
+  const float* values_p = values.data_ptr<float>();
+  const float* x = x_t.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t ldx = x_t.stride(0);
+  const bool pack = batch > g_unpacked_max || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
+  if (!pack) {
+    gather_block(crow_p, col_p, values_p, x, ldx, o, batch, b, relu, 0, out_rows, batch);
+    return out;
+  }
+  const int64_t width = batch <= g_unpacked_max ? batch : g_pack_width;
+  const int64_t ld_buffer = (width + 15) / 16 * 16;
+  Tensor buffer = at::empty({in_rows * ld_buffer}, x_t.options());
+  float* packed = buffer.data_ptr<float>();
+  for (int64_t start = 0; start < batch; start += width) {
+    const int64_t w = std::min(width, batch - start);
+    for (int64_t i = 0; i < in_rows; ++i) {
+      std::memcpy(packed + i * ld_buffer, x + i * ldx + start, w * sizeof(float));
+    }
+    gather_block(crow_p, col_p, values_p, packed, ld_buffer, o + start, batch, b, relu, 0, out_rows, w);
+  }
+  return out;
+}
+#endif
+
+Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values, const Tensor* bias,
+              bool relu) {
+  RECORD_FUNCTION("offprune::csr_gather", std::vector<c10::IValue>());
+#if OFFPRUNE_X86
+  if (has_avx512() && x_t.device().is_cpu() && values.device().is_cpu() && x_t.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat &&
+      crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.is_contiguous() &&
+      x_t.stride(1) == 1 && x_t.size(1) >= std::max<int64_t>(g_min_batch, 1)) {
+    return gather_avx512(x_t, crow, col, values, bias, relu);
+  }
+#endif
+  Tensor y = bag(x_t.is_contiguous() ? x_t : x_t.contiguous(), col, crow, values);
+  if (bias != nullptr) {
+    y.add_(bias->unsqueeze(1));
+  }
+  if (relu) {
+    at::relu_(y);
+  }
+  return y;
+}
+
+void set_gather_tuning(int64_t pack_width, int64_t unpacked_max, int64_t min_batch) {
+  g_pack_width = pack_width;
+  g_unpacked_max = unpacked_max;
+  g_min_batch = min_batch;
+}
+
+void activate_(Tensor& y, int64_t act, double alpha) {
+  if (act == RELU) {
+    at::relu_(y);
+  } else {
+    at::elu_(y, alpha);
+  }
+}
+
+// Returns the output ([batch, out] view) followed by each layer's feature-major input.
+std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kinds,
+                               const std::vector<Tensor>& crows, const std::vector<Tensor>& cols,
+                               const std::vector<Tensor>& weights, const std::vector<Tensor>& biases,
+                               int64_t act, double alpha, int64_t batch_major_below) {
+  pybind11::gil_scoped_release no_gil;
+  const size_t n = kinds.size();
+  std::vector<Tensor> result;
+  result.reserve(n + 1);
+  result.emplace_back();
+  Tensor h_t = x.t();
+  for (size_t i = 0; i < n; ++i) {
+    result.push_back(h_t);
+    if (i == 0 && kinds[i] == LINEAR && x.size(0) < batch_major_below) {
+      h_t = at::addmm(biases[i], x, weights[i].t()).t();
+    } else if (kinds[i] == CSR) {
+      const bool fuse_relu = i + 1 < n && act == RELU;
+      h_t = gather(h_t, crows[i], cols[i], weights[i], &biases[i], fuse_relu);
+      if (i + 1 < n && !fuse_relu) {
+        activate_(h_t, act, alpha);
+      }
+      continue;
+    } else {
+      h_t = at::addmm(biases[i].unsqueeze(1), weights[i], h_t);
+    }
+    if (i + 1 < n) {
+      activate_(h_t, act, alpha);
+    }
+  }
+  result[0] = h_t.t();
+  return result;
+}
+
+// The gradients (values_0, bias_0, values_1, ...; undefined where not needed) followed by the
+// input's gradient (undefined unless needs_x).
+std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int64_t>& kinds,
+                                   const std::vector<Tensor>& inputs, const std::vector<Tensor>& matrices,
+                                   const std::vector<Tensor>& patterns, const std::vector<Tensor>& flat_indices,
+                                   const std::vector<Tensor>& crows_t, const std::vector<Tensor>& cols_t,
+                                   const std::vector<Tensor>& perms_t, const std::vector<bool>& needs,
+                                   bool needs_x, int64_t lowest, int64_t act, double alpha) {
+  pybind11::gil_scoped_release no_gil;
+  const int64_t n = static_cast<int64_t>(kinds.size());
+  std::vector<Tensor> grads(2 * n + 1);
+  Tensor grad_t = grad_out.t();
+  if (!grad_t.is_contiguous()) {
+    grad_t = grad_t.contiguous();
+  }
+  for (int64_t i = n - 1; i >= lowest; --i) {
+    const Tensor& h_t = inputs[i];
+    if (needs[2 * i]) {
+      if (kinds[i] == GRAD_LINEAR) {
+        grads[2 * i] = at::mm(grad_t, h_t.t());
+      } else if (kinds[i] == GRAD_DENSE_PRODUCT) {
+        grads[2 * i] = at::mm(grad_t, h_t.t()).view(-1).index_select(0, flat_indices[i]);
+      } else {
+        grads[2 * i] = at::sparse_sampled_addmm(patterns[i], grad_t, h_t.t(), 0.0, 1.0).values();
+      }
+    }
+    if (needs[2 * i + 1]) {
+      grads[2 * i + 1] = grad_t.sum(1);
+    }
+    if (i == 0 && !needs_x) {
+      break;
+    }
+    Tensor below;
+    if (kinds[i] == GRAD_CSR) {
+      below = gather(grad_t, crows_t[i], cols_t[i], matrices[i].index_select(0, perms_t[i]), nullptr, false);
+    } else {
+      below = at::mm(matrices[i].t(), grad_t);
+    }
+    if (i == 0) {
+      grads[2 * n] = below.t();
+    } else if (act == RELU) {
+      grad_t = at::threshold_backward(below, h_t, 0);
+    } else {
+      grad_t = at::elu_backward(below, alpha, 1, 1, true, h_t);
+    }
+  }
+  return grads;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("chain_pass", &chain_pass);
+  m.def("chain_backward", &chain_backward);
+  m.def("gather", [](const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
+                     const c10::optional<Tensor>& bias, bool relu) {
+    pybind11::gil_scoped_release no_gil;
+    return gather(x_t, crow, col, values, bias ? &*bias : nullptr, relu);
+  });
+  m.def("set_gather_tuning", &set_gather_tuning);
+}
