@@ -285,13 +285,17 @@ def _native(x: Tensor):
 
 def _native_chain_pass(ext, layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
                        weights: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+    out, *inputs = ext.chain_pass(x, *_native_forward_args(layers, act, weights))
+    return out, inputs
+
+
+def _native_forward_args(layers: Sequence[ChainLayer], act: nn.Module | None, weights: tuple[Tensor, ...]) -> tuple:
+    """chain_pass's arguments after the input: per layer its kind, CSR structure, weight and bias."""
     kinds = [native.LINEAR if isinstance(layer, nn.Linear) else native.CSR if layer.kernel == "csr" else native.MATRIX
              for layer in layers]
-    out, *inputs = ext.chain_pass(x, kinds, [getattr(layer, "crow", _NO_TENSOR) for layer in layers],
-                                  [getattr(layer, "col", _NO_TENSOR) for layer in layers], list(weights[0::2]),
-                                  list(weights[1::2]), _activation_code(act), getattr(act, "alpha", 1.0),
-                                  INFERENCE_CSR_MIN_ROWS)
-    return out, inputs
+    return (kinds, [getattr(layer, "crow", _NO_TENSOR) for layer in layers],
+            [getattr(layer, "col", _NO_TENSOR) for layer in layers], list(weights[0::2]), list(weights[1::2]),
+            _activation_code(act), getattr(act, "alpha", 1.0), INFERENCE_CSR_MIN_ROWS)
 
 
 def _native_chain_backward(ext, layers: Sequence[ChainLayer], act: nn.Module | None, grad_out: Tensor,
@@ -837,7 +841,28 @@ def inference_copy(module: nn.Module, rows: int, kernels: str = "auto") -> nn.Mo
     for name, linear in _linear_names(module).items():
         _replace(module, name, _inference_layer(linear, rows, kernels))
     _mark_chains(module, dense_layers=True)
+    for m in module.modules():
+        if isinstance(m, MLP) and m.sparse_chain:
+            m.fused_forward = _FrozenChain(m)
     return module
+
+
+class _FrozenChain:
+    """An inference copy's fused MLP, its arguments to the C++ loop prepared once (the weights of
+    an inference copy never change): acting on a few rows, the per-call preparation in
+    `chain_forward` costs as much as a small layer's product. Anything else (no C++ library,
+    gradients wanted, wide batches that run in row blocks) takes the general path."""
+
+    def __init__(self, mlp: MLP):
+        layers, act = chain_parts(mlp)
+        params = tuple(p.detach() for layer in layers for p in _layer_params(layer))
+        self.args = _native_forward_args(layers, act, _product_weights(layers, params))
+
+    def __call__(self, mlp: MLP, x: Tensor) -> Tensor:
+        ext = _native(x)
+        if ext is None or x.dim() != 2 or x.shape[0] > 2 * BLOCK_COLUMNS or torch.is_grad_enabled():
+            return _fused_mlp_forward(mlp, x)
+        return ext.chain_pass(x, *self.args)[0]
 
 
 def layer_kernels_in(module: nn.Module) -> list[str]:
