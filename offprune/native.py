@@ -87,7 +87,10 @@ def _load() -> ModuleType | None:
     target = library_path()
     try:
         if target.exists():
-            return _import(target)
+            try:
+                return _import(target)
+            except ImportError:  # a damaged file: build it again
+                pass
         _notice(f"building offprune's C++ chain loops into {target} (once per machine and version, ~30 s)")
         return _compile(target)
     except Exception as err:  # no compiler, a failed build: the Python loops compute the same
