@@ -195,7 +195,7 @@ class SparseLinear(nn.Module):
         Built anew for every product: caching it by the values' version counter is unsafe
         because fused Adam updates parameters in place without bumping that counter."""
         flat = values.new_zeros(self.out_features * self.in_features)
-        return flat.index_copy(0, self.flat_index, values).view(self.out_features, self.in_features)
+        return flat.index_copy_(0, self.flat_index, values).view(self.out_features, self.in_features)
 
     def mask(self) -> Tensor:
         flat = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.values.device)
