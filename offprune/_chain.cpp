@@ -98,12 +98,11 @@ bool has_avx512() {
 bool has_avx512() { return false; }
 #endif
 
-// Column blocks: a batch of more than UNPACKED_MAX columns, or one whose rows do not start on
-// cache lines, is copied PACK_WIDTH columns at a time to an aligned buffer and multiplied from
-// there (both measured best on BCQ's layers at 100 to 1,000 rows; benchmarks/README.md).
-int64_t g_pack_width = 64;
-int64_t g_unpacked_max = 128;
-int64_t g_min_batch = 0;  // below this many columns, the embedding bag itself (for measuring)
+// Column blocks: a batch of more than UNPACKED_MAX columns is copied PACK_WIDTH columns at a time
+// to an aligned buffer and multiplied from there, a narrower one whose rows do not start on cache
+// lines in one block (both measured best on BCQ's layers at 100 to 1,000 rows; benchmarks/README.md).
+constexpr int64_t PACK_WIDTH = 64;
+constexpr int64_t UNPACKED_MAX = 128;
 
 #if OFFPRUNE_X86
 // out[:, start:start + width] for output rows [row_begin, row_end), from x's columns at `x`
@@ -133,12 +132,12 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   const float* x = x_t.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t ldx = x_t.stride(0);
-  const bool pack = batch > g_unpacked_max || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
+  const bool pack = batch > UNPACKED_MAX || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
   if (!pack) {
     gather_block(crow_p, col_p, values_p, x, ldx, o, batch, b, relu, 0, out_rows, batch);
     return out;
   }
-  const int64_t width = batch <= g_unpacked_max ? batch : g_pack_width;
+  const int64_t width = batch <= UNPACKED_MAX ? batch : PACK_WIDTH;
   const int64_t ld_buffer = (width + 15) / 16 * 16;
   Tensor buffer = at::empty({in_rows * ld_buffer}, x_t.options());
   float* packed = buffer.data_ptr<float>();
@@ -156,14 +155,18 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
 Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values, const Tensor* bias,
               bool relu) {
   RECORD_FUNCTION("offprune::csr_gather", std::vector<c10::IValue>());
+  // As the Python loops hand it to the bag. A one-column input can be "contiguous" with a column
+  // stride other than 1; the bag then takes another path with other rounding, so it keeps the bag.
+  const Tensor x = x_t.is_contiguous() ? x_t : x_t.contiguous();
 #if OFFPRUNE_X86
-  if (has_avx512() && x_t.device().is_cpu() && values.device().is_cpu() && x_t.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat &&
-      crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.is_contiguous() &&
-      x_t.stride(1) == 1 && x_t.size(1) >= std::max<int64_t>(g_min_batch, 1)) {
-    return gather_avx512(x_t, crow, col, values, bias, relu);
+  if (has_avx512() && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.size(1) > 0 && x.stride(1) == 1 &&
+      values.device().is_cpu() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
+      crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt &&
+      (bias == nullptr || bias->scalar_type() == at::kFloat)) {
+    return gather_avx512(x, crow, col, values, bias, relu);
   }
 #endif
-  Tensor y = bag(x_t.is_contiguous() ? x_t : x_t.contiguous(), col, crow, values);
+  Tensor y = bag(x, col, crow, values);
   if (bias != nullptr) {
     y.add_(bias->unsqueeze(1));
   }
@@ -171,12 +174,6 @@ Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Te
     at::relu_(y);
   }
   return y;
-}
-
-void set_gather_tuning(int64_t pack_width, int64_t unpacked_max, int64_t min_batch) {
-  g_pack_width = pack_width;
-  g_unpacked_max = unpacked_max;
-  g_min_batch = min_batch;
 }
 
 void activate_(Tensor& y, int64_t act, double alpha) {
@@ -279,5 +276,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::gil_scoped_release no_gil;
     return gather(x_t, crow, col, values, bias ? &*bias : nullptr, relu);
   });
-  m.def("set_gather_tuning", &set_gather_tuning);
 }

@@ -513,7 +513,8 @@ def test_the_compiled_csr_product_is_bit_identical_to_the_embedding_bag(batch):
     values, bias = layer.values.detach(), layer.bias.detach()
     x_t = torch.randn(90, batch)
     wide = torch.randn(90, batch + 7)[:, 3:3 + batch]  # a strided view whose rows start off cache lines
-    for x in (x_t, wide):
+    transposed = torch.randn(batch, 90).T  # a chain's input as the first layer sees it
+    for x in (x_t, wide, transposed):
         plain = sparse_module._bag(x.contiguous(), layer.col, layer.crow, values)
         assert torch.equal(ext.gather(x, layer.crow, layer.col, values, None, False), plain)
         fused = ext.gather(x, layer.crow, layer.col, values, bias, True)
@@ -534,7 +535,7 @@ def chain_results(net, x, grad):
 
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.ELU])
 @pytest.mark.parametrize("kernel", [None, "csr-addmm", "csr"])
-@pytest.mark.parametrize("rows", [10, 100, 1000])
+@pytest.mark.parametrize("rows", [1, 10, 100, 1000])
 def test_compiled_and_python_chain_loops_compute_the_same_bits(activation, kernel, rows):
     from offprune.prune import PrunableNetwork
 
