@@ -7,7 +7,7 @@ same order, and its CSR product accumulates each output element exactly as torch
 does (a chain of fused multiply-adds in CSR order). It is faster for three reasons: no
 interpreter or binding cost per operator, a CSR product that blocks and aligns wide batches and
 applies the bias and ReLU in registers (on CPUs with AVX-512; elsewhere it calls the embedding
-bag), and the GIL released for the whole pass, so sparse threads overlap.
+bag), and the GIL released for the whole pass, so sparse threads can overlap.
 
 The build (~30 s, once per machine, source version and torch version) goes to a fresh temporary
 folder and the library is then moved into OFFPRUNE_CACHE (default ~/.cache/offprune), so parallel
