@@ -105,18 +105,16 @@ constexpr int64_t PACK_WIDTH = 64;
 constexpr int64_t UNPACKED_MAX = 128;
 
 #if OFFPRUNE_X86
-// out[:, start:start + width] for output rows [row_begin, row_end), from x's columns at `x`
-// (row stride ldx); ldo is out's row stride.
+// One block of `width` columns: all `rows` output rows, from x's columns at `x` (row stride ldx)
+// into `out` (row stride ldo).
 void gather_block(const int32_t* crow, const int32_t* col, const float* values, const float* x, int64_t ldx,
-                  float* out, int64_t ldo, const float* bias, bool relu, int64_t row_begin, int64_t row_end,
-                  int64_t width) {
+                  float* out, int64_t ldo, const float* bias, bool relu, int64_t rows, int64_t width) {
   for (int64_t done = 0; done < width; done += 16 * MAX_VECTORS) {
     const int64_t part = std::min<int64_t>(16 * MAX_VECTORS, width - done);
     const int vectors = static_cast<int>((part + 15) / 16);
     const int64_t tail = part - 16 * (vectors - 1);
     const __mmask16 last = tail == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
-    GATHER_ROWS[vectors - 1](crow + row_begin, col, values, x + done, ldx, out + row_begin * ldo + done, ldo,
-                             bias != nullptr ? bias + row_begin : nullptr, relu, row_end - row_begin, last);
+    GATHER_ROWS[vectors - 1](crow, col, values, x + done, ldx, out + done, ldo, bias, relu, rows, last);
   }
 }
 
@@ -134,7 +132,7 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   const int64_t ldx = x_t.stride(0);
   const bool pack = batch > UNPACKED_MAX || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
   if (!pack) {
-    gather_block(crow_p, col_p, values_p, x, ldx, o, batch, b, relu, 0, out_rows, batch);
+    gather_block(crow_p, col_p, values_p, x, ldx, o, batch, b, relu, out_rows, batch);
     return out;
   }
   const int64_t width = batch <= UNPACKED_MAX ? batch : PACK_WIDTH;
@@ -146,7 +144,7 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
     for (int64_t i = 0; i < in_rows; ++i) {
       std::memcpy(packed + i * ld_buffer, x + i * ldx + start, w * sizeof(float));
     }
-    gather_block(crow_p, col_p, values_p, packed, ld_buffer, o + start, batch, b, relu, 0, out_rows, w);
+    gather_block(crow_p, col_p, values_p, packed, ld_buffer, o + start, batch, b, relu, out_rows, w);
   }
   return out;
 }

@@ -301,8 +301,8 @@ def _native_forward_args(layers: Sequence[ChainLayer], act: nn.Module | None, we
 def _native_chain_backward(ext, layers: Sequence[ChainLayer], act: nn.Module | None, grad_out: Tensor,
                            inputs: Sequence[Tensor], matrices: Sequence[Tensor], needs: Sequence[bool],
                            needs_x: bool, lowest: int) -> tuple[list[Tensor | None], Tensor | None]:
-    kinds = [native.GRAD_LINEAR if isinstance(layer, nn.Linear) else native.GRAD_DENSE_PRODUCT
-             if layer.kernel == "dense-product" else native.GRAD_CSR for layer in layers]
+    kinds = [native.GRAD_CSR if _is_csr(layer) else native.GRAD_LINEAR if isinstance(layer, nn.Linear)
+             else native.GRAD_DENSE_PRODUCT for layer in layers]
     *grads, grad_x = ext.chain_backward(
         grad_out, kinds, list(inputs), list(matrices),
         [layer.pattern() if kind == native.GRAD_CSR else _NO_TENSOR for layer, kind in zip(layers, kinds)],
