@@ -44,13 +44,23 @@ Tensor bag(const Tensor& x_t, const Tensor& col, const Tensor& crow, const Tenso
 // differs is the loop: column blocks of at most 16 * MAX_VECTORS floats, each block of a wide
 // batch first copied to a compact buffer (gathered rows of a [in, 1000] activation lie 4 KB apart
 // and collide in cache), and the bias and ReLU applied while the result is in registers.
+// Applied to each output element while it is in registers, in this order: + bias[row], max(0, .),
+// and the ReLU gradient's gate (threshold_backward(y, gate, 0): y where gate > 0 or NaN, else 0).
+struct Epilogue {
+  const float* bias = nullptr;
+  bool relu = false;
+  const float* gate = nullptr;  // [rows, batch] with row stride ld_gate
+  int64_t ld_gate = 0;
+};
+
 #if OFFPRUNE_X86
 constexpr int MAX_VECTORS = 8;
 
-template <int NV>
+template <int NV, bool PERMUTED>
 __attribute__((target("avx512f"))) void gather_rows(const int32_t* crow, const int32_t* col, const float* values,
-                                                    const float* x, int64_t ldx, float* out, int64_t ldo,
-                                                    const float* bias, bool relu, int64_t rows, __mmask16 last) {
+                                                    const int64_t* perm, const float* x, int64_t ldx, float* out,
+                                                    int64_t ldo, const Epilogue& epilogue, int64_t rows,
+                                                    __mmask16 last) {
   for (int64_t r = 0; r < rows; ++r) {
     __m512 acc[NV];
 #pragma GCC unroll 8
@@ -58,7 +68,7 @@ __attribute__((target("avx512f"))) void gather_rows(const int32_t* crow, const i
       acc[v] = _mm512_setzero_ps();
     }
     for (int32_t k = crow[r]; k < crow[r + 1]; ++k) {
-      const __m512 w = _mm512_set1_ps(values[k]);
+      const __m512 w = _mm512_set1_ps(values[PERMUTED ? perm[k] : k]);
       const float* p = x + static_cast<int64_t>(col[k]) * ldx;
 #pragma GCC unroll 8
       for (int v = 0; v < NV - 1; ++v) {
@@ -70,11 +80,16 @@ __attribute__((target("avx512f"))) void gather_rows(const int32_t* crow, const i
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       __m512 y = acc[v];
-      if (bias != nullptr) {
-        y = _mm512_add_ps(y, _mm512_set1_ps(bias[r]));
+      if (epilogue.bias != nullptr) {
+        y = _mm512_add_ps(y, _mm512_set1_ps(epilogue.bias[r]));
       }
-      if (relu) {
+      if (epilogue.relu) {
         y = _mm512_max_ps(y, _mm512_setzero_ps());
+      }
+      if (epilogue.gate != nullptr) {  // threshold_backward(y, gate, 0): 0 where gate <= 0 (not NaN)
+        const float* g = epilogue.gate + r * epilogue.ld_gate + 16 * v;
+        const __m512 gate = v < NV - 1 ? _mm512_loadu_ps(g) : _mm512_maskz_loadu_ps(last, g);
+        y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_NLE_UQ), y);
       }
       if (v < NV - 1) {
         _mm512_storeu_ps(o + 16 * v, y);
@@ -85,10 +100,13 @@ __attribute__((target("avx512f"))) void gather_rows(const int32_t* crow, const i
   }
 }
 
-using GatherRows = void (*)(const int32_t*, const int32_t*, const float*, const float*, int64_t, float*, int64_t,
-                            const float*, bool, int64_t, __mmask16);
-constexpr GatherRows GATHER_ROWS[MAX_VECTORS] = {gather_rows<1>, gather_rows<2>, gather_rows<3>, gather_rows<4>,
-                                                 gather_rows<5>, gather_rows<6>, gather_rows<7>, gather_rows<8>};
+using GatherRows = void (*)(const int32_t*, const int32_t*, const float*, const int64_t*, const float*, int64_t,
+                            float*, int64_t, const Epilogue&, int64_t, __mmask16);
+constexpr GatherRows GATHER_ROWS[2][MAX_VECTORS] = {
+    {gather_rows<1, false>, gather_rows<2, false>, gather_rows<3, false>, gather_rows<4, false>,
+     gather_rows<5, false>, gather_rows<6, false>, gather_rows<7, false>, gather_rows<8, false>},
+    {gather_rows<1, true>, gather_rows<2, true>, gather_rows<3, true>, gather_rows<4, true>,
+     gather_rows<5, true>, gather_rows<6, true>, gather_rows<7, true>, gather_rows<8, true>}};
 
 bool has_avx512() {
   static const bool supported = __builtin_cpu_supports("avx512f");
@@ -107,32 +125,45 @@ constexpr int64_t UNPACKED_MAX = 128;
 #if OFFPRUNE_X86
 // One block of `width` columns: all `rows` output rows, from x's columns at `x` (row stride ldx)
 // into `out` (row stride ldo).
-void gather_block(const int32_t* crow, const int32_t* col, const float* values, const float* x, int64_t ldx,
-                  float* out, int64_t ldo, const float* bias, bool relu, int64_t rows, int64_t width) {
+void gather_block(const int32_t* crow, const int32_t* col, const float* values, const int64_t* perm,
+                  const float* x, int64_t ldx, float* out, int64_t ldo, const Epilogue& epilogue, int64_t rows,
+                  int64_t width) {
   for (int64_t done = 0; done < width; done += 16 * MAX_VECTORS) {
     const int64_t part = std::min<int64_t>(16 * MAX_VECTORS, width - done);
     const int vectors = static_cast<int>((part + 15) / 16);
     const int64_t tail = part - 16 * (vectors - 1);
     const __mmask16 last = tail == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
-    GATHER_ROWS[vectors - 1](crow, col, values, x + done, ldx, out + done, ldo, bias, relu, rows, last);
+    Epilogue shifted = epilogue;
+    if (shifted.gate != nullptr) {
+      shifted.gate += done;
+    }
+    GATHER_ROWS[perm != nullptr][vectors - 1](crow, col, values, perm, x + done, ldx, out + done, ldo, shifted, rows,
+                                              last);
   }
 }
 
 Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
-                     const Tensor* bias, bool relu) {
+                     const Tensor* perm, const Tensor* bias, bool relu, const Tensor* gate) {
   const int64_t batch = x_t.size(1), out_rows = crow.size(0) - 1, in_rows = x_t.size(0);
   Tensor out = at::empty({out_rows, batch}, x_t.options());
   Tensor bias_c = bias != nullptr ? bias->contiguous() : Tensor();
-  const float* b = bias != nullptr ? bias_c.data_ptr<float>() : nullptr;
+  Epilogue epilogue;
+  epilogue.bias = bias != nullptr ? bias_c.data_ptr<float>() : nullptr;
+  epilogue.relu = relu;
+  if (gate != nullptr) {
+    epilogue.gate = gate->data_ptr<float>();
+    epilogue.ld_gate = gate->stride(0);
+  }
   const int32_t* crow_p = crow.data_ptr<int32_t>();
   const int32_t* col_p = col.data_ptr<int32_t>();
   const float* values_p = values.data_ptr<float>();
+  const int64_t* perm_p = perm != nullptr ? perm->data_ptr<int64_t>() : nullptr;
   const float* x = x_t.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t ldx = x_t.stride(0);
   const bool pack = batch > UNPACKED_MAX || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
   if (!pack) {
-    gather_block(crow_p, col_p, values_p, x, ldx, o, batch, b, relu, out_rows, batch);
+    gather_block(crow_p, col_p, values_p, perm_p, x, ldx, o, batch, epilogue, out_rows, batch);
     return out;
   }
   const int64_t width = batch <= UNPACKED_MAX ? batch : PACK_WIDTH;
@@ -144,14 +175,20 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
     for (int64_t i = 0; i < in_rows; ++i) {
       std::memcpy(packed + i * ld_buffer, x + i * ldx + start, w * sizeof(float));
     }
-    gather_block(crow_p, col_p, values_p, packed, ld_buffer, o + start, batch, b, relu, out_rows, w);
+    Epilogue block = epilogue;
+    if (block.gate != nullptr) {
+      block.gate += start;
+    }
+    gather_block(crow_p, col_p, values_p, perm_p, packed, ld_buffer, o + start, batch, block, out_rows, w);
   }
   return out;
 }
 #endif
 
-Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values, const Tensor* bias,
-              bool relu) {
+// W x_t for a CSR W (crow, col, and its values, taken through `perm` when given: values[perm[k]]),
+// then the epilogue: + bias, relu, the ReLU gradient's gate (a tensor shaped as the output).
+Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values, const Tensor* perm,
+              const Tensor* bias, bool relu, const Tensor* gate) {
   RECORD_FUNCTION("offprune::csr_gather", std::vector<c10::IValue>());
   // As the Python loops hand it to the bag. A one-column input can be "contiguous" with a column
   // stride other than 1; the bag then takes another path with other rounding, so it keeps the bag.
@@ -160,18 +197,129 @@ Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Te
   if (has_avx512() && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.size(1) > 0 && x.stride(1) == 1 &&
       values.device().is_cpu() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
       crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt &&
-      (bias == nullptr || bias->scalar_type() == at::kFloat)) {
-    return gather_avx512(x, crow, col, values, bias, relu);
+      (perm == nullptr || (perm->scalar_type() == at::kLong && perm->is_contiguous())) &&
+      (bias == nullptr || bias->scalar_type() == at::kFloat) &&
+      (gate == nullptr || (gate->scalar_type() == at::kFloat && gate->stride(1) == 1 &&
+                           gate->size(0) == crow.size(0) - 1 && gate->size(1) == x.size(1)))) {
+    return gather_avx512(x, crow, col, values, perm, bias, relu, gate);
   }
 #endif
-  Tensor y = bag(x, col, crow, values);
+  Tensor y = bag(x, col, crow, perm != nullptr ? values.index_select(0, *perm) : values);
   if (bias != nullptr) {
     y.add_(bias->unsqueeze(1));
   }
   if (relu) {
     at::relu_(y);
   }
+  if (gate != nullptr) {
+    y = at::threshold_backward(y, *gate, 0);
+  }
   return y;
+}
+
+// --- the weight gradient at the kept positions: dot(grad_t[row], h_t[col]) for each (row, col) --
+//
+// torch's CPU sparse_sampled_addmm computes each dot product with at::vec::map2_reduce_all on
+// 8-float vectors (its AVX2 kernel): the first 8 products, then one vector of products added per
+// 8 columns, a partial last vector added into its first lanes, and the 8 lanes summed as
+// ((0+4)+(2+6)) + ((1+5)+(3+7)); fewer than 8 columns are summed in order. `sampled_dots` does the
+// same additions, several dot products at a time. offprune/native.py checks at load that it gives
+// torch's bits on this machine and otherwise keeps torch's operator (`use_sampled_dots`).
+bool use_own_sampled_dots = false;
+
+#if OFFPRUNE_X86
+template <int N>
+__attribute__((target("avx2"))) void sampled_dots(const float* a, const float* const* b, int64_t k, float* out) {
+  if (k < 8) {
+    for (int n = 0; n < N; ++n) {
+      float acc = a[0] * b[n][0];
+      for (int64_t j = 1; j < k; ++j) {
+        acc = acc + a[j] * b[n][j];
+      }
+      out[n] = acc + 0.0f;  // torch's alpha * dot + beta * 0 (turns -0 into +0)
+    }
+    return;
+  }
+  __m256 acc[N];
+  const __m256 a0 = _mm256_loadu_ps(a);
+  for (int n = 0; n < N; ++n) {
+    acc[n] = _mm256_mul_ps(a0, _mm256_loadu_ps(b[n]));
+  }
+  const int64_t full = k - k % 8;
+  for (int64_t d = 8; d < full; d += 8) {
+    const __m256 av = _mm256_loadu_ps(a + d);
+    for (int n = 0; n < N; ++n) {
+      acc[n] = _mm256_add_ps(acc[n], _mm256_mul_ps(av, _mm256_loadu_ps(b[n] + d)));
+    }
+  }
+  const int64_t tail = k - full;
+  if (tail > 0) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), lanes);
+    const __m256 av = _mm256_maskload_ps(a + full, mask);
+    for (int n = 0; n < N; ++n) {
+      const __m256 sum = _mm256_add_ps(acc[n], _mm256_mul_ps(av, _mm256_maskload_ps(b[n] + full, mask)));
+      acc[n] = _mm256_blendv_ps(acc[n], sum, _mm256_castsi256_ps(mask));
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    __m256 v = acc[n];
+    v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 0x1));
+    v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+    v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
+    out[n] = _mm256_cvtss_f32(v) + 0.0f;
+  }
+}
+
+bool has_avx2() {
+  static const bool supported = __builtin_cpu_supports("avx2");
+  return supported;
+}
+#endif
+
+// The dot products (`sampled_dots`) at the pattern's positions, in CSR order; an undefined tensor
+// where they do not apply (no AVX2, other dtypes or index types, an empty batch).
+Tensor own_sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
+#if OFFPRUNE_X86
+  RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
+  if (has_avx2() && grad_t.device().is_cpu() && grad_t.scalar_type() == at::kFloat &&
+      h_t.scalar_type() == at::kFloat && grad_t.size(1) > 0 && pattern.crow_indices().scalar_type() == at::kInt) {
+    const Tensor g = grad_t.contiguous(), h = h_t.contiguous();
+    const Tensor crow = pattern.crow_indices(), col = pattern.col_indices();
+    const int32_t* crow_p = crow.data_ptr<int32_t>();
+    const int32_t* col_p = col.data_ptr<int32_t>();
+    const int64_t k = g.size(1), rows = crow.size(0) - 1;
+    Tensor out = at::empty({col.size(0)}, g.options());
+    float* o = out.data_ptr<float>();
+    const float* gp = g.data_ptr<float>();
+    const float* hp = h.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* a = gp + r * k;
+      int32_t e = crow_p[r];
+      for (; e + 4 <= crow_p[r + 1]; e += 4) {
+        const float* b[4] = {hp + col_p[e] * k, hp + col_p[e + 1] * k, hp + col_p[e + 2] * k, hp + col_p[e + 3] * k};
+        sampled_dots<4>(a, b, k, o + e);
+      }
+      for (; e < crow_p[r + 1]; ++e) {
+        const float* b[1] = {hp + col_p[e] * k};
+        sampled_dots<1>(a, b, k, o + e);
+      }
+    }
+    return out;
+  }
+#endif
+  return Tensor();
+}
+
+// sparse_sampled_addmm(pattern, grad_t, h_t.t(), beta=0, alpha=1).values()
+Tensor sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
+  if (use_own_sampled_dots) {
+    Tensor own = own_sampled_product(grad_t, h_t, pattern);
+    if (own.defined()) {
+      return own;
+    }
+  }
+  return at::sparse_sampled_addmm(pattern, grad_t, h_t.t(), 0.0, 1.0).values();
 }
 
 void activate_(Tensor& y, int64_t act, double alpha) {
@@ -199,7 +347,7 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
       h_t = at::addmm(biases[i], x, weights[i].t()).t();
     } else if (kinds[i] == CSR) {
       const bool fuse_relu = i + 1 < n && act == RELU;
-      h_t = gather(h_t, crows[i], cols[i], weights[i], &biases[i], fuse_relu);
+      h_t = gather(h_t, crows[i], cols[i], weights[i], nullptr, &biases[i], fuse_relu, nullptr);
       if (i + 1 < n && !fuse_relu) {
         activate_(h_t, act, alpha);
       }
@@ -238,7 +386,7 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
       } else if (kinds[i] == GRAD_DENSE_PRODUCT) {
         grads[2 * i] = at::mm(grad_t, h_t.t()).view(-1).index_select(0, flat_indices[i]);
       } else {
-        grads[2 * i] = at::sparse_sampled_addmm(patterns[i], grad_t, h_t.t(), 0.0, 1.0).values();
+        grads[2 * i] = sampled_product(grad_t, h_t, patterns[i]);
       }
     }
     if (needs[2 * i + 1]) {
@@ -247,16 +395,22 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
     if (i == 0 && !needs_x) {
       break;
     }
+    // the input gradient; below the first layer, through the activation (ReLU's gate applied
+    // inside the CSR product, as threshold_backward would apply it)
+    const bool gated = i > 0 && act == RELU;
     Tensor below;
     if (kinds[i] == GRAD_CSR) {
-      below = gather(grad_t, crows_t[i], cols_t[i], matrices[i].index_select(0, perms_t[i]), nullptr, false);
+      below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr);
     } else {
       below = at::mm(matrices[i].t(), grad_t);
+      if (gated) {
+        below = at::threshold_backward(below, h_t, 0);
+      }
     }
     if (i == 0) {
       grads[2 * n] = below.t();
     } else if (act == RELU) {
-      grad_t = at::threshold_backward(below, h_t, 0);
+      grad_t = below;
     } else {
       grad_t = at::elu_backward(below, alpha, 1, 1, true, h_t);
     }
@@ -269,9 +423,14 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_pass", &chain_pass);
   m.def("chain_backward", &chain_backward);
+  m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
+    pybind11::gil_scoped_release no_gil;
+    return own_sampled_product(grad_t, h_t, pattern);
+  });
+  m.def("use_sampled_dots", [](bool use) { use_own_sampled_dots = use; });
   m.def("gather", [](const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
                      const c10::optional<Tensor>& bias, bool relu) {
     pybind11::gil_scoped_release no_gil;
-    return gather(x_t, crow, col, values, bias ? &*bias : nullptr, relu);
+    return gather(x_t, crow, col, values, nullptr, bias ? &*bias : nullptr, relu, nullptr);
   });
 }

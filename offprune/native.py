@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +39,7 @@ RELU, ELU = 1, 2
 SOURCE = Path(__file__).with_name("_chain.cpp")
 MODULE_NAME = "offprune_chain"  # the name the library's PYBIND11_MODULE is built under
 GATHER_EVENT = "offprune::csr_gather"  # the profiler's name for the C++ CSR product
+SAMPLED_EVENT = "offprune::sampled_product"  # ... and for its weight-gradient dot products
 ENV_SWITCH = "OFFPRUNE_NATIVE"  # "0": never build or use the C++ loops
 ENV_CACHE = "OFFPRUNE_CACHE"
 
@@ -86,18 +88,47 @@ def _load() -> ModuleType | None:
         return None
     target = library_path()
     try:
+        module = None
         if target.exists():
             try:
-                return _import(target)
+                module = _import(target)
             except ImportError:  # a damaged file: build it again
                 pass
-        _notice(f"building offprune's C++ chain loops into {target} (once per machine and version, ~30 s)")
-        return _compile(target)
+        if module is None:
+            _notice(f"building offprune's C++ chain loops into {target} (once per machine and version, ~30 s)")
+            module = _compile(target)
+        module.use_sampled_dots(sampled_dots_match(module))
+        return module
     except Exception as err:  # no compiler, a failed build: the Python loops compute the same
         lines = str(err).strip().splitlines()
         _notice(f"offprune's C++ chain loops are unavailable ({lines[-1] if lines else type(err).__name__}): "
                 "sparse kernels run their Python loops, which compute the same bits more slowly")
         return None
+
+
+def sampled_dots_match(module: ModuleType) -> bool:
+    """Whether the library's weight-gradient dot products give torch's sparse_sampled_addmm bits on
+    this machine (they follow the summation order of torch's AVX2 kernel), checked on batch widths
+    that take each of its paths: fewer than 8 columns, whole vectors, a partial last vector."""
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = 7, 9
+    mask = torch.rand(rows, cols, generator=generator) < 0.5
+    mask[3] = False  # an empty row
+    row_index, col_index = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(rows + 1, dtype=torch.int32)
+    crow[1:] = torch.cumsum(torch.bincount(row_index, minlength=rows), 0)
+    with warnings.catch_warnings():  # torch's notice that CSR support is in beta
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, col_index.to(torch.int32), torch.zeros(len(col_index)), (rows, cols))
+    for batch in (1, 5, 8, 9, 16, 31, 100, 256, 1000):
+        grad_t = torch.randn(rows, batch, generator=generator)
+        grad_t[0] = 0.0  # -0.0 products: torch's result is +0.0
+        h_t = torch.randn(cols, batch, generator=generator)
+        own = module.own_sampled_product(grad_t, h_t, pattern)
+        torchs = torch.sparse.sampled_addmm(pattern, grad_t, h_t.T, beta=0.0).values()
+        if own is None or not torch.equal(own.view(torch.int32), torchs.view(torch.int32)):  # bits, zeros' signs too
+            return False
+    return True
 
 
 def _notice(message: str) -> None:

@@ -21,7 +21,7 @@ from offprune.algos import ALGOS
 from offprune.checkpoint import stored_networks
 from offprune.config import RunConfig
 from offprune.data import Batch, SequenceBatch
-from offprune.native import GATHER_EVENT
+from offprune.native import GATHER_EVENT, SAMPLED_EVENT
 from offprune.prune import compute_masks
 from offprune.sparse import (SparseLinear, apply_masks, has_sparse_layers, inference_copy, inference_kernel_for,
                              median_seconds, sparse_threads)
@@ -271,6 +271,9 @@ BREAKDOWN_PHASES = ("forward gather", "input-grad gather", "weight-grad sampled 
                     "optimizer step", "rest")
 
 
+SAMPLED_PRODUCTS = ("aten::sparse_sampled_addmm", SAMPLED_EVENT)  # torch's and the compiled one
+
+
 def _is_gather(name: str) -> bool:
     """A CSR product: torch's embedding bag or the compiled one (offprune.native)."""
     return "embedding_bag" in name or name == GATHER_EVENT
@@ -286,10 +289,10 @@ def _phase(event, ancestors: list[str]) -> str | None:
         if any(_is_gather(a) for a in ancestors):
             return None  # an inner call of the same gather
         return "input-grad gather" if any("Backward" in a for a in ancestors) else "forward gather"
-    if name == "aten::sparse_sampled_addmm":
+    if name in SAMPLED_PRODUCTS:
         return "weight-grad sampled product"
     if name in ("aten::addmm", "aten::mm", "aten::bmm") and not any(
-            a in ("aten::addmm", "aten::mm", "aten::bmm", "aten::sparse_sampled_addmm") for a in ancestors):
+            a in ("aten::addmm", "aten::mm", "aten::bmm", *SAMPLED_PRODUCTS) for a in ancestors):
         return "dense products"
     return None
 
