@@ -5,6 +5,8 @@
 // the embedding bag the Python loops use. Gained: a faster CSR product, no interpreter or Python
 // binding cost per operator, and the GIL released for the whole pass.
 #include <torch/extension.h>
+#include <sched.h>
+#include <unistd.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -12,12 +14,171 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
+
+// --- sharing a product's rows over threads ------------------------------------------------------
+//
+// torch's OpenMP threads sleep between parallel ops (OMP_WAIT_POLICY=PASSIVE), and waking one took
+// ~150 us on the machines measured, longer than most sparse products take. So the products share
+// their rows with helper threads of their own that keep polling for work for a while after each
+// task (SPIN), so that within a training update a hand-off takes well under a microsecond, and
+// sleep when training pauses. Rows are independent, so the bits do not depend on the split.
+class Helpers {
+ public:
+  // Runs task(0 .. parts-1), part 0 on the calling thread. Falls back to running all parts here
+  // when another thread is using the helpers.
+  void run(int parts, const std::function<void(int)>& task) {
+    bool expected = false;
+    if (parts <= 1 || !busy_.compare_exchange_strong(expected, true, std::memory_order_acquire)) {
+      for (int part = 0; part < parts; ++part) {
+        task(part);
+      }
+      return;
+    }
+    ensure_threads(parts - 1);
+    task_ = &task;
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      parts_ = parts;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    task(0);
+    while (pending_.load(std::memory_order_acquire) != 0) {
+      pause();
+    }
+    busy_.store(false, std::memory_order_release);
+  }
+
+  // Parts run by helper threads since the process started (the tests check that sharing happens).
+  static int64_t parts_run() { return instance().parts_run_.load(std::memory_order_relaxed); }
+
+  static void run_or_inline(int parts, const std::function<void(int)>& task) {
+    if (parts <= 1) {
+      task(0);
+    } else {
+      instance().run(parts, task);
+    }
+  }
+
+  static Helpers& instance() {
+    // A forked child has none of the parent's threads: it starts its own helpers.
+    static Helpers* helpers = new Helpers();
+    static pid_t owner = getpid();
+    if (getpid() != owner) {
+      helpers = new Helpers();  // the parent's object is left as it is: its threads are not here
+      owner = getpid();
+    }
+    return *helpers;
+  }
+
+ private:
+  static constexpr auto SPIN = std::chrono::milliseconds(5);
+
+  static void pause() {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+  }
+
+  void ensure_threads(int count) {
+    while (started_ < count) {
+      const int index = ++started_;  // helper i runs part i
+      std::thread([this, index] { work(index); }).detach();
+    }
+  }
+
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      auto since = std::chrono::steady_clock::now();
+      for (int polls = 0;; ++polls) {
+        const uint64_t generation = generation_.load(std::memory_order_acquire);
+        if (generation != seen) {
+          seen = generation;
+          if (index < parts_) {
+            (*task_)(index);
+            parts_run_.fetch_add(1, std::memory_order_relaxed);
+            pending_.fetch_sub(1, std::memory_order_release);
+          }
+          since = std::chrono::steady_clock::now();
+          continue;
+        }
+        pause();
+        if ((polls & 1023) == 1023 && std::chrono::steady_clock::now() - since > SPIN) {
+          break;
+        }
+      }
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+    }
+  }
+
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int64_t> parts_run_{0};
+  const std::function<void(int)>* task_ = nullptr;
+  int parts_ = 0;
+  int started_ = 0;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
+int helper_threads_wanted = 1;  // threads a product may use (offprune.sparse.sparse_threads)
+
+// Never more than the CPUs this process may run on: a polling helper without a CPU of its own
+// would take time from the thread it is meant to help.
+int usable_threads() {
+  static const int cpus = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+      return std::max(1, CPU_COUNT(&set));
+    }
+#endif
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }();
+  return std::min(helper_threads_wanted, cpus);
+}
+
+// Multiply-adds from which a product's rows are shared out.
+constexpr int64_t MIN_SHARED_WORK = 200000;
+
+// fn(begin, end) over row ranges covering [0, rows), split so that each thread gets about the same
+// number of kept weights (`crow`, the rows' CSR offsets), or all rows at once when work is small.
+void for_row_ranges(const int32_t* crow, int64_t rows, int64_t work,
+                    const std::function<void(int64_t, int64_t)>& fn) {
+  const int parts = work >= MIN_SHARED_WORK ? usable_threads() : 1;
+  if (parts == 1 || rows < parts) {
+    fn(0, rows);
+    return;
+  }
+  std::vector<int64_t> bounds(parts + 1, rows);
+  bounds[0] = 0;
+  const int64_t total = crow[rows] - crow[0];
+  for (int k = 1; k < parts; ++k) {
+    const int32_t target = crow[0] + static_cast<int32_t>(total * k / parts);
+    bounds[k] = std::lower_bound(crow, crow + rows + 1, target) - crow;
+  }
+  Helpers::run_or_inline(parts, [&](int part) {
+    if (bounds[part] < bounds[part + 1]) {
+      fn(bounds[part], bounds[part + 1]);
+    }
+  });
+}
 
 // Layer kinds, numbered as in offprune/native.py.
 constexpr int64_t CSR = 0;     // a CSR product (`gather`) by the kept values
@@ -125,6 +286,8 @@ constexpr int64_t UNPACKED_MAX = 128;
 #if OFFPRUNE_X86
 // One block of `width` columns: all `rows` output rows, from x's columns at `x` (row stride ldx)
 // into `out` (row stride ldo).
+// One block of `width` columns: all `rows` output rows, from x's columns at `x` (row stride ldx)
+// into `out` (row stride ldo).
 void gather_block(const int32_t* crow, const int32_t* col, const float* values, const int64_t* perm,
                   const float* x, int64_t ldx, float* out, int64_t ldo, const Epilogue& epilogue, int64_t rows,
                   int64_t width) {
@@ -139,6 +302,41 @@ void gather_block(const int32_t* crow, const int32_t* col, const float* values, 
     }
     GATHER_ROWS[perm != nullptr][vectors - 1](crow, col, values, perm, x + done, ldx, out + done, ldo, shifted, rows,
                                               last);
+  }
+}
+
+// Columns [begin, end) of the product, from x's columns at `x` (row stride ldx) into `out` (row
+// stride ldo): a batch of more than UNPACKED_MAX columns, or one whose rows do not start on cache
+// lines, is copied to an aligned buffer PACK_WIDTH columns at a time.
+void gather_columns(const int32_t* crow, const int32_t* col, const float* values, const int64_t* perm,
+                    const float* x, int64_t ldx, float* out, int64_t ldo, const Epilogue& epilogue, int64_t rows,
+                    int64_t in_rows, int64_t begin, int64_t end) {
+  const int64_t batch = end - begin;
+  x += begin;
+  out += begin;
+  Epilogue shifted = epilogue;
+  if (shifted.gate != nullptr) {
+    shifted.gate += begin;
+  }
+  const bool pack = batch > UNPACKED_MAX || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
+  if (!pack) {
+    gather_block(crow, col, values, perm, x, ldx, out, ldo, shifted, rows, batch);
+    return;
+  }
+  const int64_t width = batch <= UNPACKED_MAX ? batch : PACK_WIDTH;
+  const int64_t ld_buffer = (width + 15) / 16 * 16;
+  Tensor buffer = at::empty({in_rows * ld_buffer}, at::kFloat);
+  float* packed = buffer.data_ptr<float>();
+  for (int64_t start = 0; start < batch; start += width) {
+    const int64_t w = std::min(width, batch - start);
+    for (int64_t i = 0; i < in_rows; ++i) {
+      std::memcpy(packed + i * ld_buffer, x + i * ldx + start, w * sizeof(float));
+    }
+    Epilogue block = shifted;
+    if (block.gate != nullptr) {
+      block.gate += start;
+    }
+    gather_block(crow, col, values, perm, packed, ld_buffer, out + start, ldo, block, rows, w);
   }
 }
 
@@ -161,26 +359,18 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   const float* x = x_t.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t ldx = x_t.stride(0);
-  const bool pack = batch > UNPACKED_MAX || ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0;
-  if (!pack) {
-    gather_block(crow_p, col_p, values_p, perm_p, x, ldx, o, batch, epilogue, out_rows, batch);
-    return out;
-  }
-  const int64_t width = batch <= UNPACKED_MAX ? batch : PACK_WIDTH;
-  const int64_t ld_buffer = (width + 15) / 16 * 16;
-  Tensor buffer = at::empty({in_rows * ld_buffer}, x_t.options());
-  float* packed = buffer.data_ptr<float>();
-  for (int64_t start = 0; start < batch; start += width) {
-    const int64_t w = std::min(width, batch - start);
-    for (int64_t i = 0; i < in_rows; ++i) {
-      std::memcpy(packed + i * ld_buffer, x + i * ldx + start, w * sizeof(float));
+  // Shared out by columns, in runs of whole 16-column vectors: each thread then reads only its
+  // own columns of the input (splitting rows, both would read all of it).
+  const int64_t work = static_cast<int64_t>(col.size(0)) * batch;
+  const int64_t vectors = (batch + 15) / 16;
+  const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), vectors)) : 1;
+  const int64_t per_part = (vectors + parts - 1) / parts * 16;
+  Helpers::run_or_inline(parts, [&](int part) {
+    const int64_t begin = part * per_part, end = std::min(batch, begin + per_part);
+    if (begin < end) {
+      gather_columns(crow_p, col_p, values_p, perm_p, x, ldx, o, batch, epilogue, out_rows, in_rows, begin, end);
     }
-    Epilogue block = epilogue;
-    if (block.gate != nullptr) {
-      block.gate += start;
-    }
-    gather_block(crow_p, col_p, values_p, perm_p, packed, ld_buffer, o + start, batch, block, out_rows, w);
-  }
+  });
   return out;
 }
 #endif
@@ -293,18 +483,21 @@ Tensor own_sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor
     float* o = out.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
     const float* hp = h.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* a = gp + r * k;
-      int32_t e = crow_p[r];
-      for (; e + 4 <= crow_p[r + 1]; e += 4) {
-        const float* b[4] = {hp + col_p[e] * k, hp + col_p[e + 1] * k, hp + col_p[e + 2] * k, hp + col_p[e + 3] * k};
-        sampled_dots<4>(a, b, k, o + e);
+    for_row_ranges(crow_p, rows, static_cast<int64_t>(col.size(0)) * k, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* a = gp + r * k;
+        int32_t e = crow_p[r];
+        for (; e + 4 <= crow_p[r + 1]; e += 4) {
+          const float* b[4] = {hp + col_p[e] * k, hp + col_p[e + 1] * k, hp + col_p[e + 2] * k,
+                               hp + col_p[e + 3] * k};
+          sampled_dots<4>(a, b, k, o + e);
+        }
+        for (; e < crow_p[r + 1]; ++e) {
+          const float* b[1] = {hp + col_p[e] * k};
+          sampled_dots<1>(a, b, k, o + e);
+        }
       }
-      for (; e < crow_p[r + 1]; ++e) {
-        const float* b[1] = {hp + col_p[e] * k};
-        sampled_dots<1>(a, b, k, o + e);
-      }
-    }
+    });
     return out;
   }
 #endif
@@ -428,6 +621,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return own_sampled_product(grad_t, h_t, pattern);
   });
   m.def("use_sampled_dots", [](bool use) { use_own_sampled_dots = use; });
+  m.def("set_threads", [](int threads) { helper_threads_wanted = std::max(1, threads); });
+  m.def("helper_parts_run", &Helpers::parts_run);
   m.def("gather", [](const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
                      const c10::optional<Tensor>& bias, bool relu) {
     pybind11::gil_scoped_release no_gil;

@@ -361,7 +361,8 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
     if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(_uses_blocked_csr(layer) for layer in layers):
         return _chain_pass(layers, act, x, weights)[0]
     blocks = [slice(start, start + BLOCK_COLUMNS) for start in range(0, rows, BLOCK_COLUMNS)]
-    groups = _groups(blocks, rows * _chain_cost(layers))
+    # the compiled loops share each product's rows instead (offprune/_chain.cpp)
+    groups = [blocks] if _native(x) is not None else _groups(blocks, rows * _chain_cost(layers))
     inference = torch.is_inference_mode_enabled()
 
     def group_pass(group: list[slice]) -> list[Tensor]:
@@ -475,10 +476,15 @@ def sparse_threads(threads: int) -> Iterator[None]:
     previous_torch, previous = torch.get_num_threads(), _threads
     torch.set_num_threads(1)
     _threads = threads
+    ext = native.chain_kernels()
+    if ext is not None:
+        ext.set_threads(threads)
     try:
         yield
     finally:
         _threads = previous
+        if ext is not None:
+            ext.set_threads(previous)
         torch.set_num_threads(previous_torch)
 
 

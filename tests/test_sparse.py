@@ -118,13 +118,38 @@ def test_sparse_threads_share_a_wide_chains_row_blocks_with_bit_identical_result
     monkeypatch.setattr(sparse_module, "_chain_pass",
                         lambda *a: passes.append((a[2].shape[0], threading.get_ident())) or chain_pass(*a))
     torch.set_num_threads(3)
-    with torch.no_grad(), sparse_module.sparse_threads(3):
+    # the Python loops' thread pool (the compiled loops share each product instead: see below)
+    with torch.no_grad(), native.python_loops(), sparse_module.sparse_threads(3):
         assert torch.get_num_threads() == 1  # torch's own ops on one thread
         shared = net(x)
     assert torch.get_num_threads() == 3  # restored
     assert sorted(rows for rows, _ in passes) == [104] + [128] * 7  # the one-thread blocks
     assert len({thread for _, thread in passes}) >= 2  # this thread and the pool's (an idle worker may take two groups)
     assert torch.equal(whole, shared)
+
+
+@pytest.mark.parametrize("batch", [16, 100, 128, 300, 1000])
+def test_compiled_products_shared_over_threads_give_the_one_thread_bits(batch):
+    ext = compiled_chain_loops()
+    layer = random_csr(300, 400, 0.2, batch)
+    values, bias = layer.values.detach(), layer.bias.detach()
+    x_t = torch.randn(400, batch)
+    grad_t = torch.randn(300, batch)
+
+    def products():
+        return [ext.gather(x_t, layer.crow, layer.col, values, bias, True),
+                ext.gather(grad_t, layer.crow_t, layer.col_t, values, None, False),
+                ext.own_sampled_product(grad_t, x_t, layer.pattern())]
+
+    with sparse_module.sparse_threads(1):
+        before = ext.helper_parts_run()
+        alone = products()
+        assert ext.helper_parts_run() == before  # nothing handed off
+    with sparse_module.sparse_threads(2):
+        shared = products()
+        assert ext.helper_parts_run() > before  # parts ran on a helper thread
+    for a, b in zip(alone, shared):
+        assert (a is None and b is None) or same_bits(a, b)
 
 
 def test_sparse_bcq_updates_are_bit_identical_on_one_and_two_threads():
