@@ -643,3 +643,20 @@ def test_a_failed_build_falls_back_to_the_python_loops(tmp_path, monkeypatch, ca
     assert not any((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert native._load() is None  # switched off: not even tried
+
+
+def test_a_chain_rebuilds_its_call_structure_when_its_buffers_are_replaced():
+    from offprune.prune import PrunableNetwork
+    from offprune.sparse import chain_parts
+
+    compiled_chain_loops()
+    net, masks = masked_mlp(nn.ReLU)
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    x = torch.randn(10, 14)
+    before = net(x)
+    structure = sparse_module._structure(*chain_parts(net))
+    assert sparse_module._structure(*chain_parts(net)) is structure  # kept between calls
+    net._apply(lambda t: t.clone())  # as a device move does: new buffer and parameter tensors
+    assert sparse_module._structure(*chain_parts(net)) is not structure
+    assert sparse_module._structure(*chain_parts(net)).forward[1][1] is net[2].crow
+    assert same_bits(net(x), before)
