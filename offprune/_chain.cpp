@@ -34,6 +34,23 @@ using at::Tensor;
 // their rows with helper threads of their own that keep polling for work for a while after each
 // task (SPIN), so that within a training update a hand-off takes well under a microsecond, and
 // sleep when training pauses. Rows are independent, so the bits do not depend on the split.
+std::atomic<int> helper_threads_wanted{1};  // threads a product may use (offprune.sparse.sparse_threads)
+
+// Never more than the CPUs this process may run on: a polling helper without a CPU of its own
+// would take time from the thread it is meant to help.
+int usable_threads() {
+  static const int cpus = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+      return std::max(1, CPU_COUNT(&set));
+    }
+#endif
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }();
+  return std::min(helper_threads_wanted.load(std::memory_order_relaxed), cpus);
+}
+
 class Helpers {
  public:
   // Runs task(0 .. parts-1), part 0 on the calling thread. Falls back to running all parts here
@@ -117,7 +134,9 @@ class Helpers {
           continue;
         }
         pause();
-        if ((polls & 1023) == 1023 && std::chrono::steady_clock::now() - since > SPIN) {
+        // stop polling after SPIN without work, or at once when fewer threads are wanted (a
+        // polling helper would take its CPU from whoever else needs it)
+        if ((polls & 1023) == 1023 && (std::chrono::steady_clock::now() - since > SPIN || index >= usable_threads())) {
           break;
         }
       }
@@ -136,23 +155,6 @@ class Helpers {
   std::mutex mutex_;
   std::condition_variable wake_;
 };
-
-int helper_threads_wanted = 1;  // threads a product may use (offprune.sparse.sparse_threads)
-
-// Never more than the CPUs this process may run on: a polling helper without a CPU of its own
-// would take time from the thread it is meant to help.
-int usable_threads() {
-  static const int cpus = [] {
-#if defined(__linux__)
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-      return std::max(1, CPU_COUNT(&set));
-    }
-#endif
-    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  }();
-  return std::min(helper_threads_wanted, cpus);
-}
 
 // Multiply-adds from which a product's rows are shared out.
 constexpr int64_t MIN_SHARED_WORK = 200000;
@@ -621,7 +623,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return own_sampled_product(grad_t, h_t, pattern);
   });
   m.def("use_sampled_dots", [](bool use) { use_own_sampled_dots = use; });
-  m.def("set_threads", [](int threads) { helper_threads_wanted = std::max(1, threads); });
+  m.def("set_threads", [](int threads) { helper_threads_wanted.store(std::max(1, threads)); });
   m.def("helper_parts_run", &Helpers::parts_run);
   m.def("gather", [](const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
                      const c10::optional<Tensor>& bias, bool relu) {

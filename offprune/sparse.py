@@ -36,6 +36,7 @@ agent turned back gives dense masked modules with bit-identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -418,18 +419,19 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
     if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(_uses_blocked_csr(layer) for layer in layers):
         return _chain_pass(layers, act, x, weights)[0]
     blocks = [slice(start, start + BLOCK_COLUMNS) for start in range(0, rows, BLOCK_COLUMNS)]
-    # the compiled loops share each product's rows instead (offprune/_chain.cpp)
-    groups = [blocks] if _native(x) is not None else _groups(blocks, rows * _chain_cost(layers))
+    groups = _groups(blocks, rows * _chain_cost(layers))
     inference = torch.is_inference_mode_enabled()
 
     def group_pass(group: list[slice]) -> list[Tensor]:
         with torch.inference_mode(inference), torch.no_grad():
             return [_chain_pass(layers, act, x[block], weights)[0] for block in group]
 
-    futures = [_pool().submit(group_pass, group) for group in groups[1:]]
-    outputs = group_pass(groups[0])
-    for future in futures:
-        outputs += future.result()
+    # every thread busy with its own blocks: the compiled products do not share theirs meanwhile
+    with _products_unshared() if len(groups) > 1 else contextlib.nullcontext():
+        futures = [_pool().submit(group_pass, group) for group in groups[1:]]
+        outputs = group_pass(groups[0])
+        for future in futures:
+            outputs += future.result()
     return torch.cat(outputs)
 
 
@@ -521,6 +523,18 @@ def _chain_cost(layers: Sequence[ChainLayer]) -> int:
     """Multiply-adds per row of a chain's products."""
     return sum(len(layer.col) if isinstance(layer, SparseLinear) and layer.kernel == "csr"
                else layer.in_features * layer.out_features for layer in layers)
+
+
+@contextmanager
+def _products_unshared() -> Iterator[None]:
+    ext = native.chain_kernels()
+    if ext is not None:
+        ext.set_threads(1)
+    try:
+        yield
+    finally:
+        if ext is not None:
+            ext.set_threads(_threads)
 
 
 @contextmanager
