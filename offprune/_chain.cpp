@@ -517,6 +517,25 @@ Tensor sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor& pa
   return at::sparse_sampled_addmm(pattern, grad_t, h_t.t(), 0.0, 1.0).values();
 }
 
+// at::addmm(bias.unsqueeze(1), weight, h_t): addmm copies the broadcast bias into its result
+// element by element (slow for a stride-0 source) and then runs the same gemm with beta = 1 on
+// it; here the rows are filled directly and addmm_ runs that gemm in place.
+Tensor biased_product(const Tensor& bias, const Tensor& weight, const Tensor& h_t) {
+  if (bias.scalar_type() != at::kFloat || !bias.device().is_cpu() || weight.layout() != at::kStrided ||
+      weight.scalar_type() != at::kFloat || h_t.scalar_type() != at::kFloat) {
+    return at::addmm(bias.unsqueeze(1), weight, h_t);
+  }
+  const int64_t rows = weight.size(0), columns = h_t.size(1);
+  Tensor out = at::empty({rows, columns}, h_t.options());
+  const Tensor b = bias.contiguous();
+  const float* bp = b.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(o + r * columns, o + (r + 1) * columns, bp[r]);
+  }
+  return out.addmm_(weight, h_t);
+}
+
 void activate_(Tensor& y, int64_t act, double alpha) {
   if (act == RELU) {
     at::relu_(y);
@@ -548,7 +567,7 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
       }
       continue;
     } else {
-      h_t = at::addmm(biases[i].unsqueeze(1), weights[i], h_t);
+      h_t = biased_product(biases[i], weights[i], h_t);
     }
     if (i + 1 < n) {
       activate_(h_t, act, alpha);
