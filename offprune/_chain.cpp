@@ -1,9 +1,11 @@
 // A fused chain's forward pass and backward body in C++ (offprune/native.py builds this file on
 // first use). They compute exactly what the Python loops in offprune/sparse.py (`_chain_pass`
 // and `_SparseChainFunction.backward`) compute: the same torch operators with the same arguments
-// in the same order, except that CSR products go through `gather` below, which is bit-identical to
-// the embedding bag the Python loops use. Gained: a faster CSR product, no interpreter or Python
-// binding cost per operator, and the GIL released for the whole pass.
+// in the same order, except for products of their own with the same bits as torch's: CSR
+// products (`gather`, as the embedding bag), weight gradients (`sampled_product`, as
+// sparse_sampled_addmm) and dense products' bias (`biased_product`, as addmm). Gained: faster
+// products, no interpreter or Python binding cost per operator, the GIL released for the whole
+// pass, and large products shared over helper threads (`Helpers`) under sparse_threads(n).
 #include <torch/extension.h>
 #include <sched.h>
 #include <unistd.h>

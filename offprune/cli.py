@@ -681,7 +681,7 @@ def export(run_dir, out) -> None:
 @cli.command()
 @click.option("--algo", type=click.Choice(sorted(ALGOS)), default="bcq", show_default=True)
 @click.option("--sparsity", type=float, default=0.95, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for every variant (sparse: torch's ops on one thread, wide products split over all, as a run trains).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads for every variant (sparse: torch's ops on one thread, large sparse products shared over all, as a run trains).")
 @click.option("--obs-dim", type=int, default=11, show_default=True, help="11/3: Hopper; 17/6: HalfCheetah, Walker2d.")
 @click.option("--act-dim", type=int, default=3, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds (median reported).")
@@ -697,11 +697,14 @@ def export(run_dir, out) -> None:
 @click.option("--breakdown", is_flag=True,
               help="Instead: where one update's time goes (profiled), dense masked vs sparse: forward and input-grad "
                    "gathers, the weight-grad sampled product, dense products, the optimizer step, the rest.")
+@click.option("--compare-threads", type=int, default=None, metavar="N",
+              help="Instead: dense masked and sparse on 1 and on N threads, all four interleaved in one "
+                   "process (what N threads gain, free of the machine's drift between runs).")
 @click.option("--learned", is_flag=True,
               help="Instead: edge-popup and biprop (per-layer masks re-ranked from learned scores after every update; "
                    "dense kernels) against the unpruned agent.")
 def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, algo_opts, as_json, changes_every,
-          breakdown, learned) -> None:
+          breakdown, compare_threads, learned) -> None:
     """Update steps/s of one algorithm's SNIP-pruned agent, interleaved in one process.
 
     dense_unmasked: no pruning; dense_masked: offprune's dense kernels (--kernels dense);
@@ -736,6 +739,22 @@ def speed(algo, sparsity, threads, obs_dim, act_dim, repeats, steps, profile, al
             dense, sparse = r[f"{method}_dense"], r[f"{method}_sparse"]
             click.echo(f"  {method + '_dense':12s}{dense:8.1f} steps/s\n  {method + '_sparse':12s}{sparse:8.1f} steps/s   "
                        f"{sparse / dense:5.2f}x dense masked")
+        return
+    if compare_threads is not None:
+        from offprune.speed import measure_threads
+
+        if compare_threads < 2:
+            raise UserError("--compare-threads must be at least 2")
+        r = measure_threads(algo, sparsity, compare_threads, obs_dim, act_dim, repeats, steps, config=config)
+        if as_json:
+            click.echo(json.dumps({"algo": algo, "sparsity": sparsity, "cpu": cpu_model(),
+                                   **{f"{v}@{t}": rate for (v, t), rate in r.items()}}))
+            return
+        click.echo(f"{algo}, SNIP {sparsity}, 1 vs {compare_threads} threads, median of {repeats} interleaved "
+                   f"rounds x {steps} updates, CPU: {cpu_model()}")
+        for (variant, t), rate in r.items():
+            click.echo(f"  {variant:<13} {t:>2} thread(s) {rate:8.1f} steps/s   {rate / r[(variant, 1)]:5.2f}x its "
+                       f"1-thread rate   {rate / r[('dense_masked', t)]:5.2f}x dense masked on {t}")
         return
     if learned:
         from offprune.speed import measure_learned

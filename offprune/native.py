@@ -3,11 +3,16 @@
 A fused chain's forward pass and backward body (offprune.sparse) run as one C++ call each when the
 build works, and as the same loops in Python when it does not (no C++ compiler, a failed build, or
 OFFPRUNE_NATIVE=0). Both compute the same bits: the C++ loop calls the same torch operators in the
-same order, and its CSR product accumulates each output element exactly as torch's embedding bag
-does (a chain of fused multiply-adds in CSR order). It is faster for three reasons: no
-interpreter or binding cost per operator, a CSR product that blocks and aligns wide batches and
-applies the bias and ReLU in registers (on CPUs with AVX-512; elsewhere it calls the embedding
-bag), and the GIL released for the whole pass, so sparse threads can overlap.
+same order, except two products of its own that add up exactly as torch's do: the CSR product
+accumulates each output element as torch's embedding bag does (a chain of fused multiply-adds in
+CSR order), and the weight gradient's dot products add up as torch's sparse_sampled_addmm does (8
+float lanes, then its lane tree; `sampled_dots_match` checks this against torch on load, and where
+it fails the loop keeps torch's operator). It is faster because of no interpreter or binding cost
+per operator; products that block and align wide batches and apply the bias, ReLU and ReLU's
+gradient in registers (on CPUs with AVX-512; elsewhere the embedding bag); dense products that fill
+their bias rows themselves; the GIL released for the whole pass; and, under
+`offprune.sparse.sparse_threads(n)`, large products shared with n - 1 helper threads that keep
+polling for work between products (waking a sleeping thread took ~150 us on the machines measured).
 
 The build (~30 s, once per machine, source version and torch version) goes to a fresh temporary
 folder and the library is then moved into OFFPRUNE_CACHE (default ~/.cache/offprune), so parallel

@@ -27,8 +27,9 @@ a third of a sparse BCQ update at 95 % before fusion.
 
 Compiled loops: where offprune.native has built its C++ library (on first use; it needs a C++
 compiler), a chain's forward pass and backward body run as one C++ call each, with a CSR product of
-its own that accumulates exactly as the embedding bag does. The results are bit-identical to the
-Python loops below, which run wherever the library is not there.
+its own that accumulates exactly as the embedding bag does and weight-gradient dot products that
+add up exactly as sampled_addmm does (checked against torch when the library loads). The results
+are bit-identical to the Python loops below, which run wherever the library is not there.
 
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
 agent turned back gives dense masked modules with bit-identical weights.
@@ -494,10 +495,14 @@ class _SparseChainFunction(torch.autograd.Function):
 # Each of torch's parallel ops wakes the sleeping OpenMP threads (OMP_WAIT_POLICY=PASSIVE), which
 # costs more than most of a sparse update's ops take: with 2 threads a sparse BCQ update was slower
 # than with one (benchmarks/README.md). So under `sparse_threads(n)` torch's own ops run on one
-# thread, and only work big enough to pay for a hand-off is shared, on n - 1 worker threads: the
-# row blocks of a wide graph-free chain (BCQ's decoder on a critic target's 1,000 candidates).
-# The blocks are the same with one thread, so results do not depend on the thread count.
-MIN_SHARED_WORK = 3_000_000  # multiply-adds from which work is shared (a hand-off costs ~10-50 us)
+# thread, and work is shared two ways, both splitting only what is independent, so results do not
+# depend on the thread count:
+# - the compiled loops (offprune/_chain.cpp) share each large CSR product by columns and each
+#   weight gradient by rows with n - 1 helper threads that keep polling for work between products;
+# - a wide graph-free chain's row blocks (BCQ's decoder on a critic target's 1,000 candidates) go
+#   in contiguous groups to n - 1 worker threads, each block through the whole chain (the same
+#   blocks as on one thread); the compiled products do not share their own work meanwhile.
+MIN_SHARED_WORK = 3_000_000  # multiply-adds from which row blocks are shared (a hand-off costs ~10-50 us)
 
 _threads = 1
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -177,23 +177,43 @@ def measure_learned(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int 
     return interleaved_rates(agents, batches, repeats)
 
 
-def interleaved_rates(agents: dict, batches: list, repeats: int) -> dict[str, float]:
+def interleaved_rates(agents: dict, batches: list, repeats: int,
+                      threads: dict[str, int] | None = None) -> dict[str, float]:
     """Median update steps/s of each agent over `repeats` rounds, the agents' rounds interleaved
-    so the machine's noise hits them alike (after a warm-up: allocator, optimizer state). Agents
-    with sparse layers train under `sparse_threads` with torch's thread count, as a run would."""
-    threads = torch.get_num_threads()
+    so the machine's noise hits them alike (after a warm-up: allocator, optimizer state). Each
+    runs on `threads[key]` threads (default: torch's thread count); agents with sparse layers train
+    under `sparse_threads`, as a run would."""
+    default = torch.get_num_threads()
 
-    def rate(agent, batches: list) -> float:
+    def rate(key: str, batches: list) -> float:
+        agent, count = agents[key], (threads or {}).get(key, default)
         sparse = any(has_sparse_layers(m) for m in agent.modules.values())
-        with sparse_threads(threads) if sparse else contextlib.nullcontext():
-            return steps_per_second(agent, batches)
-    for agent in agents.values():
-        rate(agent, batches[:3])
-    rounds: dict[str, list[float]] = {v: [] for v in agents}
+        torch.set_num_threads(count)
+        try:
+            with sparse_threads(count) if sparse else contextlib.nullcontext():
+                return steps_per_second(agent, batches)
+        finally:
+            torch.set_num_threads(default)
+    for key in agents:
+        rate(key, batches[:3])
+    rounds: dict[str, list[float]] = {key: [] for key in agents}
     for _ in range(repeats):
-        for v, agent in agents.items():
-            rounds[v].append(rate(agent, batches))
-    return {v: statistics.median(r) for v, r in rounds.items()}
+        for key in agents:
+            rounds[key].append(rate(key, batches))
+    return {key: statistics.median(r) for key, r in rounds.items()}
+
+
+def measure_threads(algo: str, sparsity: float, threads: int, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5,
+                    steps: int = 30, config=None) -> dict[tuple[str, int], float]:
+    """Median update steps/s of dense masked and sparse agents on 1 and on `threads` threads, all
+    four interleaved in one process: what more threads gain, free of the drift between runs."""
+    config = config if config is not None else algo_config(algo)
+    batches = update_batches(algo, config, obs_dim, act_dim, steps)
+    agents = {v: build(algo, v, sparsity, obs_dim, act_dim, config=config) for v in ("dense_masked", "sparse")}
+    keys = {(v, t): f"{v}@{t}" for v in agents for t in (1, threads)}
+    rates = interleaved_rates({key: agents[v] for (v, _), key in keys.items()}, batches, repeats,
+                              {key: t for (_, t), key in keys.items()})
+    return {pair: rates[key] for pair, key in keys.items()}
 
 
 def measure(algo: str, sparsity: float, obs_dim: int = 11, act_dim: int = 3, repeats: int = 5, steps: int = 30,

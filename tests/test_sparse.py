@@ -405,6 +405,25 @@ def test_speed_json(capsys):
     assert code == 2 and "--algo-opt nope: bcq has no such option" in err
 
 
+def test_speed_compares_thread_counts_interleaved_in_one_process(capsys, monkeypatch):
+    from offprune import speed
+
+    seen = []
+    real = speed.steps_per_second
+    monkeypatch.setattr(speed, "steps_per_second", lambda agent, batches: seen.append(
+        (any(speed.has_sparse_layers(m) for m in agent.modules.values()), torch.get_num_threads(),
+         sparse_module._threads)) or real(agent, batches))
+    code, out, err = run_cli(capsys, "speed", "--algo", "bc-mlp", "--sparsity", "0.9", "--repeats", "2",
+                             "--steps", "2", "--compare-threads", "3", "--json")
+    assert code == 0, err
+    figures = json.loads(out)
+    assert {k for k in figures if "@" in k} == {"dense_masked@1", "dense_masked@3", "sparse@1", "sparse@3"}
+    # a warm-up round, then two rounds of the four in turn
+    assert seen == [(False, 1, 1), (False, 3, 1), (True, 1, 1), (True, 1, 3)] * 3
+    code, _, err = run_cli(capsys, "speed", "--compare-threads", "1")
+    assert code == 2 and "--compare-threads must be at least 2" in err
+
+
 def test_speed_measures_dreamer_on_sequences(capsys):
     from test_dreamer import TINY_OPTS
 
