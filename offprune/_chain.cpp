@@ -33,9 +33,10 @@ using at::Tensor;
 //
 // torch's OpenMP threads sleep between parallel ops (OMP_WAIT_POLICY=PASSIVE), and waking one took
 // ~150 us on the machines measured, longer than most sparse products take. So the products share
-// their rows with helper threads of their own that keep polling for work for a while after each
-// task (SPIN), so that within a training update a hand-off takes well under a microsecond, and
-// sleep when training pauses. Rows are independent, so the bits do not depend on the split.
+// their work (CSR products by columns, weight gradients by rows) with helper threads of their own
+// that keep polling for work for a while after each task (SPIN), so that within a training update
+// a hand-off takes well under a microsecond, and sleep when training pauses. Only independent
+// columns and rows are split, so the bits do not depend on the split.
 std::atomic<int> helper_threads_wanted{1};  // threads a product may use (offprune.sparse.sparse_threads)
 
 // Never more than the CPUs this process may run on: a polling helper without a CPU of its own
@@ -50,7 +51,7 @@ int usable_threads() {
 #endif
     return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   }();
-  return std::min(helper_threads_wanted.load(std::memory_order_relaxed), cpus);
+  return std::min({helper_threads_wanted.load(std::memory_order_relaxed), cpus, 64});
 }
 
 class Helpers {
@@ -70,8 +71,10 @@ class Helpers {
     pending_.store(parts - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      parts_ = parts;
-      generation_.fetch_add(1, std::memory_order_release);
+      // a new job: its number and part count in one word, so a helper never pairs one job's number
+      // with another's part count
+      job_.store(((job_.load(std::memory_order_relaxed) >> 8) + 1) << 8 | static_cast<uint64_t>(parts),
+                 std::memory_order_release);
     }
     wake_.notify_all();
     task(0);
@@ -114,21 +117,21 @@ class Helpers {
 
   void ensure_threads(int count) {
     while (started_ < count) {
-      const int index = ++started_;  // helper i runs part i
-      std::thread([this, index] { work(index); }).detach();
+      const int index = ++started_;  // helper i runs part i, of jobs after the current one
+      const uint64_t current = job_.load(std::memory_order_relaxed);
+      std::thread([this, index, current] { work(index, current); }).detach();
     }
   }
 
-  void work(int index) {
-    uint64_t seen = 0;
+  void work(int index, uint64_t seen) {
     for (;;) {
       auto since = std::chrono::steady_clock::now();
       for (int polls = 0;; ++polls) {
-        const uint64_t generation = generation_.load(std::memory_order_acquire);
-        if (generation != seen) {
-          seen = generation;
-          if (index < parts_) {
-            (*task_)(index);
+        const uint64_t job = job_.load(std::memory_order_acquire);
+        if (job != seen) {
+          seen = job;
+          if (index < static_cast<int>(job & 0xFF)) {  // the job's part count
+            (*task_)(index);  // the caller waits for this part before it sets another task
             parts_run_.fetch_add(1, std::memory_order_relaxed);
             pending_.fetch_sub(1, std::memory_order_release);
           }
@@ -143,16 +146,15 @@ class Helpers {
         }
       }
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      wake_.wait(lock, [&] { return job_.load(std::memory_order_acquire) != seen; });
     }
   }
 
   std::atomic<bool> busy_{false};
-  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> job_{0};  // (job number << 8) | part count
   std::atomic<int> pending_{0};
   std::atomic<int64_t> parts_run_{0};
   const std::function<void(int)>* task_ = nullptr;
-  int parts_ = 0;
   int started_ = 0;
   std::mutex mutex_;
   std::condition_variable wake_;
