@@ -251,7 +251,7 @@ __attribute__((target("avx512f"))) void gather_rows(const int32_t* crow, const i
         y = _mm512_add_ps(y, _mm512_set1_ps(epilogue.bias[r]));
       }
       if (epilogue.relu) {
-        y = _mm512_max_ps(y, _mm512_setzero_ps());
+        y = _mm512_max_ps(_mm512_setzero_ps(), y);  // as torch's clamp_min: NaN and -0.0 kept
       }
       if (epilogue.gate != nullptr) {  // threshold_backward(y, gate, 0): 0 where gate <= 0 (not NaN)
         const float* g = epilogue.gate + r * epilogue.ld_gate + 16 * v;

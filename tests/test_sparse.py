@@ -566,6 +566,18 @@ def test_the_compiled_csr_product_is_bit_identical_to_the_embedding_bag(batch):
         assert (fused[3] == bias[3].clamp_min(0)).all()  # the empty row: bias only
 
 
+def test_the_compiled_relu_keeps_nans_as_torchs_does():
+    ext = compiled_chain_loops()
+    layer = random_csr(70, 90, 0.1, 0)
+    values, bias = layer.values.detach(), layer.bias.detach()
+    x_t = torch.randn(90, 100)
+    x_t[int(layer.col[0]), :7] = float("nan")  # reaches the first row's first 7 columns
+    fused = ext.gather(x_t, layer.crow, layer.col, values, bias, True)
+    expected = sparse_module._bag(x_t, layer.col, layer.crow, values).add_(bias.unsqueeze(1)).relu_()
+    assert fused[0, :7].isnan().all()  # relu(NaN) is NaN in torch, not 0
+    assert same_bits(fused, expected)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 8, 9, 100, 256, 1000])
 def test_the_compiled_weight_gradient_gives_the_bits_of_torchs_sampled_addmm(batch):
     ext = compiled_chain_loops()
