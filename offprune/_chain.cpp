@@ -20,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -77,11 +78,23 @@ class Helpers {
                  std::memory_order_release);
     }
     wake_.notify_all();
-    task(0);
+    std::exception_ptr failure;
+    try {
+      task(0);
+    } catch (...) {  // the helpers still use `task`: wait for them before leaving
+      failure = std::current_exception();
+    }
     while (pending_.load(std::memory_order_acquire) != 0) {
       pause();
     }
+    if (!failure) {
+      failure = helper_failure_;
+    }
+    helper_failure_ = nullptr;
     busy_.store(false, std::memory_order_release);
+    if (failure) {
+      std::rethrow_exception(failure);
+    }
   }
 
   // Parts run by helper threads since the process started (the tests check that sharing happens).
@@ -131,7 +144,12 @@ class Helpers {
         if (job != seen) {
           seen = job;
           if (index < static_cast<int>(job & 0xFF)) {  // the job's part count
-            (*task_)(index);  // the caller waits for this part before it sets another task
+            try {
+              (*task_)(index);  // the caller waits for this part before it sets another task
+            } catch (...) {     // handed to the caller (an exception leaving a thread ends the process)
+              std::lock_guard<std::mutex> lock(mutex_);
+              helper_failure_ = std::current_exception();
+            }
             parts_run_.fetch_add(1, std::memory_order_relaxed);
             pending_.fetch_sub(1, std::memory_order_release);
           }
@@ -155,6 +173,7 @@ class Helpers {
   std::atomic<int> pending_{0};
   std::atomic<int64_t> parts_run_{0};
   const std::function<void(int)>* task_ = nullptr;
+  std::exception_ptr helper_failure_;  // written under mutex_ before the part is counted done
   int started_ = 0;
   std::mutex mutex_;
   std::condition_variable wake_;
