@@ -17,7 +17,8 @@ import pandas as pd
 from offprune import atomic, checkpoint
 from offprune.config import RunConfig
 from offprune.errors import UserError
-from offprune.results import COLUMN_DEFAULTS, LAYERS_FILE, RESULTS_FILE, ROW_KEY, read_rows, write_parquet_atomic
+from offprune.results import (COLUMN_DEFAULTS, LAYERS_FILE, RESULTS_FILE, ROW_KEY, read_parquet, read_rows,
+                              write_parquet_atomic)
 
 SCHEMA_VERSION = 1  # of the consolidated files; raise it when a column changes meaning
 RUNS_FILE = "runs.json"
@@ -88,12 +89,12 @@ def _consolidate(out: str | Path, results_dir: Path, runs: list[RunConfig], grid
         rows_path = run_dir / RESULTS_FILE
         if not rows_path.is_file():
             continue
-        rows = pd.read_parquet(rows_path)
+        rows = read_parquet(rows_path)
         if not (rows["step"] == cfg.steps).any():  # not finished at this budget
             continue
         new_rows.append(rows)
         if (run_dir / LAYERS_FILE).is_file():
-            new_layers.append(pd.read_parquet(run_dir / LAYERS_FILE))
+            new_layers.append(read_parquet(run_dir / LAYERS_FILE))
     rows = _merge(old_rows, new_rows, ROW_KEY)
     layers = _merge(old_layers, new_layers, LAYER_KEY)
     if rows is not None:

@@ -40,7 +40,7 @@ from offprune.prune import (DENSE_KERNEL_METHODS, SUPERMASK_METHODS, UNMASKED, S
                             realised_sparsity, shuffle_within_layers)
 from offprune.dynamic import DYNAMIC_METHODS, DropAndGrow, GradualMagnitude, Schedule, change_rows, dense_gradients
 from offprune.small_dense import small_dense_config
-from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_rows, write_parquet_atomic
+from offprune.results import LAYERS_FILE, RESULTS_FILE, append_rows, read_parquet, read_rows, write_parquet_atomic
 from offprune.prune import MaskSchedule
 from offprune.sparse import MaskHolder, apply_masks, choose_kernels, kernels_by_rule, sparse_threads
 from offprune.supermask import Supermasks
@@ -185,7 +185,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None 
             train_loop(cfg, setup, progress, holder, supermasks, static, run_dir, log)
     setup.env.close()
     results_path = run_dir / RESULTS_FILE
-    rows = pd.read_parquet(results_path) if results_path.exists() else pd.DataFrame()
+    rows = read_parquet(results_path) if results_path.exists() else pd.DataFrame()
     return RunResult(run_dir, rows, layers)
 
 

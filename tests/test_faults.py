@@ -233,3 +233,31 @@ def test_a_damaged_sweep_manifest_is_one_line(capsys, tmp_path):
     (tmp_path / "sweep.json").write_text("[")
     code, _, err = run_cli(capsys, "sweep", "--status", "--out", tmp_path)
     assert code == 2 and err.count("\n") == 1 and "sweep.json is not valid JSON" in err
+
+
+def test_results_read_while_another_process_rewrites_them_are_whole(tmp_path):
+    """A report or sweep reading results.parquet while a run replaces it (atomically, by rename)
+    reads one version of the file, never a mix of two (reading by path reopened the file)."""
+    path = tmp_path / "run" / "results.parquet"
+    path.parent.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time, numpy as np, pandas as pd
+from offprune.results import write_parquet_atomic
+from pathlib import Path
+end, i = time.time() + 3, 0
+while time.time() < end:
+    i += 1
+    write_parquet_atomic(pd.DataFrame({{"run_id": ["r"] * (i % 40 + 1), "step": np.arange(i % 40 + 1)}}),
+                         Path({str(path)!r}))
+"""])
+    reads = 0
+    try:
+        deadline = time.time() + 2.5
+        while time.time() < deadline:
+            if path.exists():
+                rows = load(path)
+                assert list(rows["step"]) == list(range(len(rows)))  # one whole version
+                reads += 1
+    finally:
+        writer.wait(timeout=30)
+    assert writer.returncode == 0 and reads > 50
