@@ -342,9 +342,16 @@ class _ChainStructure:
                       alpha))
 
     def matches(self, layers: Sequence[ChainLayer], act: nn.Module | None) -> bool:
-        return (len(layers) == len(self.layers) and act is self.act
-                and all(a is b for a, b in zip(layers, self.layers))
-                and _kernels_of(layers) == self.kernels and _same_tensors(_buffers_of(layers), self.buffers))
+        if act is not self.act or len(layers) != len(self.layers):
+            return False
+        for layer, known, kernel, buffers in zip(layers, self.layers, self.kernels, self.buffers):  # per call: loops
+            if layer is not known or getattr(layer, "kernel", "dense") != kernel:
+                return False
+            held = layer._buffers
+            for name, tensor in zip(_STRUCTURE_BUFFERS, buffers):
+                if held.get(name) is not tensor:
+                    return False
+        return True
 
 
 def _buffers_of(layers: Sequence[ChainLayer]) -> tuple[tuple[Tensor | None, ...], ...]:
@@ -353,10 +360,6 @@ def _buffers_of(layers: Sequence[ChainLayer]) -> tuple[tuple[Tensor | None, ...]
 
 def _kernels_of(layers: Sequence[ChainLayer]) -> tuple[str, ...]:
     return tuple(getattr(layer, "kernel", "dense") for layer in layers)
-
-
-def _same_tensors(a: tuple[tuple[Tensor | None, ...], ...], b: tuple[tuple[Tensor | None, ...], ...]) -> bool:
-    return all(x is y for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
 
 # keyed by the chain's first layer; dropped with it
