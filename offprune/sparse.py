@@ -313,7 +313,7 @@ _STRUCTURE_BUFFERS = ("crow", "col", "crow_t", "col_t", "perm_t", "flat_index", 
 @dataclass(frozen=True, eq=False)
 class _ChainStructure:
     """What a chain's C++ calls take besides activations and parameters: layer kinds and the CSR
-    structures (lists assembled once, not on every call: ~5 % of a sparse BCQ update). Valid while
+    structures (lists assembled once, not on every call: ~3-4 % of a sparse BCQ update). Valid while
     the chain has the same layers, kernels and buffer tensors (`matches`): a layer swap or a device
     move (`Module.to` replaces buffers) makes a new one."""
     layers: tuple[ChainLayer, ...]
@@ -344,7 +344,7 @@ class _ChainStructure:
     def matches(self, layers: Sequence[ChainLayer], act: nn.Module | None) -> bool:
         if act is not self.act or len(layers) != len(self.layers):
             return False
-        for layer, known, kernel, buffers in zip(layers, self.layers, self.kernels, self.buffers):  # per call: loops
+        for layer, known, kernel, buffers in zip(layers, self.layers, self.kernels, self.buffers):  # plain loops: runs per call
             if layer is not known or getattr(layer, "kernel", "dense") != kernel:
                 return False
             held = layer._buffers
