@@ -7,6 +7,7 @@
 // products, no interpreter or Python binding cost per operator, the GIL released for the whole
 // pass, and large products shared over helper threads (`Helpers`) under sparse_threads(n).
 #include <torch/extension.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -572,7 +573,6 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
                                const std::vector<Tensor>& crows, const std::vector<Tensor>& cols,
                                const std::vector<Tensor>& weights, const std::vector<Tensor>& biases,
                                int64_t act, double alpha, int64_t batch_major_below) {
-  pybind11::gil_scoped_release no_gil;
   const size_t n = kinds.size();
   std::vector<Tensor> result;
   result.reserve(n + 1);
@@ -608,7 +608,6 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
                                    const std::vector<Tensor>& crows_t, const std::vector<Tensor>& cols_t,
                                    const std::vector<Tensor>& perms_t, const std::vector<bool>& needs,
                                    bool needs_x, int64_t lowest, int64_t act, double alpha) {
-  pybind11::gil_scoped_release no_gil;
   const int64_t n = static_cast<int64_t>(kinds.size());
   std::vector<Tensor> grads(2 * n + 1);
   Tensor grad_t = grad_out.t();
@@ -655,11 +654,153 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
   return grads;
 }
 
+// --- a training chain as one autograd node of its own ---------------------------------------
+//
+// The same forward and backward as offprune.sparse._SparseChainFunction (`chain_pass`,
+// `chain_backward`, the product weights built as `_product_weights` builds them), without the
+// Python autograd.Function around them: its per-call cost was most of what a small network's
+// chain took.
+
+// What a chain is made of, fixed while its layers are (offprune.sparse._ChainStructure).
+struct Chain {
+  std::vector<int64_t> kinds, grad_kinds;
+  std::vector<Tensor> crows, cols, patterns, flat_indices, crows_t, cols_t, perms_t;
+  std::vector<int64_t> out_features, in_features;
+  std::vector<bool> builds_dense;  // a dense-product layer: its weight built from the kept values
+  std::vector<bool> builds_csr;    // a csr-addmm layer: a CSR matrix built from the kept values
+  int64_t act = RELU;
+  double alpha = 1.0;
+  int64_t batch_major_below = 0;
+};
+
+// What each layer's forward product multiplies by, as offprune.sparse._product_weights builds it.
+std::vector<Tensor> product_weights(const Chain& chain, const std::vector<Tensor>& values) {
+  std::vector<Tensor> weights(values.size() / 2);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Tensor& v = values[2 * i];
+    if (chain.builds_dense[i]) {
+      weights[i] = at::zeros({chain.out_features[i] * chain.in_features[i]}, v.options())
+                       .index_copy_(0, chain.flat_indices[i], v)
+                       .view({chain.out_features[i], chain.in_features[i]});
+    } else if (chain.builds_csr[i]) {
+      weights[i] = at::_sparse_csr_tensor_unsafe(chain.crows[i], chain.cols[i], v,
+                                                 {chain.out_features[i], chain.in_features[i]},
+                                                 v.options().layout(at::kSparseCsr));
+    } else {
+      weights[i] = v;
+    }
+  }
+  return weights;
+}
+
+class ChainFunction : public torch::autograd::Function<ChainFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                const std::shared_ptr<const Chain>& chain, at::TensorList params) {
+    const std::vector<Tensor> all(params.begin(), params.end());
+    const std::vector<Tensor> weights = product_weights(*chain, all);
+    std::vector<Tensor> biases;
+    for (size_t i = 1; i < all.size(); i += 2) {
+      biases.push_back(all[i]);
+    }
+    std::vector<Tensor> result = chain_pass(x, chain->kinds, chain->crows, chain->cols, weights, biases, chain->act,
+                                            chain->alpha, chain->batch_major_below);
+    // saved: each layer's input, then what its input gradient multiplies by (the kept values
+    // for the CSR kinds, else the built matrix)
+    torch::autograd::variable_list saved(result.begin() + 1, result.end());
+    for (size_t i = 0; i < weights.size(); ++i) {
+      saved.push_back(chain->grad_kinds[i] == GRAD_CSR ? all[2 * i] : weights[i]);
+    }
+    ctx->save_for_backward(saved);
+    // what the backward needs of the chain, in the context (which holds IValues only)
+    ctx->saved_data["grad_kinds"] = chain->grad_kinds;
+    for (const auto& [name, list] : {std::pair<const char*, const std::vector<Tensor>*>{"patterns", &chain->patterns},
+                                     {"flat_indices", &chain->flat_indices}, {"crows_t", &chain->crows_t},
+                                     {"cols_t", &chain->cols_t}, {"perms_t", &chain->perms_t}}) {
+      ctx->saved_data[name] = c10::List<Tensor>(*list);
+    }
+    ctx->saved_data["act"] = chain->act;
+    ctx->saved_data["alpha"] = chain->alpha;
+    return {result[0]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "offprune's sparse chains are differentiable once only");
+    auto& data = ctx->saved_data;
+    const std::vector<int64_t> kinds = data["grad_kinds"].toIntVector();
+    const int64_t n = static_cast<int64_t>(kinds.size());
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n), matrices(saved.begin() + n, saved.end());
+    const bool needs_x = ctx->needs_input_grad(0);
+    std::vector<bool> needs(2 * n);
+    int64_t lowest = needs_x ? 0 : n;
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      needs[i] = ctx->needs_input_grad(1 + i);  // edges: x, then the parameters (the chain is no tensor)
+      if (needs[i] && !needs_x) {
+        lowest = std::min(lowest, i / 2);
+      }
+    }
+    std::vector<Tensor> grads = chain_backward(
+        grad_outputs[0], kinds, inputs, matrices, data["patterns"].toTensorVector(),
+        data["flat_indices"].toTensorVector(), data["crows_t"].toTensorVector(), data["cols_t"].toTensorVector(),
+        data["perms_t"].toTensorVector(), needs, needs_x, lowest, data["act"].toInt(), data["alpha"].toDouble());
+    torch::autograd::variable_list result{grads[2 * n], Tensor()};  // x, the chain
+    result.insert(result.end(), grads.begin(), grads.begin() + 2 * n);
+    return result;
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("chain_pass", &chain_pass);
-  m.def("chain_backward", &chain_backward);
+  m.def("chain_pass", [](const Tensor& x, const std::vector<int64_t>& kinds, const std::vector<Tensor>& crows,
+                         const std::vector<Tensor>& cols, const std::vector<Tensor>& weights,
+                         const std::vector<Tensor>& biases, int64_t act, double alpha, int64_t batch_major_below) {
+    pybind11::gil_scoped_release no_gil;
+    return chain_pass(x, kinds, crows, cols, weights, biases, act, alpha, batch_major_below);
+  });
+  m.def("chain_backward", [](const Tensor& grad_out, const std::vector<int64_t>& kinds,
+                             const std::vector<Tensor>& inputs, const std::vector<Tensor>& matrices,
+                             const std::vector<Tensor>& patterns, const std::vector<Tensor>& flat_indices,
+                             const std::vector<Tensor>& crows_t, const std::vector<Tensor>& cols_t,
+                             const std::vector<Tensor>& perms_t, const std::vector<bool>& needs, bool needs_x,
+                             int64_t lowest, int64_t act, double alpha) {
+    pybind11::gil_scoped_release no_gil;
+    return chain_backward(grad_out, kinds, inputs, matrices, patterns, flat_indices, crows_t, cols_t, perms_t, needs,
+                          needs_x, lowest, act, alpha);
+  });
+  pybind11::class_<Chain, std::shared_ptr<Chain>>(m, "Chain")
+      .def(pybind11::init([](std::vector<int64_t> kinds, std::vector<int64_t> grad_kinds, std::vector<Tensor> crows,
+                             std::vector<Tensor> cols, std::vector<Tensor> patterns, std::vector<Tensor> flat_indices,
+                             std::vector<Tensor> crows_t, std::vector<Tensor> cols_t, std::vector<Tensor> perms_t,
+                             std::vector<int64_t> out_features, std::vector<int64_t> in_features,
+                             std::vector<bool> builds_dense, std::vector<bool> builds_csr, int64_t act, double alpha,
+                             int64_t batch_major_below) {
+        auto chain = std::make_shared<Chain>();
+        chain->kinds = std::move(kinds);
+        chain->grad_kinds = std::move(grad_kinds);
+        chain->crows = std::move(crows);
+        chain->cols = std::move(cols);
+        chain->patterns = std::move(patterns);
+        chain->flat_indices = std::move(flat_indices);
+        chain->crows_t = std::move(crows_t);
+        chain->cols_t = std::move(cols_t);
+        chain->perms_t = std::move(perms_t);
+        chain->out_features = std::move(out_features);
+        chain->in_features = std::move(in_features);
+        chain->builds_dense = std::move(builds_dense);
+        chain->builds_csr = std::move(builds_csr);
+        chain->act = act;
+        chain->alpha = alpha;
+        chain->batch_major_below = batch_major_below;
+        return chain;
+      }));
+  // The chain's output for x [rows, in] as one autograd node (the parameters: values_0, bias_0, ...).
+  m.def("chain_apply", [](const Tensor& x, const std::shared_ptr<Chain>& chain, const std::vector<Tensor>& params) {
+    pybind11::gil_scoped_release no_gil;
+    return ChainFunction::apply(x, std::shared_ptr<const Chain>(chain), at::TensorList(params))[0];
+  });
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
     pybind11::gil_scoped_release no_gil;
     return own_sampled_product(grad_t, h_t, pattern);

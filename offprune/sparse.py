@@ -322,6 +322,7 @@ class _ChainStructure:
     kernels: tuple[str, ...]
     forward: tuple
     backward: tuple
+    compiled: object | None  # the library's Chain for `chain_apply` (training chains of SparseLinear layers)
 
     @staticmethod
     def of(layers: Sequence[ChainLayer], act: nn.Module | None) -> "_ChainStructure":
@@ -335,11 +336,20 @@ class _ChainStructure:
             return [getattr(layer, name, _NO_TENSOR) for layer in layers]
 
         patterns = [layer.pattern() if kind == native.GRAD_CSR else _NO_TENSOR for layer, kind in zip(layers, grad_kinds)]
+        ext = native.chain_kernels()
+        compiled = None
+        if ext is not None and all(isinstance(layer, SparseLinear) and layer.frozen_weight is None for layer in layers):
+            compiled = ext.Chain(
+                kinds, grad_kinds, each("crow"), each("col"), patterns, each("flat_index"), each("crow_t"),
+                each("col_t"), each("perm_t"), [layer.out_features for layer in layers],
+                [layer.in_features for layer in layers], [layer.kernel == "dense-product" for layer in layers],
+                [layer.kernel == "csr-addmm" for layer in layers], code, alpha, INFERENCE_CSR_MIN_ROWS)
         return _ChainStructure(
             tuple(layers), act, _buffers_of(layers), _kernels_of(layers),
             forward=(kinds, each("crow"), each("col"), code, alpha),
             backward=(grad_kinds, patterns, each("flat_index"), each("crow_t"), each("col_t"), each("perm_t"), code,
-                      alpha))
+                      alpha),
+            compiled=compiled)
 
     def matches(self, layers: Sequence[ChainLayer], act: nn.Module | None) -> bool:
         if act is not self.act or len(layers) != len(self.layers):
@@ -572,7 +582,12 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
     params = tuple(p for layer in layers for p in _layer_params(layer))
     if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
-        out = _SparseChainFunction.apply(flat, layers, act, *params)
+        ext = _native(flat)
+        compiled = _structure(layers, act).compiled if ext is not None else None
+        if compiled is not None:  # the compiled loops as an autograd node of their own
+            out = ext.chain_apply(flat, compiled, list(params))
+        else:
+            out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
         out = _wide_chain_pass(layers, act, flat, params)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)

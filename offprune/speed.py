@@ -292,6 +292,7 @@ BREAKDOWN_PHASES = ("forward gather", "input-grad gather", "weight-grad sampled 
 
 
 SAMPLED_PRODUCTS = ("aten::sparse_sampled_addmm", SAMPLED_EVENT)  # torch's and the compiled one
+BACKWARD_EVENT = "autograd::engine::evaluate_function"  # the autograd engine running any backward node
 
 
 def _is_gather(name: str) -> bool:
@@ -308,7 +309,7 @@ def _phase(event, ancestors: list[str]) -> str | None:
     if _is_gather(name):
         if any(_is_gather(a) for a in ancestors):
             return None  # an inner call of the same gather
-        return "input-grad gather" if any("Backward" in a for a in ancestors) else "forward gather"
+        return "input-grad gather" if any(a.startswith(BACKWARD_EVENT) for a in ancestors) else "forward gather"
     if name in SAMPLED_PRODUCTS:
         return "weight-grad sampled product"
     if name in ("aten::addmm", "aten::mm", "aten::bmm") and not any(
