@@ -28,8 +28,10 @@ a third of a sparse BCQ update at 95 % before fusion.
 Compiled loops: where offprune.native has built its C++ library (on first use; it needs a C++
 compiler), a chain's forward pass and backward body run as one C++ call each, with a CSR product of
 its own that accumulates exactly as the embedding bag does and weight-gradient dot products that
-add up exactly as sampled_addmm does (checked against torch when the library loads). The results
-are bit-identical to the Python loops below, which run wherever the library is not there.
+add up exactly as sampled_addmm does (checked against torch when the library loads); a training
+chain is then an autograd node of the library's own (`chain_apply`), so no Python runs per call.
+The results are bit-identical to the Python loops below (`_SparseChainFunction`), which run
+wherever the library is not there.
 
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
 agent turned back gives dense masked modules with bit-identical weights.
