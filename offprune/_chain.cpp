@@ -777,24 +777,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              std::vector<int64_t> out_features, std::vector<int64_t> in_features,
                              std::vector<bool> builds_dense, std::vector<bool> builds_csr, int64_t act, double alpha,
                              int64_t batch_major_below) {
-        auto chain = std::make_shared<Chain>();
-        chain->kinds = std::move(kinds);
-        chain->grad_kinds = std::move(grad_kinds);
-        chain->crows = std::move(crows);
-        chain->cols = std::move(cols);
-        chain->patterns = std::move(patterns);
-        chain->flat_indices = std::move(flat_indices);
-        chain->crows_t = std::move(crows_t);
-        chain->cols_t = std::move(cols_t);
-        chain->perms_t = std::move(perms_t);
-        chain->out_features = std::move(out_features);
-        chain->in_features = std::move(in_features);
-        chain->builds_dense = std::move(builds_dense);
-        chain->builds_csr = std::move(builds_csr);
-        chain->act = act;
-        chain->alpha = alpha;
-        chain->batch_major_below = batch_major_below;
-        return chain;
+        return std::make_shared<Chain>(Chain{
+            std::move(kinds), std::move(grad_kinds), std::move(crows), std::move(cols), std::move(patterns),
+            std::move(flat_indices), std::move(crows_t), std::move(cols_t), std::move(perms_t),
+            std::move(out_features), std::move(in_features), std::move(builds_dense), std::move(builds_csr), act,
+            alpha, batch_major_below});
       }));
   // The chain's output for x [rows, in] as one autograd node (the parameters: values_0, bias_0, ...).
   m.def("chain_apply", [](const Tensor& x, const std::shared_ptr<Chain>& chain, const std::vector<Tensor>& params) {
