@@ -31,7 +31,7 @@ namespace {
 
 using at::Tensor;
 
-// --- sharing a product's rows over threads ------------------------------------------------------
+// --- sharing a product's work over threads ------------------------------------------------------
 //
 // torch's OpenMP threads sleep between parallel ops (OMP_WAIT_POLICY=PASSIVE), and waking one took
 // ~150 us on the machines measured, longer than most sparse products take. So the products share
@@ -180,7 +180,7 @@ class Helpers {
   std::condition_variable wake_;
 };
 
-// Multiply-adds from which a product's rows are shared out.
+// Multiply-adds from which a product's work is shared out.
 constexpr int64_t MIN_SHARED_WORK = 200000;
 
 // fn(begin, end) over row ranges covering [0, rows), split so that each thread gets about the same
@@ -231,6 +231,7 @@ Tensor bag(const Tensor& x_t, const Tensor& col, const Tensor& crow, const Tenso
 // differs is the loop: column blocks of at most 16 * MAX_VECTORS floats, each block of a wide
 // batch first copied to a compact buffer (gathered rows of a [in, 1000] activation lie 4 KB apart
 // and collide in cache), and the bias and ReLU applied while the result is in registers.
+
 // Applied to each output element while it is in registers, in this order: + bias[row], max(0, .),
 // and the ReLU gradient's gate (threshold_backward(y, gate, 0): y where gate > 0 or NaN, else 0).
 struct Epilogue {
@@ -310,8 +311,6 @@ constexpr int64_t PACK_WIDTH = 64;
 constexpr int64_t UNPACKED_MAX = 128;
 
 #if OFFPRUNE_X86
-// One block of `width` columns: all `rows` output rows, from x's columns at `x` (row stride ldx)
-// into `out` (row stride ldo).
 // One block of `width` columns: all `rows` output rows, from x's columns at `x` (row stride ldx)
 // into `out` (row stride ldo).
 void gather_block(const int32_t* crow, const int32_t* col, const float* values, const int64_t* perm,

@@ -47,8 +47,7 @@ GATHER_EVENT = "offprune::csr_gather"  # the profiler's name for the C++ CSR pro
 SAMPLED_EVENT = "offprune::sampled_product"  # ... and for its weight-gradient dot products
 ENV_SWITCH = "OFFPRUNE_NATIVE"  # "0": never build or use the C++ loops
 ENV_CACHE = "OFFPRUNE_CACHE"
-CFLAGS = ("-O3",)
-LDFLAGS = ()
+CFLAGS = ("-O3",)  # part of the library's key: other flags, another build
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "module": None, "enabled": True}
@@ -60,7 +59,7 @@ def cache_dir() -> Path:
 
 def library_path() -> Path:
     """Where the built library lives: one file per source, torch and Python version."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
                          + sys.version.encode()).hexdigest()[:16]
     return cache_dir() / f"{MODULE_NAME}-{key}.so"
 
@@ -83,7 +82,7 @@ def _compile(target: Path) -> ModuleType:
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="offprune-build-") as build:
-        module = load(name=MODULE_NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=build,
+        module = load(name=MODULE_NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), build_directory=build,
                       verbose=False)
         staged = target.with_name(f".{target.name}.{os.getpid()}")
         shutil.copyfile(Path(build) / f"{MODULE_NAME}.so", staged)

@@ -334,24 +334,21 @@ class _ChainStructure:
                       else native.GRAD_DENSE_PRODUCT for layer in layers]
         code, alpha = _activation_code(act), getattr(act, "alpha", 1.0)
 
-        def each(name: str) -> list[Tensor]:
-            return [getattr(layer, name, _NO_TENSOR) for layer in layers]
-
+        crows, cols, flat_indices, crows_t, cols_t, perms_t = (
+            [getattr(layer, name, _NO_TENSOR) for layer in layers]
+            for name in ("crow", "col", "flat_index", "crow_t", "col_t", "perm_t"))
         patterns = [layer.pattern() if kind == native.GRAD_CSR else _NO_TENSOR for layer, kind in zip(layers, grad_kinds)]
+        backward = (grad_kinds, patterns, flat_indices, crows_t, cols_t, perms_t, code, alpha)
         ext = native.chain_kernels()
         compiled = None
         if ext is not None and all(isinstance(layer, SparseLinear) and layer.frozen_weight is None for layer in layers):
             compiled = ext.Chain(
-                kinds, grad_kinds, each("crow"), each("col"), patterns, each("flat_index"), each("crow_t"),
-                each("col_t"), each("perm_t"), [layer.out_features for layer in layers],
-                [layer.in_features for layer in layers], [layer.kernel == "dense-product" for layer in layers],
-                [layer.kernel == "csr-addmm" for layer in layers], code, alpha, INFERENCE_CSR_MIN_ROWS)
-        return _ChainStructure(
-            tuple(layers), act, _buffers_of(layers), _kernels_of(layers),
-            forward=(kinds, each("crow"), each("col"), code, alpha),
-            backward=(grad_kinds, patterns, each("flat_index"), each("crow_t"), each("col_t"), each("perm_t"), code,
-                      alpha),
-            compiled=compiled)
+                kinds, grad_kinds, crows, cols, patterns, flat_indices, crows_t, cols_t, perms_t,
+                [layer.out_features for layer in layers], [layer.in_features for layer in layers],
+                [layer.kernel == "dense-product" for layer in layers], [layer.kernel == "csr-addmm" for layer in layers],
+                code, alpha, INFERENCE_CSR_MIN_ROWS)
+        return _ChainStructure(tuple(layers), act, _buffers_of(layers), _kernels_of(layers),
+                               forward=(kinds, crows, cols, code, alpha), backward=backward, compiled=compiled)
 
     def matches(self, layers: Sequence[ChainLayer], act: nn.Module | None) -> bool:
         if act is not self.act or len(layers) != len(self.layers):

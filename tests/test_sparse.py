@@ -4,6 +4,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -147,7 +148,8 @@ def test_compiled_products_shared_over_threads_give_the_one_thread_bits(batch):
         assert ext.helper_parts_run() == before  # nothing handed off
     with sparse_module.sparse_threads(2):
         shared = products()
-        assert ext.helper_parts_run() > before  # parts ran on a helper thread
+        if len(os.sched_getaffinity(0)) >= 2:  # helpers never outnumber the CPUs this process may use
+            assert ext.helper_parts_run() > before  # parts ran on a helper thread
     for a, b in zip(alone, shared):
         assert (a is None and b is None) or same_bits(a, b)
 
