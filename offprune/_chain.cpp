@@ -599,6 +599,33 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
   return result;
 }
 
+// The graph-free forward of a wide batch: `block_rows` rows at a time through the whole chain, so
+// each block's activations stay in cache from layer to layer. Under sparse_threads(n) the blocks
+// are shared out in contiguous groups, one per thread, each block computed on one thread (its
+// products do not share their work meanwhile: the helpers are busy). The blocks are the same
+// whatever the thread count, and rows are independent, so the bits do not depend on it.
+Tensor blocked_chain_pass(const Tensor& x, const std::vector<int64_t>& kinds, const std::vector<Tensor>& crows,
+                          const std::vector<Tensor>& cols, const std::vector<Tensor>& weights,
+                          const std::vector<Tensor>& biases, int64_t act, double alpha, int64_t batch_major_below,
+                          int64_t block_rows, int64_t work) {
+  const int64_t rows = x.size(0);
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  std::vector<Tensor> outputs(blocks);
+  const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), blocks)) : 1;
+  // grad and inference mode are per thread: the helpers run as the caller does
+  const bool inference = c10::InferenceMode::is_enabled();
+  Helpers::run_or_inline(parts, [&](int part) {
+    c10::InferenceMode inference_mode(inference);
+    at::NoGradGuard no_grad;
+    for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
+      const int64_t start = b * block_rows;
+      outputs[b] = chain_pass(x.narrow(0, start, std::min(block_rows, rows - start)), kinds, crows, cols, weights,
+                              biases, act, alpha, batch_major_below)[0];
+    }
+  });
+  return at::cat(outputs);
+}
+
 // The gradients (values_0, bias_0, values_1, ...; undefined where not needed) followed by the
 // input's gradient (undefined unless needs_x).
 std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int64_t>& kinds,
@@ -758,6 +785,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          const std::vector<Tensor>& biases, int64_t act, double alpha, int64_t batch_major_below) {
     pybind11::gil_scoped_release no_gil;
     return chain_pass(x, kinds, crows, cols, weights, biases, act, alpha, batch_major_below);
+  });
+  m.def("blocked_chain_pass", [](const Tensor& x, const std::vector<int64_t>& kinds, const std::vector<Tensor>& crows,
+                                 const std::vector<Tensor>& cols, const std::vector<Tensor>& weights,
+                                 const std::vector<Tensor>& biases, int64_t act, double alpha,
+                                 int64_t batch_major_below, int64_t block_rows, int64_t work) {
+    pybind11::gil_scoped_release no_gil;
+    return blocked_chain_pass(x, kinds, crows, cols, weights, biases, act, alpha, batch_major_below, block_rows, work);
   });
   m.def("chain_backward", [](const Tensor& grad_out, const std::vector<int64_t>& kinds,
                              const std::vector<Tensor>& inputs, const std::vector<Tensor>& matrices,

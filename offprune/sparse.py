@@ -39,7 +39,6 @@ agent turned back gives dense masked modules with bit-identical weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 import time
@@ -391,10 +390,6 @@ def _is_csr(layer: ChainLayer) -> bool:
     return isinstance(layer, SparseLinear) and layer.kernel != "dense-product"
 
 
-def _uses_blocked_csr(layer: ChainLayer) -> bool:
-    return isinstance(layer, SparseLinear) and layer.kernel == "csr" and _reuses_rows(layer.col, layer.in_features)
-
-
 def _chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
                 weights: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
     """Forward through the chain (`weights` from `_product_weights`): the output ([batch, out]
@@ -420,17 +415,21 @@ def _chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
 
 def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
                      params: tuple[Tensor, ...]) -> Tensor:
-    """The graph-free forward. A wide batch through a chain with a blocked (high-reuse) product
-    runs in blocks of BLOCK_COLUMNS rows through the whole chain, so each block's activations stay
-    in cache from layer to layer (BCQ's decoder on 1,000 target candidates), faster than blocking
-    inside each product. Rows are independent, so the result is bit-identical. Under
-    `sparse_threads` the blocks are shared out in contiguous groups, one per thread: the same
-    blocks whatever the thread count, so the same result (splitting rows anywhere else would not
-    be: a dense product's rounding can depend on how many rows it gets)."""
+    """The graph-free forward. A wide batch runs in blocks of BLOCK_COLUMNS rows through the whole
+    chain, so each block's activations stay in cache from layer to layer (BCQ's target: decoder,
+    actor and critics on 1,000 candidates), faster than blocking inside each product. Under
+    `sparse_threads` the blocks are shared out in contiguous groups, one per thread (the compiled
+    loops in one call, `blocked_chain_pass`, on their helper threads): the same blocks whatever
+    the thread count, so the same result (splitting rows anywhere else would not be: a dense
+    product's rounding can depend on how many rows it gets)."""
     rows = x.shape[0]
     weights = _product_weights(layers, params)
-    if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2 or not any(_uses_blocked_csr(layer) for layer in layers):
+    if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2:
         return _chain_pass(layers, act, x, weights)[0]
+    ext = _native(x)
+    if ext is not None:
+        return ext.blocked_chain_pass(x, *_native_forward_args(layers, act, weights), BLOCK_COLUMNS,
+                                      rows * _chain_cost(layers))
     blocks = [slice(start, start + BLOCK_COLUMNS) for start in range(0, rows, BLOCK_COLUMNS)]
     groups = _groups(blocks, rows * _chain_cost(layers))
     inference = torch.is_inference_mode_enabled()
@@ -439,12 +438,10 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
         with torch.inference_mode(inference), torch.no_grad():
             return [_chain_pass(layers, act, x[block], weights)[0] for block in group]
 
-    # every thread busy with its own blocks: the compiled products do not share theirs meanwhile
-    with _products_unshared() if len(groups) > 1 else contextlib.nullcontext():
-        futures = [_pool().submit(group_pass, group) for group in groups[1:]]
-        outputs = group_pass(groups[0])
-        for future in futures:
-            outputs += future.result()
+    futures = [_pool().submit(group_pass, group) for group in groups[1:]]
+    outputs = group_pass(groups[0])
+    for future in futures:
+        outputs += future.result()
     return torch.cat(outputs)
 
 
@@ -540,18 +537,6 @@ def _chain_cost(layers: Sequence[ChainLayer]) -> int:
     """Multiply-adds per row of a chain's products."""
     return sum(len(layer.col) if isinstance(layer, SparseLinear) and layer.kernel == "csr"
                else layer.in_features * layer.out_features for layer in layers)
-
-
-@contextmanager
-def _products_unshared() -> Iterator[None]:
-    ext = native.chain_kernels()
-    if ext is not None:
-        ext.set_threads(1)
-    try:
-        yield
-    finally:
-        if ext is not None:
-            ext.set_threads(_threads)
 
 
 @contextmanager

@@ -90,16 +90,39 @@ def test_wide_chain_runs_in_row_blocks_with_bit_identical_results(monkeypatch):
     net, masks = masked_mlp(nn.ReLU, widths=(14, 200, 150, 3))
     convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
     x = torch.randn(1000, 14)
-    with torch.no_grad():
-        monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 10**9)  # no layer qualifies: one pass
+    with torch.no_grad(), native.python_loops():  # the Python loops: their passes can be counted
+        monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 10**6)  # 1000 rows in one pass
         whole = net(x)
-        monkeypatch.setattr(sparse_module, "BLOCK_MIN_REUSE", 0)
+        monkeypatch.setattr(sparse_module, "BLOCK_COLUMNS", 128)
         passes = []
         chain_pass = sparse_module._chain_pass
         monkeypatch.setattr(sparse_module, "_chain_pass", lambda *a: passes.append(a[2].shape[0]) or chain_pass(*a))
         blocked = net(x)
     assert passes == [128] * 7 + [104]
     assert torch.equal(whole, blocked)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference"])
+def test_compiled_wide_chain_gives_the_python_loops_bits_on_one_and_two_threads(mode):
+    from offprune.prune import PrunableNetwork
+
+    ext = compiled_chain_loops()
+    net, masks = masked_mlp(nn.ReLU, widths=(14, 200, 150, 3))
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    x = torch.randn(1000, 14)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context(), native.python_loops():
+        loops = net(x)
+    outputs = []
+    for threads in (1, 2):
+        before = ext.helper_parts_run()
+        with context(), sparse_module.sparse_threads(threads):
+            outputs.append(net(x))
+        if threads == 2 and len(os.sched_getaffinity(0)) >= 2:
+            assert ext.helper_parts_run() > before  # a helper thread ran a group of blocks
+    for out in outputs:
+        assert same_bits(out, loops)
+        assert not out.requires_grad and out.is_inference() == (mode == "inference")
 
 
 def test_sparse_threads_share_a_wide_chains_row_blocks_with_bit_identical_results(monkeypatch):
