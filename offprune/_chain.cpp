@@ -642,32 +642,54 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
   }
   for (int64_t i = n - 1; i >= lowest; --i) {
     const Tensor& h_t = inputs[i];
-    if (needs[2 * i]) {
-      if (kinds[i] == GRAD_LINEAR) {
-        grads[2 * i] = at::mm(grad_t, h_t.t());
-      } else if (kinds[i] == GRAD_DENSE_PRODUCT) {
-        grads[2 * i] = at::mm(grad_t, h_t.t()).view(-1).index_select(0, flat_indices[i]);
-      } else {
-        grads[2 * i] = sampled_product(grad_t, h_t, patterns[i]);
+    auto weight_grads = [&] {
+      if (needs[2 * i]) {
+        if (kinds[i] == GRAD_LINEAR) {
+          grads[2 * i] = at::mm(grad_t, h_t.t());
+        } else if (kinds[i] == GRAD_DENSE_PRODUCT) {
+          grads[2 * i] = at::mm(grad_t, h_t.t()).view(-1).index_select(0, flat_indices[i]);
+        } else {
+          grads[2 * i] = sampled_product(grad_t, h_t, patterns[i]);
+        }
       }
-    }
-    if (needs[2 * i + 1]) {
-      grads[2 * i + 1] = grad_t.sum(1);
-    }
+      if (needs[2 * i + 1]) {
+        grads[2 * i + 1] = grad_t.sum(1);
+      }
+    };
     if (i == 0 && !needs_x) {
+      weight_grads();
       break;
     }
     // the input gradient; below the first layer, through the activation (ReLU's gate applied
     // inside the CSR product, as threshold_backward would apply it)
     const bool gated = i > 0 && act == RELU;
     Tensor below;
-    if (kinds[i] == GRAD_CSR) {
-      below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr);
-    } else {
-      below = at::mm(matrices[i].t(), grad_t);
-      if (gated) {
-        below = at::threshold_backward(below, h_t, 0);
+    auto input_grad = [&] {
+      if (kinds[i] == GRAD_CSR) {
+        below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr);
+      } else {
+        below = at::mm(matrices[i].t(), grad_t);
+        if (gated) {
+          below = at::threshold_backward(below, h_t, 0);
+        }
       }
+    };
+    // With helper threads, a layer's weight gradients and its input gradient are computed side by
+    // side, unless its CSR products are large enough to be shared out themselves. Each is computed
+    // whole by one thread either way: the same bits.
+    const bool shares_products = kinds[i] == GRAD_CSR && cols_t[i].size(0) * grad_t.size(1) >= MIN_SHARED_WORK;
+    if (!shares_products && (needs[2 * i] || needs[2 * i + 1]) && usable_threads() >= 2) {
+      Helpers::run_or_inline(2, [&](int part) {
+        at::NoGradGuard no_grad;  // grad mode is per thread: a helper's is on
+        if (part == 0) {
+          input_grad();
+        } else {
+          weight_grads();
+        }
+      });
+    } else {
+      weight_grads();
+      input_grad();
     }
     if (i == 0) {
       grads[2 * n] = below.t();
@@ -719,60 +741,131 @@ std::vector<Tensor> product_weights(const Chain& chain, const std::vector<Tensor
   return weights;
 }
 
-class ChainFunction : public torch::autograd::Function<ChainFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
-                                                const std::shared_ptr<const Chain>& chain, at::TensorList params) {
-    const std::vector<Tensor> all(params.begin(), params.end());
-    const std::vector<Tensor> weights = product_weights(*chain, all);
-    std::vector<Tensor> biases;
-    for (size_t i = 1; i < all.size(); i += 2) {
-      biases.push_back(all[i]);
+// Runs task(0 .. count-1), side by side on helper threads when there are any (each task whole on
+// one thread, grad mode off on the helpers as on the caller inside a node), else one after another.
+void side_by_side(int count, const std::function<void(int)>& task) {
+  if (count > 1 && usable_threads() >= 2) {
+    Helpers::run_or_inline(count, [&](int part) {
+      at::NoGradGuard no_grad;
+      task(part);
+    });
+  } else {
+    for (int part = 0; part < count; ++part) {
+      task(part);
     }
-    std::vector<Tensor> result = chain_pass(x, chain->kinds, chain->crows, chain->cols, weights, biases, chain->act,
-                                            chain->alpha, chain->batch_major_below);
-    // saved: each layer's input, then what its input gradient multiplies by (the kept values
-    // for the CSR kinds, else the built matrix)
-    torch::autograd::variable_list saved(result.begin() + 1, result.end());
-    for (size_t i = 0; i < weights.size(); ++i) {
-      saved.push_back(chain->grad_kinds[i] == GRAD_CSR ? all[2 * i] : weights[i]);
+  }
+}
+
+// One or more chains as one autograd node: chain k maps x to output k. Twin critics (the same
+// input through two networks) are computed side by side, forward and backward, instead of one
+// node after the other. Each chain computes exactly what a node of its own computes; the input's
+// gradient is the sum of the chains' (two: the same bits in either order, as autograd adds them).
+class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
+ public:
+  using Chains = std::vector<std::shared_ptr<const Chain>>;
+
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                const Chains& chains, at::TensorList params) {
+    const int count = static_cast<int>(chains.size());
+    std::vector<size_t> first(count + 1, 0);  // chain k's parameters: params[first[k] .. first[k + 1])
+    for (int k = 0; k < count; ++k) {
+      first[k + 1] = first[k] + 2 * chains[k]->kinds.size();
+    }
+    std::vector<std::vector<Tensor>> results(count), weights(count);
+    side_by_side(count, [&](int k) {
+      const Chain& chain = *chains[k];
+      const std::vector<Tensor> all(params.begin() + first[k], params.begin() + first[k + 1]);
+      weights[k] = product_weights(chain, all);
+      std::vector<Tensor> biases;
+      for (size_t i = 1; i < all.size(); i += 2) {
+        biases.push_back(all[i]);
+      }
+      results[k] = chain_pass(x, chain.kinds, chain.crows, chain.cols, weights[k], biases, chain.act, chain.alpha,
+                              chain.batch_major_below);
+    });
+    // saved, chain after chain: each layer's input, then what its input gradient multiplies by
+    // (the kept values for the CSR kinds, else the built matrix)
+    torch::autograd::variable_list saved, outputs;
+    std::vector<int64_t> grad_kinds, sizes, acts;
+    std::vector<double> alphas;
+    c10::List<Tensor> lists[5];
+    for (int k = 0; k < count; ++k) {
+      const Chain& chain = *chains[k];
+      saved.insert(saved.end(), results[k].begin() + 1, results[k].end());
+      for (size_t i = 0; i < weights[k].size(); ++i) {
+        saved.push_back(chain.grad_kinds[i] == GRAD_CSR ? params[first[k] + 2 * i] : weights[k][i]);
+      }
+      grad_kinds.insert(grad_kinds.end(), chain.grad_kinds.begin(), chain.grad_kinds.end());
+      sizes.push_back(static_cast<int64_t>(chain.kinds.size()));
+      acts.push_back(chain.act);
+      alphas.push_back(chain.alpha);
+      const std::vector<Tensor>* parts[5] = {&chain.patterns, &chain.flat_indices, &chain.crows_t, &chain.cols_t,
+                                             &chain.perms_t};
+      for (int l = 0; l < 5; ++l) {
+        for (const Tensor& t : *parts[l]) {
+          lists[l].push_back(t);
+        }
+      }
+      outputs.push_back(results[k][0]);
     }
     ctx->save_for_backward(saved);
-    // what the backward needs of the chain, in the context (which holds IValues only)
-    ctx->saved_data["grad_kinds"] = chain->grad_kinds;
-    for (const auto& [name, list] : {std::pair<const char*, const std::vector<Tensor>*>{"patterns", &chain->patterns},
-                                     {"flat_indices", &chain->flat_indices}, {"crows_t", &chain->crows_t},
-                                     {"cols_t", &chain->cols_t}, {"perms_t", &chain->perms_t}}) {
-      ctx->saved_data[name] = c10::List<Tensor>(*list);
+    // what the backward needs of the chains, in the context (which holds IValues only)
+    ctx->saved_data["grad_kinds"] = grad_kinds;
+    ctx->saved_data["sizes"] = sizes;
+    ctx->saved_data["acts"] = acts;
+    ctx->saved_data["alphas"] = alphas;
+    const char* names[5] = {"patterns", "flat_indices", "crows_t", "cols_t", "perms_t"};
+    for (int l = 0; l < 5; ++l) {
+      ctx->saved_data[names[l]] = lists[l];
     }
-    ctx->saved_data["act"] = chain->act;
-    ctx->saved_data["alpha"] = chain->alpha;
-    return {result[0]};
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     TORCH_CHECK(!at::GradMode::is_enabled(), "offprune's sparse chains are differentiable once only");
     auto& data = ctx->saved_data;
-    const std::vector<int64_t> kinds = data["grad_kinds"].toIntVector();
-    const int64_t n = static_cast<int64_t>(kinds.size());
+    const std::vector<int64_t> all_kinds = data["grad_kinds"].toIntVector(), sizes = data["sizes"].toIntVector(),
+                               acts = data["acts"].toIntVector();
+    const std::vector<double> alphas = data["alphas"].toDoubleVector();
+    const std::vector<Tensor> patterns = data["patterns"].toTensorVector(),
+                              flat_indices = data["flat_indices"].toTensorVector(),
+                              crows_t = data["crows_t"].toTensorVector(), cols_t = data["cols_t"].toTensorVector(),
+                              perms_t = data["perms_t"].toTensorVector();
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n), matrices(saved.begin() + n, saved.end());
+    const int count = static_cast<int>(sizes.size());
     const bool needs_x = ctx->needs_input_grad(0);
-    std::vector<bool> needs(2 * n);
-    int64_t lowest = needs_x ? 0 : n;
-    for (int64_t i = 0; i < 2 * n; ++i) {
-      needs[i] = ctx->needs_input_grad(1 + i);  // edges: x, then the parameters (the chain is no tensor)
-      if (needs[i] && !needs_x) {
-        lowest = std::min(lowest, i / 2);
-      }
+    std::vector<std::vector<Tensor>> grads(count);
+    std::vector<int64_t> layer0(count + 1, 0);  // chain k's layers: [layer0[k], layer0[k + 1]) of all
+    for (int k = 0; k < count; ++k) {
+      layer0[k + 1] = layer0[k] + sizes[k];
     }
-    std::vector<Tensor> grads = chain_backward(
-        grad_outputs[0], kinds, inputs, matrices, data["patterns"].toTensorVector(),
-        data["flat_indices"].toTensorVector(), data["crows_t"].toTensorVector(), data["cols_t"].toTensorVector(),
-        data["perms_t"].toTensorVector(), needs, needs_x, lowest, data["act"].toInt(), data["alpha"].toDouble());
-    torch::autograd::variable_list result{grads[2 * n], Tensor()};  // x, the chain
-    result.insert(result.end(), grads.begin(), grads.begin() + 2 * n);
+    side_by_side(count, [&](int k) {
+      const int64_t n = sizes[k], l0 = layer0[k];
+      auto slice = [&](const std::vector<Tensor>& v, int64_t from) {
+        return std::vector<Tensor>(v.begin() + from, v.begin() + from + n);
+      };
+      const std::vector<int64_t> kinds(all_kinds.begin() + l0, all_kinds.begin() + l0 + n);
+      std::vector<bool> needs(2 * n);
+      int64_t lowest = needs_x ? 0 : n;
+      for (int64_t i = 0; i < 2 * n; ++i) {
+        // edges: x, then the parameters (the chains are no tensors)
+        needs[i] = ctx->needs_input_grad(1 + 2 * l0 + i);
+        if (needs[i] && !needs_x) {
+          lowest = std::min(lowest, i / 2);
+        }
+      }
+      grads[k] = chain_backward(grad_outputs[k], kinds, slice(saved, 2 * l0), slice(saved, 2 * l0 + n),
+                                slice(patterns, l0), slice(flat_indices, l0), slice(crows_t, l0), slice(cols_t, l0),
+                                slice(perms_t, l0), needs, needs_x, lowest, acts[k], alphas[k]);
+    });
+    torch::autograd::variable_list result{Tensor(), Tensor()};  // x, the chains
+    for (int k = 0; k < count; ++k) {
+      const int64_t n = sizes[k];
+      const Tensor& gx = grads[k][2 * n];
+      result[0] = !result[0].defined() ? gx : gx.defined() ? result[0] + gx : result[0];
+      result.insert(result.end(), grads[k].begin(), grads[k].begin() + 2 * n);
+    }
     return result;
   }
 };
@@ -816,10 +909,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             std::move(out_features), std::move(in_features), std::move(builds_dense), std::move(builds_csr), act,
             alpha, batch_major_below});
       }));
-  // The chain's output for x [rows, in] as one autograd node (the parameters: values_0, bias_0, ...).
-  m.def("chain_apply", [](const Tensor& x, const std::shared_ptr<Chain>& chain, const std::vector<Tensor>& params) {
+  // The chains' outputs for x [rows, in] as one autograd node (the parameters: chain 0's values_0,
+  // bias_0, ..., then chain 1's, ...).
+  m.def("chains_apply", [](const Tensor& x, const std::vector<std::shared_ptr<Chain>>& chains,
+                           const std::vector<Tensor>& params) {
     pybind11::gil_scoped_release no_gil;
-    return ChainFunction::apply(x, std::shared_ptr<const Chain>(chain), at::TensorList(params))[0];
+    return ChainsFunction::apply(x, ChainsFunction::Chains(chains.begin(), chains.end()), at::TensorList(params));
   });
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
     pybind11::gil_scoped_release no_gil;

@@ -18,6 +18,8 @@ class MLP(nn.Sequential):
     a sparse BCQ update). Parameter names stay '0.weight', '2.weight', ... (stable mask keys)."""
 
     fused_forward: Callable[["MLP", Tensor], Tensor] | None = None  # set by offprune.sparse
+    # (a(x), b(x)) for two fused MLPs on one input, as one node (`twin_forward`); set by offprune.sparse
+    fused_pair: Callable[["MLP", "MLP", Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
     def sparse_chain(self) -> bool:
@@ -37,6 +39,14 @@ def ones_output(module: nn.Module) -> Callable[[object], Tensor]:
         p = next(module.parameters())
         return module(torch.ones(1, in_features, dtype=p.dtype, device=p.device))
     return output
+
+
+def twin_forward(a: MLP, b: MLP, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(a(x), b(x)). Two fused sparse chains run as one autograd node, side by side on helper
+    threads under `offprune.sparse.sparse_threads(n)`, n >= 2 (the same bits as one by one)."""
+    if a.fused_pair is not None and b.fused_pair is a.fused_pair:
+        return a.fused_pair(a, b, x)
+    return a(x), b(x)
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Module] = nn.ReLU) -> MLP:
@@ -180,8 +190,7 @@ class TwinCritic(nn.Module):
         self.q2 = mlp(obs_dim + act_dim, hidden, 1)
 
     def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([obs, action], 1)
-        return self.q1(x), self.q2(x)
+        return twin_forward(self.q1, self.q2, torch.cat([obs, action], 1))
 
     def q1_value(self, obs: Tensor, action: Tensor) -> Tensor:
         return self.q1(torch.cat([obs, action], 1))

@@ -29,7 +29,7 @@ Compiled loops: where offprune.native has built its C++ library (on first use; i
 compiler), a chain's forward pass and backward body run as one C++ call each, with a CSR product of
 its own that accumulates exactly as the embedding bag does and weight-gradient dot products that
 add up exactly as sampled_addmm does (checked against torch when the library loads); a training
-chain is then an autograd node of the library's own (`chain_apply`), so no Python runs per call.
+chain is then an autograd node of the library's own (`chains_apply`), so no Python runs per call.
 The results are bit-identical to the Python loops below (`_SparseChainFunction`), which run
 wherever the library is not there.
 
@@ -323,7 +323,7 @@ class _ChainStructure:
     kernels: tuple[str, ...]
     forward: tuple
     backward: tuple
-    compiled: object | None  # the library's Chain for `chain_apply` (training chains of SparseLinear layers)
+    compiled: object | None  # the library's Chain for `chains_apply` (training chains of SparseLinear layers)
 
     @staticmethod
     def of(layers: Sequence[ChainLayer], act: nn.Module | None) -> "_ChainStructure":
@@ -569,7 +569,7 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
         ext = _native(flat)
         compiled = _structure(layers, act).compiled if ext is not None else None
         if compiled is not None:  # the compiled loops as an autograd node of their own
-            out = ext.chain_apply(flat, compiled, list(params))
+            out = ext.chains_apply(flat, [compiled], list(params))[0]
         else:
             out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
@@ -588,6 +588,21 @@ def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
     return chain_forward(*chain_parts(mlp), x)
 
 
+def _fused_pair_forward(a: MLP, b: MLP, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(a(x), b(x)) for two fused chains: one compiled autograd node when both build a graph (each
+    chain computed as its own node would compute it), else each on its own path."""
+    (layers_a, act_a), (layers_b, act_b) = chain_parts(a), chain_parts(b)
+    params = tuple(p for layer in (*layers_a, *layers_b) for p in _layer_params(layer))
+    ext = _native(x)
+    if (ext is not None and x.dim() == 2 and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in params))):
+        compiled = _structure(layers_a, act_a).compiled, _structure(layers_b, act_b).compiled
+        if None not in compiled:
+            first, second = ext.chains_apply(x, list(compiled), list(params))
+            return first, second
+    return a(x), b(x)
+
+
 def _mark_chains(module: nn.Module, dense_layers: bool = False) -> None:
     """Fuse every MLP `chain_supported` (with `dense_layers`: nn.Linear layers too) that has a
     SparseLinear: an all-dense stack stays torch's own, whose batch-major products are up to 4x
@@ -596,6 +611,7 @@ def _mark_chains(module: nn.Module, dense_layers: bool = False) -> None:
         if isinstance(m, MLP):
             fuse = chain_supported(m, dense_layers) and any(isinstance(layer, SparseLinear) for layer in m)
             m.fused_forward = _fused_mlp_forward if fuse else None
+            m.fused_pair = _fused_pair_forward if fuse else None
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:

@@ -671,6 +671,40 @@ def test_compiled_and_python_loops_give_inference_copies_the_same_outputs(rows):
     assert same_bits(compiled, python)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_twin_chains_run_as_one_node_with_the_bits_of_two(threads):
+    from offprune.nets import twin_forward
+    from offprune.prune import PrunableNetwork
+
+    compiled_chain_loops()
+    a, masks_a = masked_mlp(nn.ReLU, seed=1)
+    b, masks_b = masked_mlp(nn.ReLU, seed=2)
+    convert_to_sparse({"a": PrunableNetwork(a, lambda _: None), "b": PrunableNetwork(b, lambda _: None)},
+                      {"a": masks_a, "b": masks_b}, [])
+    params = [*a.parameters(), *b.parameters()]
+    x = torch.randn(100, 14, requires_grad=True)
+    grads_out = torch.randn(100, 3), torch.randn(100, 3)
+
+    def results(pair):
+        with sparse_module.sparse_threads(threads):
+            outputs = pair(x)
+        torch.autograd.backward(outputs, grads_out)
+        found = [t.detach().clone() for t in outputs] + [x.grad.clone()] + [p.grad.clone() for p in params]
+        x.grad = None
+        for p in params:
+            p.grad = None
+        return outputs, found
+
+    (first, second), together = results(lambda x: twin_forward(a, b, x))
+    assert first.grad_fn is second.grad_fn  # one node
+    with native.python_loops():
+        _, python = results(lambda x: twin_forward(a, b, x))
+    _, apart = results(lambda x: (a(x), b(x)))
+    assert len(together) == len(python) == len(apart) == 3 + len(params)
+    for t, p, s in zip(together, python, apart):
+        assert same_bits(t, p) and same_bits(t, s)
+
+
 def test_compiled_and_python_loops_train_bcq_to_the_same_bits():
     from offprune.speed import algo_config, build, update_batches
 
