@@ -174,6 +174,11 @@ class SparseLinear(nn.Module):
             self._pattern = csr_tensor(self.crow, self.col, self.pattern_values, (self.out_features, self.in_features))
         return self._pattern
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out the cached pattern: it is rebuilt on use, and a CSR tensor
+        # cannot be deep-copied
+        return {**self.__dict__, "_pattern": None}
+
     def forward(self, x: Tensor) -> Tensor:
         return chain_forward((self,), None, x)
 
@@ -623,19 +628,19 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
 
 
-# Which kernel each converted layer uses: a 'csr' (embedding-bag) layer has a fixed cost per
-# update plus a few times dense BLAS's cost per kept multiply-add, so small layers (BCQ's 14-wide
-# inputs, 1- to 6-wide output heads) and dense-ish layers are faster as 'dense-product'.
-# The rule is fixed, not measured per run, so a run's kernels (and so its exact floating-point
-# results) do not depend on the machine's load.
-MIN_CSR_WEIGHTS = 16_384  # in_features * out_features below this: dense-product
+# Which kernel each converted layer uses. A 'dense-product' layer multiplies by a dense weight built
+# from its kept values on every forward and picks its kept gradients out of dense products; a
+# 'csr' layer's compiled products do only the kept multiply-adds, at ~2-3x dense BLAS's cost each
+# and little per call. Measured on single layers (forward + backward, one thread; benchmarks/README.md)
+# 'csr' wins up to ~25 % density at 100-1,000 rows whatever the layer's size, heads and 14-wide
+# input layers included. The rule is fixed, not measured per run, so a run's kernels (and so its
+# exact floating-point results) do not depend on the machine or its load.
 MAX_CSR_DENSITY = 0.25  # a layer keeping more than this fraction: dense-product
 
 
 def kernel_for(mask: Tensor) -> str:
     """'csr' or 'dense-product': the kernel a trained SparseLinear with this mask uses."""
-    csr = mask.numel() >= MIN_CSR_WEIGHTS and float(mask.float().mean()) <= MAX_CSR_DENSITY
-    return "csr" if csr else "dense-product"
+    return "csr" if float(mask.float().mean()) <= MAX_CSR_DENSITY else "dense-product"
 
 
 @torch.no_grad()
@@ -910,15 +915,18 @@ INFERENCE_KERNELS = ("auto", "dense", "sparse")  # per copy: by `inference_kerne
 # From this many rows per call embedding bags ('csr') beat torch's CSR addmm (at 1-10 rows the
 # addmm is fastest, at 100 the bags; benchmarks/README.md has the per-layer timings).
 INFERENCE_CSR_MIN_ROWS = 32
+# An inference copy keeps layers with fewer weights than this dense (acting on a few rows, a
+# small layer's dense product costs less than a CSR product's call).
+INFERENCE_MIN_CSR_WEIGHTS = 16_384
 
 
 def inference_kernel_for(mask: Tensor, rows: int) -> str:
     """'dense', 'csr-addmm' or 'csr': the kernel of an inference copy's layer with this mask, for
     `rows` rows per call. A fixed rule, not a timing, so a copy computes the same actions on any
-    machine and in every run: layers that training keeps on dense products (small or dense-ish,
-    `kernel_for`) stay dense; the others take CSR addmm for a few rows and bags from
-    INFERENCE_CSR_MIN_ROWS rows."""
-    if kernel_for(mask) != "csr":
+    machine and in every run: small layers (under INFERENCE_MIN_CSR_WEIGHTS weights) and those
+    training keeps on dense products (dense-ish, `kernel_for`) stay dense; the others take CSR
+    addmm for a few rows and bags from INFERENCE_CSR_MIN_ROWS rows."""
+    if mask.numel() < INFERENCE_MIN_CSR_WEIGHTS or kernel_for(mask) != "csr":
         return "dense"
     return "csr" if rows >= INFERENCE_CSR_MIN_ROWS else "csr-addmm"
 

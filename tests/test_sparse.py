@@ -194,13 +194,29 @@ def test_sparse_bcq_updates_are_bit_identical_on_one_and_two_threads():
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
-def test_kernel_rule_keeps_small_or_dense_layers_on_dense_products():
+def test_a_trained_csr_layer_copies_without_its_cached_pattern():
+    import pickle
+
+    lin, mask = masked_linear(density=0.1)
+    layer = SparseLinear(lin, mask, "csr")
+    x, grad = torch.randn(8, 40), torch.randn(8, lin.out_features)
+    layer(x).backward(grad)  # the weight gradient builds the cached CSR pattern
+    assert layer._pattern is not None
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied._pattern is None and layer._pattern is not None
+        copied.values.grad = None
+        copied(x).backward(grad)
+        assert same_bits(copied.values.grad, layer.values.grad)
+
+
+def test_kernel_rule_keeps_dense_ish_layers_on_dense_products_whatever_their_size():
     g = torch.Generator().manual_seed(0)
     assert kernel_for(torch.rand(750, 750, generator=g) < 0.05) == "csr"
     assert kernel_for(torch.rand(300, 400, generator=g) < 0.2) == "csr"
     assert kernel_for(torch.rand(750, 750, generator=g) < 0.5) == "dense-product"  # too dense to pay
-    assert kernel_for(torch.rand(3, 300, generator=g) < 0.05) == "dense-product"  # output head: too small
-    assert kernel_for(torch.rand(400, 14, generator=g) < 0.05) == "dense-product"  # input layer: too small
+    assert kernel_for(torch.rand(3, 300, generator=g) < 0.05) == "csr"  # an output head: csr pays at any size
+    assert kernel_for(torch.rand(400, 14, generator=g) < 0.05) == "csr"  # an input layer
+    assert kernel_for(torch.rand(400, 14, generator=g) < 0.6) == "dense-product"  # too dense to pay
 
 
 def masked_mlp(activation, seed=0, widths=(14, 200, 150, 3)):
