@@ -631,16 +631,20 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
 # Which kernel each converted layer uses. A 'dense-product' layer multiplies by a dense weight built
 # from its kept values on every forward and picks its kept gradients out of dense products; a
 # 'csr' layer's compiled products do only the kept multiply-adds, at ~2-3x dense BLAS's cost each
-# and little per call. Measured on single layers (forward + backward, one thread; benchmarks/README.md)
-# 'csr' wins up to ~25 % density at 100-1,000 rows whatever the layer's size, heads and 14-wide
-# input layers included. The rule is fixed, not measured per run, so a run's kernels (and so its
-# exact floating-point results) do not depend on the machine or its load.
-MAX_CSR_DENSITY = 0.25  # a layer keeping more than this fraction: dense-product
+# and little per call. Measured per layer and on whole updates (one thread; benchmarks/README.md):
+# 'csr' wins on large layers up to ~25 % density at 100-1,000 rows, and on small ones (14-wide
+# inputs, 1- to 6-wide heads) at nearly any density. The rule is fixed, not measured per run, so a
+# run's kernels (and so its exact floating-point results) do not depend on the machine or its load.
+MAX_CSR_DENSITY = 0.25  # a layer keeping more than this fraction: dense-product...
+SMALL_LAYER_WEIGHTS = 16_384  # ...unless it has fewer weights than this
+MAX_SMALL_CSR_DENSITY = 0.9  # and keeps at most this fraction
 
 
 def kernel_for(mask: Tensor) -> str:
     """'csr' or 'dense-product': the kernel a trained SparseLinear with this mask uses."""
-    return "csr" if float(mask.float().mean()) <= MAX_CSR_DENSITY else "dense-product"
+    density = float(mask.float().mean())
+    small = mask.numel() < SMALL_LAYER_WEIGHTS
+    return "csr" if density <= (MAX_SMALL_CSR_DENSITY if small else MAX_CSR_DENSITY) else "dense-product"
 
 
 @torch.no_grad()
@@ -833,7 +837,7 @@ def has_sparse_layers(module: nn.Module) -> bool:
 # The rule behind --kernels auto: an update's cost in dense multiply-adds. A 'dense' (or
 # 'dense-product') layer costs in * out per row; a CSR layer costs CSR_COST_PER_KEPT per kept
 # weight per row, plus CSR_FIXED_COST per update (autograd and indexing work that does not shrink
-# with the batch). The constants are fitted to `offprune speed` (the estimates against the
+# with the batch), but no more than its dense product (small layers, measured). The constants are fitted to `offprune speed` (the estimates against the
 # measurements are in benchmarks/README.md); the rule only has to rank, not to predict exactly.
 CSR_COST_PER_KEPT = 4.0
 CSR_FIXED_COST = 2_000_000
@@ -851,8 +855,8 @@ def estimated_speedup(masks: dict[str, dict[str, Tensor]], linear_shapes: dict[s
                 continue  # not a Linear (e.g. a GRU's weights): dense in both cases
             out_f, in_f = linear_shapes[net][pname]
             dense += out_f * in_f * rows
-            if kernel_for(mask) == "csr":
-                sparse += CSR_COST_PER_KEPT * int(mask.sum()) * rows + CSR_FIXED_COST
+            if kernel_for(mask) == "csr":  # a small dense-ish layer on csr costs about its dense product
+                sparse += min(CSR_COST_PER_KEPT * int(mask.sum()) * rows + CSR_FIXED_COST, out_f * in_f * rows)
             else:
                 sparse += out_f * in_f * rows
     return dense / sparse if sparse else 0.0
@@ -915,18 +919,16 @@ INFERENCE_KERNELS = ("auto", "dense", "sparse")  # per copy: by `inference_kerne
 # From this many rows per call embedding bags ('csr') beat torch's CSR addmm (at 1-10 rows the
 # addmm is fastest, at 100 the bags; benchmarks/README.md has the per-layer timings).
 INFERENCE_CSR_MIN_ROWS = 32
-# An inference copy keeps layers with fewer weights than this dense (acting on a few rows, a
-# small layer's dense product costs less than a CSR product's call).
-INFERENCE_MIN_CSR_WEIGHTS = 16_384
 
 
 def inference_kernel_for(mask: Tensor, rows: int) -> str:
     """'dense', 'csr-addmm' or 'csr': the kernel of an inference copy's layer with this mask, for
     `rows` rows per call. A fixed rule, not a timing, so a copy computes the same actions on any
-    machine and in every run: small layers (under INFERENCE_MIN_CSR_WEIGHTS weights) and those
-    training keeps on dense products (dense-ish, `kernel_for`) stay dense; the others take CSR
-    addmm for a few rows and bags from INFERENCE_CSR_MIN_ROWS rows."""
-    if mask.numel() < INFERENCE_MIN_CSR_WEIGHTS or kernel_for(mask) != "csr":
+    machine and in every run: small layers (under SMALL_LAYER_WEIGHTS weights: acting on a few
+    rows, their dense product costs less than a CSR product's call) and dense-ish ones (over
+    MAX_CSR_DENSITY) stay dense; the others take CSR addmm for a few rows and bags from
+    INFERENCE_CSR_MIN_ROWS rows."""
+    if mask.numel() < SMALL_LAYER_WEIGHTS or float(mask.float().mean()) > MAX_CSR_DENSITY:
         return "dense"
     return "csr" if rows >= INFERENCE_CSR_MIN_ROWS else "csr-addmm"
 

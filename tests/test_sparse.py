@@ -209,18 +209,19 @@ def test_a_trained_csr_layer_copies_without_its_cached_pattern():
         assert same_bits(copied.values.grad, layer.values.grad)
 
 
-def test_kernel_rule_keeps_dense_ish_layers_on_dense_products_whatever_their_size():
+def test_kernel_rule_puts_sparse_and_small_layers_on_csr_and_dense_ish_ones_on_dense_products():
     g = torch.Generator().manual_seed(0)
     assert kernel_for(torch.rand(750, 750, generator=g) < 0.05) == "csr"
     assert kernel_for(torch.rand(300, 400, generator=g) < 0.2) == "csr"
     assert kernel_for(torch.rand(750, 750, generator=g) < 0.5) == "dense-product"  # too dense to pay
     assert kernel_for(torch.rand(3, 300, generator=g) < 0.05) == "csr"  # an output head: csr pays at any size
-    assert kernel_for(torch.rand(400, 14, generator=g) < 0.05) == "csr"  # an input layer
-    assert kernel_for(torch.rand(400, 14, generator=g) < 0.6) == "dense-product"  # too dense to pay
+    assert kernel_for(torch.rand(3, 300, generator=g) < 0.7) == "csr"  # small layers: up to 90 % dense
+    assert kernel_for(torch.rand(400, 14, generator=g) < 0.6) == "csr"  # an input layer
+    assert kernel_for(torch.ones(400, 14, dtype=torch.bool)) == "dense-product"  # too dense to pay
 
 
 def masked_mlp(activation, seed=0, widths=(14, 200, 150, 3)):
-    """A pruned MLP (hidden layers 5% dense: csr products; input and output layers: dense products)."""
+    """A pruned MLP (hidden layers 5% dense: csr products; input and output layers 95 % dense: dense products)."""
     from offprune.nets import mlp
 
     torch.manual_seed(seed)
@@ -228,7 +229,7 @@ def masked_mlp(activation, seed=0, widths=(14, 200, 150, 3)):
     masks = {}
     for name, p in net.named_parameters():
         if name.endswith("weight"):
-            density = 0.05 if min(p.shape) > 100 else 0.5
+            density = 0.05 if min(p.shape) > 100 else 0.95
             masks[name] = torch.rand(p.shape) < density
             with torch.no_grad():
                 p.masked_fill_(~masks[name], 0.0)
