@@ -29,7 +29,8 @@ Compiled loops: where offprune.native has built its C++ library (on first use; i
 compiler), a chain's forward pass and backward body run as one C++ call each, with a CSR product of
 its own that accumulates exactly as the embedding bag does and weight-gradient dot products that
 add up exactly as sampled_addmm does (checked against torch when the library loads); a training
-chain is then an autograd node of the library's own (`chains_apply`), so no Python runs per call.
+chain is then an autograd node of the library's own (`chains_apply`; twin critics' two chains as
+one node, computed side by side on helper threads), so no Python runs per call.
 The results are bit-identical to the Python loops below (`_SparseChainFunction`), which run
 wherever the library is not there.
 
@@ -86,8 +87,10 @@ def _feature_major(t: Tensor) -> Tensor:
 # Wide activations (BCQ's critic target decodes 1,000 candidates: a [750, 1000] activation is
 # 3 MB) are multiplied in blocks of 128 columns, so the rows a block gathers stay in L2 cache
 # (block widths not a multiple of 16 floats lose). Columns are independent, so the result is
-# bit-identical. Blocking pays only where each input row is gathered many times (nnz /
-# in_features); BCQ's 400x300 layers at 95 % lose from it, so they are not blocked.
+# bit-identical. Inside one product (the Python loops' `csr_times`) blocking pays only where each
+# input row is gathered many times (nnz / in_features); BCQ's 400x300 layers at 95 % lose from it,
+# so they are not blocked. Graph-free chains wider than 2 blocks run in row blocks through the
+# whole chain instead (`_wide_chain_pass`), which pays for every chain once compiled.
 BLOCK_COLUMNS = 128
 BLOCK_MIN_REUSE = 24  # kept weights per input feature from which wide products are blocked
 
@@ -837,8 +840,9 @@ def has_sparse_layers(module: nn.Module) -> bool:
 # The rule behind --kernels auto: an update's cost in dense multiply-adds. A 'dense' (or
 # 'dense-product') layer costs in * out per row; a CSR layer costs CSR_COST_PER_KEPT per kept
 # weight per row, plus CSR_FIXED_COST per update (autograd and indexing work that does not shrink
-# with the batch), but no more than its dense product (small layers, measured). The constants are fitted to `offprune speed` (the estimates against the
-# measurements are in benchmarks/README.md); the rule only has to rank, not to predict exactly.
+# with the batch), but no more than its dense product (small layers, measured). The constants are
+# fitted to `offprune speed` (the estimates against the measurements are in benchmarks/README.md);
+# the rule only has to rank, not to predict exactly.
 CSR_COST_PER_KEPT = 4.0
 CSR_FIXED_COST = 2_000_000
 MIN_ESTIMATED_SPEEDUP = 1.5  # below this the estimate is too close to call: train dense
