@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 
@@ -324,6 +325,9 @@ def update_breakdown(agent, batches: list) -> dict[str, float]:
     autograd's bookkeeping, element-wise ops, losses, and the profiler's own cost."""
     from torch.profiler import ProfilerActivity, profile
 
+    # torch's profiler (kineto) logs its every start and stop on stderr unless told a level when it
+    # first starts; 6 keeps it quiet (a level the user set stays)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     for b in batches[:2]:
         agent.update(b)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -557,7 +557,7 @@ def test_new_masks_rebuild_sparse_layers_and_train_as_dense_kernels_do():
                 torch.testing.assert_close(params[pname], dense_params[pname], rtol=1e-4, atol=1e-5)
 
 
-def test_the_update_breakdown_puts_gathers_on_sparse_kernels_and_products_on_dense_ones():
+def test_the_update_breakdown_puts_gathers_on_sparse_kernels_and_products_on_dense_ones(capfd):
     from offprune.speed import algo_config, build, update_batches, update_breakdown
 
     config = algo_config("bc-mlp")
@@ -567,6 +567,7 @@ def test_the_update_breakdown_puts_gathers_on_sparse_kernels_and_products_on_den
     assert dense["forward gather"] == dense["input-grad gather"] == dense["weight-grad sampled product"] == 0
     assert dense["dense products"] > 0 and dense["optimizer step"] > 0
     assert sparse["forward gather"] > 0 and sparse["input-grad gather"] > 0 and sparse["weight-grad sampled product"] > 0
+    assert "USDT" not in capfd.readouterr().err  # the profiler's start / stop log lines stay quiet
 
 
 # --- the C++ chain loops (offprune.native) compute the same bits as the Python loops ------------
