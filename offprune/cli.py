@@ -172,7 +172,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
     """
     from offprune.data.generate import ensure_default_dataset
     from offprune.envs import check_env_id
-    from offprune.train import run as train_run
+    from offprune.train import check_network_names, run as train_run
 
     if seq_len is not None and not ALGOS[algo].Agent.sequential:
         raise UserError(f"--seq-len: {algo} trains on single transitions, not sequences")
@@ -216,6 +216,7 @@ def run(algo, prune, sparsity, scope, dataset, env, seed, profile, steps, eval_e
     if dataset == RunConfig.dataset:
         if env:
             check_env_id(env)  # a mistyped --env fails before the default dataset is generated
+        check_network_names(cfg)  # and so does a mistyped --sparsity-of name
         ensure_default_dataset(dataset, log=lambda m: click.echo(m, err=True))
     result = train_run(cfg, resume=resume, log=lambda m: click.echo(m, err=True))
     click.echo(format_summary(result))

@@ -195,14 +195,23 @@ def training_threads(cfg: RunConfig, kernels: str) -> int:
     return cfg.threads or (1 if kernels == "sparse" else torch.get_num_threads())
 
 
+def check_network_names(cfg: RunConfig) -> None:
+    """--sparsity-of's names against the algorithm's prunable networks, which do not depend on the
+    data: a mistake fails before a dataset is loaded or generated."""
+    if cfg.sparsity_of:
+        agent = ALGOS[cfg.algo].Agent(1, 1, 1.0, cfg.algo_config(), torch.device("cpu"))
+        check_sparsity_of(agent.prunable_networks(), dict(cfg.sparsity_of))
+
+
 def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
+    check_network_names(cfg)
+    algo = ALGOS[cfg.algo]
+    algo_config = cfg.algo_config()
     dataset = load_dataset(cfg.dataset, env_id=cfg.env)
     if not dataset.env_id:
         raise UserError(f"cannot tell which environment {dataset.name} comes from; pass --env (e.g. Hopper-v5)")
     env = make_env(dataset.env_id)
     max_action = check_env_matches(dataset, env)
-    algo = ALGOS[cfg.algo]
-    algo_config = cfg.algo_config()
     if cfg.prune == "small-dense":  # the equal-size dense control: narrower networks, no masks
         algo_config, _ = small_dense_config(cfg.algo, algo_config, cfg.sparsity, dataset.obs_dim, dataset.act_dim)
     seed_everything(cfg.seed)
@@ -210,7 +219,6 @@ def build_setup(cfg: RunConfig, device: torch.device) -> Setup:
     agent.prepare(dataset)
     sampler = algo.Agent.make_sampler(dataset, algo_config, device, cfg.seed)
     networks = agent.prunable_networks()
-    check_sparsity_of(networks, dict(cfg.sparsity_of))
     return Setup(dataset, env, max_action, algo_config, agent, sampler, networks)
 
 

@@ -173,6 +173,15 @@ def test_bad_dreamer_input_is_one_line(capsys, tmp_path, hopper_file, extra, mes
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_an_unknown_network_in_sparsity_of_fails_before_a_dataset_is_made(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # datasets/ would be made here
+    code, _, err = run_cli(capsys, "run", "--algo", "bcq", "--dataset", "hopper-random-v5", "--steps", "1",
+                           "--no-progress", "--sparsity-of", "policy=0.5")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--sparsity-of names unknown network(s) policy (this algorithm's prunable networks: actor, critic, vae)" in err
+    assert not any(tmp_path.iterdir())  # no dataset generated, no run folder
+
+
 def test_seq_len_is_refused_for_transition_algorithms(capsys, tmp_path, hopper_file):
     code, _, err = run_cli(capsys, "run", "--algo", "bcq", "--dataset", hopper_file, "--seq-len", "10")
     assert code == 2 and "--seq-len: bcq trains on single transitions, not sequences" in err
