@@ -599,6 +599,25 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
   return result;
 }
 
+// Runs task(0 .. count-1), side by side on helper threads when there are any (each task whole on
+// one thread), else one after another. Grad and inference mode are per thread: every part runs
+// without grad (as the caller does inside a node or a graph-free pass) and in the caller's
+// inference mode.
+void side_by_side(int count, const std::function<void(int)>& task) {
+  if (count > 1 && usable_threads() >= 2) {
+    const bool inference = c10::InferenceMode::is_enabled();
+    Helpers::run_or_inline(count, [&](int part) {
+      c10::InferenceMode inference_mode(inference);
+      at::NoGradGuard no_grad;
+      task(part);
+    });
+  } else {
+    for (int part = 0; part < count; ++part) {
+      task(part);
+    }
+  }
+}
+
 // The graph-free forward of a wide batch: `block_rows` rows at a time through the whole chain, so
 // each block's activations stay in cache from layer to layer. Under sparse_threads(n) the blocks
 // are shared out in contiguous groups, one per thread, each block computed on one thread (its
@@ -612,11 +631,7 @@ Tensor blocked_chain_pass(const Tensor& x, const std::vector<int64_t>& kinds, co
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
   std::vector<Tensor> outputs(blocks);
   const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), blocks)) : 1;
-  // grad and inference mode are per thread: the helpers run as the caller does
-  const bool inference = c10::InferenceMode::is_enabled();
-  Helpers::run_or_inline(parts, [&](int part) {
-    c10::InferenceMode inference_mode(inference);
-    at::NoGradGuard no_grad;
+  side_by_side(parts, [&](int part) {
     for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
       const int64_t start = b * block_rows;
       outputs[b] = chain_pass(x.narrow(0, start, std::min(block_rows, rows - start)), kinds, crows, cols, weights,
@@ -678,9 +693,8 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
     // side, unless its CSR products are large enough to be shared out themselves. Each is computed
     // whole by one thread either way: the same bits.
     const bool shares_products = kinds[i] == GRAD_CSR && cols_t[i].size(0) * grad_t.size(1) >= MIN_SHARED_WORK;
-    if (!shares_products && (needs[2 * i] || needs[2 * i + 1]) && usable_threads() >= 2) {
-      Helpers::run_or_inline(2, [&](int part) {
-        at::NoGradGuard no_grad;  // grad mode is per thread: a helper's is on
+    if (!shares_products && (needs[2 * i] || needs[2 * i + 1])) {
+      side_by_side(2, [&](int part) {
         if (part == 0) {
           input_grad();
         } else {
@@ -739,21 +753,6 @@ std::vector<Tensor> product_weights(const Chain& chain, const std::vector<Tensor
     }
   }
   return weights;
-}
-
-// Runs task(0 .. count-1), side by side on helper threads when there are any (each task whole on
-// one thread, grad mode off on the helpers as on the caller inside a node), else one after another.
-void side_by_side(int count, const std::function<void(int)>& task) {
-  if (count > 1 && usable_threads() >= 2) {
-    Helpers::run_or_inline(count, [&](int part) {
-      at::NoGradGuard no_grad;
-      task(part);
-    });
-  } else {
-    for (int part = 0; part < count; ++part) {
-      task(part);
-    }
-  }
 }
 
 // One or more chains as one autograd node: chain k maps x to output k. Twin critics (the same

@@ -573,7 +573,7 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
     """layers[-1](act(...act(layers[0](x)))) for x [..., in]: one autograd node for the whole stack."""
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
     params = tuple(p for layer in layers for p in _layer_params(layer))
-    if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
+    if _builds_graph(flat, params):
         ext = _native(flat)
         compiled = _structure(layers, act).compiled if ext is not None else None
         if compiled is not None:  # the compiled loops as an autograd node of their own
@@ -583,6 +583,11 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
         out = _wide_chain_pass(layers, act, flat, params)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], layers[-1].out_features)
+
+
+def _builds_graph(x: Tensor, params: tuple[Tensor, ...]) -> bool:
+    """Whether a chain called on x now is part of an autograd graph (else the graph-free pass)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 def _layer_params(layer: ChainLayer) -> tuple[Tensor, Tensor]:
@@ -602,8 +607,7 @@ def _fused_pair_forward(a: MLP, b: MLP, x: Tensor) -> tuple[Tensor, Tensor]:
     (layers_a, act_a), (layers_b, act_b) = chain_parts(a), chain_parts(b)
     params = tuple(p for layer in (*layers_a, *layers_b) for p in _layer_params(layer))
     ext = _native(x)
-    if (ext is not None and x.dim() == 2 and torch.is_grad_enabled()
-            and (x.requires_grad or any(p.requires_grad for p in params))):
+    if ext is not None and x.dim() == 2 and _builds_graph(x, params):
         compiled = _structure(layers_a, act_a).compiled, _structure(layers_b, act_b).compiled
         if None not in compiled:
             first, second = ext.chains_apply(x, list(compiled), list(params))
