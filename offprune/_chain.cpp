@@ -232,6 +232,12 @@ Tensor bag(const Tensor& x_t, const Tensor& col, const Tensor& crow, const Tenso
 // batch first copied to a compact buffer (gathered rows of a [in, 1000] activation lie 4 KB apart
 // and collide in cache), and the bias and ReLU applied while the result is in registers.
 
+// A row-major matrix whose rows may be padded (row stride >= columns), as `gather` leaves
+// activations and gradients that only the next product reads.
+bool padded_rows(const Tensor& t) {
+  return t.dim() == 2 && t.size(1) > 1 && t.stride(1) == 1 && t.stride(0) >= t.size(1);
+}
+
 // Applied to each output element while it is in registers, in this order: + bias[row], max(0, .),
 // and the ReLU gradient's gate (threshold_backward(y, gate, 0): y where gate > 0 or NaN, else 0).
 struct Epilogue {
@@ -366,9 +372,11 @@ void gather_columns(const int32_t* crow, const int32_t* col, const float* values
 }
 
 Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
-                     const Tensor* perm, const Tensor* bias, bool relu, const Tensor* gate) {
+                     const Tensor* perm, const Tensor* bias, bool relu, const Tensor* gate, bool padded) {
   const int64_t batch = x_t.size(1), out_rows = crow.size(0) - 1, in_rows = x_t.size(0);
-  Tensor out = at::empty({out_rows, batch}, x_t.options());
+  Tensor out = padded && batch % 16 != 0 && batch <= UNPACKED_MAX
+                   ? at::empty({out_rows, (batch + 15) / 16 * 16}, x_t.options()).narrow(1, 0, batch)
+                   : at::empty({out_rows, batch}, x_t.options());
   Tensor bias_c = bias != nullptr ? bias->contiguous() : Tensor();
   Epilogue epilogue;
   epilogue.bias = bias != nullptr ? bias_c.data_ptr<float>() : nullptr;
@@ -383,6 +391,7 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   const int64_t* perm_p = perm != nullptr ? perm->data_ptr<int64_t>() : nullptr;
   const float* x = x_t.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  const int64_t ldo = out.stride(0);
   const int64_t ldx = x_t.stride(0);
   // Shared out by columns, in runs of whole 16-column vectors: each thread then reads only its
   // own columns of the input (splitting rows, both would read all of it).
@@ -393,7 +402,7 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   Helpers::run_or_inline(parts, [&](int part) {
     const int64_t begin = part * per_part, end = std::min(batch, begin + per_part);
     if (begin < end) {
-      gather_columns(crow_p, col_p, values_p, perm_p, x, ldx, o, batch, epilogue, out_rows, in_rows, begin, end);
+      gather_columns(crow_p, col_p, values_p, perm_p, x, ldx, o, ldo, epilogue, out_rows, in_rows, begin, end);
     }
   });
   return out;
@@ -402,12 +411,15 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
 
 // W x_t for a CSR W (crow, col, and its values, taken through `perm` when given: values[perm[k]]),
 // then the epilogue: + bias, relu, the ReLU gradient's gate (a tensor shaped as the output).
+// `padded`: an activation or gradient the next product reads (never one handed back to torch's
+// ops, whose reductions could then sum in another order): its rows may be padded to whole cache
+// lines (`padded_rows`), so that product reads them in place instead of copying them first.
 Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values, const Tensor* perm,
-              const Tensor* bias, bool relu, const Tensor* gate) {
+              const Tensor* bias, bool relu, const Tensor* gate, bool padded) {
   RECORD_FUNCTION("offprune::csr_gather", std::vector<c10::IValue>());
   // As the Python loops hand it to the bag. A one-column input can be "contiguous" with a column
   // stride other than 1; the bag then takes another path with other rounding, so it keeps the bag.
-  const Tensor x = x_t.is_contiguous() ? x_t : x_t.contiguous();
+  const Tensor x = x_t.is_contiguous() || padded_rows(x_t) ? x_t : x_t.contiguous();
 #if OFFPRUNE_X86
   if (has_avx512() && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.size(1) > 0 && x.stride(1) == 1 &&
       values.device().is_cpu() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
@@ -416,10 +428,10 @@ Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Te
       (bias == nullptr || bias->scalar_type() == at::kFloat) &&
       (gate == nullptr || (gate->scalar_type() == at::kFloat && gate->stride(1) == 1 &&
                            gate->size(0) == crow.size(0) - 1 && gate->size(1) == x.size(1)))) {
-    return gather_avx512(x, crow, col, values, perm, bias, relu, gate);
+    return gather_avx512(x, crow, col, values, perm, bias, relu, gate, padded);
   }
 #endif
-  Tensor y = bag(x, col, crow, perm != nullptr ? values.index_select(0, *perm) : values);
+  Tensor y = bag(x.is_contiguous() ? x : x.contiguous(), col, crow, perm != nullptr ? values.index_select(0, *perm) : values);
   if (bias != nullptr) {
     y.add_(bias->unsqueeze(1));
   }
@@ -499,26 +511,26 @@ Tensor own_sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor
   RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
   if (has_avx2() && grad_t.device().is_cpu() && grad_t.scalar_type() == at::kFloat &&
       h_t.scalar_type() == at::kFloat && grad_t.size(1) > 0 && pattern.crow_indices().scalar_type() == at::kInt) {
-    const Tensor g = grad_t.contiguous(), h = h_t.contiguous();
+    const Tensor g = padded_rows(grad_t) ? grad_t : grad_t.contiguous(), h = padded_rows(h_t) ? h_t : h_t.contiguous();
     const Tensor crow = pattern.crow_indices(), col = pattern.col_indices();
     const int32_t* crow_p = crow.data_ptr<int32_t>();
     const int32_t* col_p = col.data_ptr<int32_t>();
-    const int64_t k = g.size(1), rows = crow.size(0) - 1;
+    const int64_t k = g.size(1), rows = crow.size(0) - 1, ldg = g.stride(0), ldh = h.stride(0);
     Tensor out = at::empty({col.size(0)}, g.options());
     float* o = out.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
     const float* hp = h.data_ptr<float>();
     for_row_ranges(crow_p, rows, static_cast<int64_t>(col.size(0)) * k, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const float* a = gp + r * k;
+        const float* a = gp + r * ldg;
         int32_t e = crow_p[r];
         for (; e + 4 <= crow_p[r + 1]; e += 4) {
-          const float* b[4] = {hp + col_p[e] * k, hp + col_p[e + 1] * k, hp + col_p[e + 2] * k,
-                               hp + col_p[e + 3] * k};
+          const float* b[4] = {hp + col_p[e] * ldh, hp + col_p[e + 1] * ldh, hp + col_p[e + 2] * ldh,
+                               hp + col_p[e + 3] * ldh};
           sampled_dots<4>(a, b, k, o + e);
         }
         for (; e < crow_p[r + 1]; ++e) {
-          const float* b[1] = {hp + col_p[e] * k};
+          const float* b[1] = {hp + col_p[e] * ldh};
           sampled_dots<1>(a, b, k, o + e);
         }
       }
@@ -583,7 +595,10 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
       h_t = at::addmm(biases[i], x, weights[i].t()).t();
     } else if (kinds[i] == CSR) {
       const bool fuse_relu = i + 1 < n && act == RELU;
-      h_t = gather(h_t, crows[i], cols[i], weights[i], nullptr, &biases[i], fuse_relu, nullptr);
+      // padded where only the next layer's CSR products (forward and weight gradient) read it; not
+      // under ELU, whose exp rounds differently in torch's vector and scalar loops
+      h_t = gather(h_t, crows[i], cols[i], weights[i], nullptr, &biases[i], fuse_relu, nullptr,
+                   fuse_relu && kinds[i + 1] == CSR);
       if (i + 1 < n && !fuse_relu) {
         activate_(h_t, act, alpha);
       }
@@ -681,7 +696,8 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
     Tensor below;
     auto input_grad = [&] {
       if (kinds[i] == GRAD_CSR) {
-        below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr);
+        below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr,
+                       gated && kinds[i - 1] == GRAD_CSR);
       } else {
         below = at::mm(matrices[i].t(), grad_t);
         if (gated) {
@@ -925,6 +941,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather", [](const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
                      const c10::optional<Tensor>& bias, bool relu) {
     pybind11::gil_scoped_release no_gil;
-    return gather(x_t, crow, col, values, nullptr, bias ? &*bias : nullptr, relu, nullptr);
+    return gather(x_t, crow, col, values, nullptr, bias ? &*bias : nullptr, relu, nullptr, false);
   });
 }

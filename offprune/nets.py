@@ -116,8 +116,87 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(target_params, list(source.parameters()), tau)
 
 
+class FusedAdam(torch.optim.Adam):
+    """torch's fused Adam (`fused=True`), stepping through the same kernel with the same inputs
+    (the same bits) but without most of its per-call work, which a sparse update notices: torch
+    adds 1 to each parameter's step count as a separate small op (five ATen calls per parameter)
+    and regroups the tensors on every call. Here the step counts are views of one tensor, raised
+    by one op, and the kernel's argument lists are kept from step to step while the parameters,
+    their state and the settings stay the same. Anything else (a closure, a parameter without a
+    gradient, options the fast path does not cover) takes torch's own step; hooks registered on
+    `step` run either way."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, lr=lr, fused=True)
+        self._plan: tuple | None = None
+
+    def _current_plan(self) -> tuple | None:
+        """(params, exp_avgs, exp_avg_sqs, steps, flat steps, kernel options), or None where the
+        fast path does not apply. Rebuilt when the parameters, their state or the options change."""
+        if len(self.param_groups) != 1:
+            return None
+        group = self.param_groups[0]
+        params = group["params"]
+        plan = self._plan
+        if (plan is not None and len(plan[0]) == len(params) and all(a is b for a, b in zip(plan[0], params))
+                and plan[5] == _fused_options(group)):
+            states = [self.state.get(p) for p in params]
+            if all(s is not None and s.get("step") is step for s, step in zip(states, plan[3])):
+                return plan
+        self._plan = plan = self._build_plan(group)
+        return plan
+
+    def _build_plan(self, group: dict) -> tuple | None:
+        params = list(group["params"])
+        options = _fused_options(group)
+        if options is None or not params:
+            return None
+        states = [self.state.get(p) for p in params]
+        if any(not s or not isinstance(s.get("step"), Tensor) for s in states):
+            return None  # before the first step torch's own creates the state
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 or s["step"].dtype != torch.float32
+               for p, s in zip(params, states)):
+            return None
+        flat = torch.stack([s["step"].reshape(()) for s in states])
+        steps = list(flat.unbind())
+        for s, step in zip(states, steps):
+            s["step"] = step
+        return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps, flat, options
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        plan = self._current_plan() if closure is None else None
+        grads = [p.grad for p in plan[0]] if plan is not None else None
+        if plan is None or any(g is None or g.is_sparse for g in grads):
+            # torch's step itself, not its hook-running wrapper: this step's wrapper runs the hooks
+            return getattr(torch.optim.Adam.step, "__wrapped__", torch.optim.Adam.step)(self, closure)
+        params, exp_avgs, exp_avg_sqs, steps, flat, options = plan
+        flat.add_(1)
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, **dict(options))
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def _fused_options(group: dict) -> tuple | None:
+    """The fused kernel's keyword arguments for a parameter group as torch's Adam passes them, or
+    None for settings the fast path leaves to torch (tensor lr, amsgrad, capturable, ...)."""
+    if (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]
+            or group.get("decoupled_weight_decay") or not group["fused"]
+            or any(isinstance(group[k], Tensor) for k in ("lr", "weight_decay", "eps"))
+            or any(isinstance(b, Tensor) for b in group["betas"])):
+        return None
+    return (("amsgrad", False), ("lr", group["lr"]), ("beta1", group["betas"][0]), ("beta2", group["betas"][1]),
+            ("weight_decay", group["weight_decay"]), ("eps", group["eps"]), ("maximize", False))
+
+
 def adam(params, lr: float) -> torch.optim.Adam:
-    """Adam with the fused kernel where torch has one for the parameters' device.
+    """Adam with the fused kernel where torch has one for the parameters' device (`FusedAdam`).
 
     Why fused: Adam's foreach path takes sqrt(exp_avg_sq), and with pruned positions held at
     exactly 0 that sqrt takes a slow path on x86 CPUs, enough to make a masked update slower than
@@ -125,7 +204,7 @@ def adam(params, lr: float) -> torch.optim.Adam:
     """
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return FusedAdam(params, lr=lr)
     except RuntimeError:  # no fused kernel for this device / dtype
         return torch.optim.Adam(params, lr=lr)
 
