@@ -579,11 +579,13 @@ void activate_(Tensor& y, int64_t act, double alpha) {
   }
 }
 
-// Returns the output ([batch, out] view) followed by each layer's feature-major input.
+// Returns the output ([batch, out] view) followed by each layer's feature-major input. With
+// `relu_output` (the VAE node's encoder) a CSR last layer's output also goes through ReLU and has
+// padded rows: only that node's own loops and products read it.
 std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kinds,
                                const std::vector<Tensor>& crows, const std::vector<Tensor>& cols,
                                const std::vector<Tensor>& weights, const std::vector<Tensor>& biases,
-                               int64_t act, double alpha, int64_t batch_major_below) {
+                               int64_t act, double alpha, int64_t batch_major_below, bool relu_output = false) {
   const size_t n = kinds.size();
   std::vector<Tensor> result;
   result.reserve(n + 1);
@@ -594,11 +596,11 @@ std::vector<Tensor> chain_pass(const Tensor& x, const std::vector<int64_t>& kind
     if (i == 0 && kinds[i] == LINEAR && x.size(0) < batch_major_below) {
       h_t = at::addmm(biases[i], x, weights[i].t()).t();
     } else if (kinds[i] == CSR) {
-      const bool fuse_relu = i + 1 < n && act == RELU;
+      const bool fuse_relu = i + 1 < n ? act == RELU : relu_output;
       // padded where only the next layer's CSR products (forward and weight gradient) read it; not
       // under ELU, whose exp rounds differently in torch's vector and scalar loops
       h_t = gather(h_t, crows[i], cols[i], weights[i], nullptr, &biases[i], fuse_relu, nullptr,
-                   fuse_relu && kinds[i + 1] == CSR);
+                   fuse_relu && (i + 1 == n || kinds[i + 1] == CSR));
       if (i + 1 < n && !fuse_relu) {
         activate_(h_t, act, alpha);
       }
@@ -885,6 +887,227 @@ class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
   }
 };
 
+
+// --- BCQ's VAE loss as one autograd node (offprune/sparse_vae.py: the same steps in Python) ----
+//
+// Encoder (ReLU on its output), mean and log-std heads, the reparameterised latent, decoder, the
+// reconstruction MSE and the KL term: forward and backward in one call, where torch's graph had
+// ~50 small ops and nodes per update, each slowed by caches the products had just flushed. Every
+// step is the one `offprune.sparse_vae` takes with torch's ops, on tensors of the same shapes and
+// layouts: exp, log, tanh and the means through torch (their rounding depends on torch's vector
+// loops), the rest (exactly rounded +, -, *, /, comparisons) in plain loops below, so compiled and
+// Python computations give the same bits (tests). All activations are feature-major [features, batch].
+
+// The node's chains (encoder, mean head, log-std head, decoder), kept in its context for the backward.
+struct ChainsHolder : torch::CustomClassHolder {
+  explicit ChainsHolder(std::vector<std::shared_ptr<const Chain>> c) : chains(std::move(c)) {}
+  std::vector<std::shared_ptr<const Chain>> chains;
+};
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")  // each product rounded on its own, as torch's ops round it
+
+class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
+ public:
+  using Chains = std::vector<std::shared_ptr<const Chain>>;  // encoder, mean, log_std, decoder
+
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& obs,
+                                                const Tensor& action, const Tensor& noise, const Chains& chains,
+                                                at::TensorList params, double max_action) {
+    const int64_t batch = obs.size(0), obs_dim = obs.size(1), act_dim = action.size(1), latent = noise.size(1);
+    std::vector<std::vector<Tensor>> values(4), biases(4);
+    size_t next = 0;
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK(std::all_of(chains[k]->kinds.begin(), chains[k]->kinds.end(), [](int64_t kind) { return kind == CSR; }),
+                  "the VAE node takes csr layers only");
+      for (size_t i = 0; i < chains[k]->kinds.size(); ++i, next += 2) {
+        values[k].push_back(params[next]);
+        biases[k].push_back(params[next + 1]);
+      }
+    }
+    auto pass = [&](int k, const Tensor& x_t, bool relu_output) {
+      const Chain& c = *chains[k];
+      return chain_pass(x_t.t(), c.kinds, c.crows, c.cols, values[k], biases[k], c.act, c.alpha, c.batch_major_below,
+                        relu_output);
+    };
+    const Tensor obs_c = obs.contiguous(), action_c = action.contiguous(), noise_c = noise.contiguous();
+    const float* o = obs_c.data_ptr<float>();
+    const float* a = action_c.data_ptr<float>();
+    const float* nz = noise_c.data_ptr<float>();
+    // encoder input [obs; action], feature-major
+    Tensor x_t = at::empty({obs_dim + act_dim, batch}, obs.options());
+    float* xp = x_t.data_ptr<float>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < obs_dim; ++j) xp[j * batch + b] = o[b * obs_dim + j];
+      for (int64_t j = 0; j < act_dim; ++j) xp[(obs_dim + j) * batch + b] = a[b * act_dim + j];
+    }
+    std::vector<Tensor> enc = pass(0, x_t, true);
+    const Tensor h_t = enc[0].t();  // ReLU applied, rows padded
+    std::vector<Tensor> mean_r = pass(1, h_t, false), log_std_r = pass(2, h_t, false);
+    const Tensor mean_t = mean_r[0].t(), raw_t = log_std_r[0].t();  // contiguous [latent, batch]
+    const int64_t m_count = latent * batch;
+    Tensor ls_t = at::empty_like(raw_t);
+    const float* raw = raw_t.data_ptr<float>();
+    float* ls = ls_t.data_ptr<float>();
+    for (int64_t i = 0; i < m_count; ++i) ls[i] = std::min(std::max(raw[i], -4.0f), 15.0f);
+    const Tensor std_t = at::exp(ls_t);
+    const float* sd = std_t.data_ptr<float>();
+    const float* m = mean_t.data_ptr<float>();
+    // decoder input [obs; z], z = mean + std * noise
+    Tensor x2_t = at::empty({obs_dim + latent, batch}, obs.options());
+    float* x2 = x2_t.data_ptr<float>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < obs_dim; ++j) x2[j * batch + b] = o[b * obs_dim + j];
+      for (int64_t j = 0; j < latent; ++j) {
+        const int64_t i = j * batch + b;
+        const float p = sd[i] * nz[b * latent + j];
+        x2[(obs_dim + j) * batch + b] = m[i] + p;
+      }
+    }
+    std::vector<Tensor> dec = pass(3, x2_t, false);
+    const Tensor t_t = at::tanh(dec[0].t());  // contiguous [act, batch]
+    const float* t = t_t.data_ptr<float>();
+    const float ma = static_cast<float>(max_action);
+    Tensor d_t = at::empty_like(t_t), sq_t = at::empty_like(t_t);
+    float* d = d_t.data_ptr<float>();
+    float* sq = sq_t.data_ptr<float>();
+    for (int64_t j = 0; j < act_dim; ++j) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t i = j * batch + b;
+        const float recon = t[i] * ma;
+        d[i] = recon - a[b * act_dim + j];
+        sq[i] = d[i] * d[i];
+      }
+    }
+    const float recon_loss = at::mean(sq_t).item<float>();
+    Tensor s2_t = at::empty_like(std_t);
+    float* s2 = s2_t.data_ptr<float>();
+    for (int64_t i = 0; i < m_count; ++i) s2[i] = sd[i] * sd[i];
+    Tensor inner_t = at::log(s2_t);
+    float* inner = inner_t.data_ptr<float>();
+    for (int64_t i = 0; i < m_count; ++i) {
+      const float mm = m[i] * m[i];
+      inner[i] = ((inner[i] + 1.0f) - mm) - s2[i];
+    }
+    const float kl = at::mean(inner_t).item<float>() * -0.5f;
+    const float loss = recon_loss + kl * 0.5f;
+
+    torch::autograd::variable_list saved;
+    auto keep = [&](const std::vector<Tensor>& inputs) { saved.insert(saved.end(), inputs.begin() + 1, inputs.end()); };
+    keep(enc), keep(mean_r), keep(log_std_r), keep(dec);
+    saved.insert(saved.end(), {h_t, raw_t, mean_t, std_t, s2_t, t_t, d_t, noise_c});
+    saved.insert(saved.end(), params.begin(), params.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["chains"] = c10::IValue::make_capsule(c10::make_intrusive<ChainsHolder>(chains));
+    ctx->saved_data["max_action"] = max_action;
+    ctx->saved_data["obs_dim"] = obs_dim;
+    Tensor loss_t = at::scalar_tensor(loss, obs.options()), recon_t = at::scalar_tensor(recon_loss, obs.options()),
+           kl_t = at::scalar_tensor(kl, obs.options());
+    ctx->mark_non_differentiable({recon_t, kl_t});
+    return {loss_t, recon_t, kl_t};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "offprune's VAE node is differentiable once only");
+    const Chains chains = c10::static_intrusive_pointer_cast<ChainsHolder>(ctx->saved_data["chains"].toCapsule())->chains;
+    const float ma = static_cast<float>(ctx->saved_data["max_action"].toDouble());
+    const int64_t obs_dim = ctx->saved_data["obs_dim"].toInt();
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    size_t at_ = 0;
+    auto take = [&](size_t count) {
+      std::vector<Tensor> part(saved.begin() + at_, saved.begin() + at_ + count);
+      at_ += count;
+      return part;
+    };
+    std::vector<std::vector<Tensor>> inputs(4);
+    for (int k = 0; k < 4; ++k) inputs[k] = take(chains[k]->kinds.size());
+    const std::vector<Tensor> kept = take(8);
+    const Tensor &h_t = kept[0], &raw_t = kept[1], &mean_t = kept[2], &std_t = kept[3], &s2_t = kept[4],
+                 &t_t = kept[5], &d_t = kept[6], &noise = kept[7];
+    const std::vector<Tensor> params(saved.begin() + at_, saved.end());
+    const int64_t act_dim = t_t.size(0), batch = t_t.size(1), latent = mean_t.size(0);
+    const int64_t m_count = latent * batch, n_count = act_dim * batch;
+
+    const float g = grad_outputs[0].item<float>();
+    const float g_kl = g * 0.5f;
+    const float c1 = g * static_cast<float>(2.0 / static_cast<double>(n_count));
+    Tensor du_t = at::empty_like(t_t);
+    const float* d = d_t.data_ptr<float>();
+    const float* t = t_t.data_ptr<float>();
+    float* du = du_t.data_ptr<float>();
+    for (int64_t i = 0; i < n_count; ++i) {
+      const float dd = d[i] * c1;
+      du[i] = (dd * ma) * (1.0f - t[i] * t[i]);
+    }
+    std::vector<Tensor> grads(params.size());
+    size_t first[5] = {0, 0, 0, 0, 0};
+    for (int k = 0; k < 4; ++k) first[k + 1] = first[k] + 2 * chains[k]->kinds.size();
+    auto backward_of = [&](int k, const Tensor& grad_t, bool needs_x) {
+      const Chain& c = *chains[k];
+      const int64_t n = static_cast<int64_t>(c.kinds.size());
+      std::vector<bool> needs(2 * n);
+      int64_t lowest = needs_x ? 0 : n;
+      for (int64_t i = 0; i < 2 * n; ++i) {
+        needs[i] = ctx->needs_input_grad(3 + first[k] + i);  // edges: obs, action, noise, then the parameters
+        if (needs[i] && !needs_x) lowest = std::min(lowest, i / 2);
+      }
+      std::vector<Tensor> matrices;
+      for (int64_t i = 0; i < n; ++i) matrices.push_back(params[first[k] + 2 * i]);
+      std::vector<Tensor> result = chain_backward(grad_t.t(), c.grad_kinds, inputs[k], matrices, c.patterns,
+                                                  c.flat_indices, c.crows_t, c.cols_t, c.perms_t, needs, needs_x,
+                                                  lowest, c.act, c.alpha);
+      for (int64_t i = 0; i < 2 * n; ++i) grads[first[k] + i] = result[i];
+      return result[2 * n];  // the input's gradient, [batch, in] view of a feature-major tensor
+    };
+    const Tensor dz_t = backward_of(3, du_t, true).t().narrow(0, obs_dim, latent);  // rows of [obs + latent, batch]
+    const float c2 = g_kl * static_cast<float>(-0.5 / static_cast<double>(m_count));
+    const float k2 = c2 * -2.0f, k3 = c2 * 2.0f;
+    Tensor dm_t = at::empty_like(mean_t), dls_t = at::empty_like(mean_t);
+    const float* dz = dz_t.data_ptr<float>();
+    const int64_t ld_dz = dz_t.stride(0);
+    const float* m = mean_t.data_ptr<float>();
+    const float* sd = std_t.data_ptr<float>();
+    const float* s2 = s2_t.data_ptr<float>();
+    const float* raw = raw_t.data_ptr<float>();
+    const float* nz = noise.data_ptr<float>();
+    float* dm = dm_t.data_ptr<float>();
+    float* dls = dls_t.data_ptr<float>();
+    for (int64_t j = 0; j < latent; ++j) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t i = j * batch + b;
+        const float gz = dz[j * ld_dz + b];
+        dm[i] = gz + m[i] * k2;
+        const float e = 1.0f / s2[i] - 1.0f;
+        const float ds = gz * nz[b * latent + j] + (e * sd[i]) * k3;
+        dls[i] = raw[i] >= -4.0f && raw[i] <= 15.0f ? ds * sd[i] : 0.0f;
+      }
+    }
+    const Tensor dh1_t = backward_of(1, dm_t, true).t(), dh2_t = backward_of(2, dls_t, true).t();
+    // through the encoder's ReLU, as threshold_backward(dh1 + dh2, h, 0)
+    const int64_t hidden = h_t.size(0);
+    Tensor dh_t = at::empty({hidden, batch}, h_t.options());
+    const float* h = h_t.data_ptr<float>();
+    const float* g1 = dh1_t.data_ptr<float>();
+    const float* g2 = dh2_t.data_ptr<float>();
+    float* dh = dh_t.data_ptr<float>();
+    const int64_t ld_h = h_t.stride(0), ld1 = dh1_t.stride(0), ld2 = dh2_t.stride(0);
+    for (int64_t r = 0; r < hidden; ++r) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const float sum = g1[r * ld1 + b] + g2[r * ld2 + b];
+        dh[r * batch + b] = h[r * ld_h + b] <= 0.0f ? 0.0f : sum;
+      }
+    }
+    backward_of(0, dh_t, false);
+    torch::autograd::variable_list result{Tensor(), Tensor(), Tensor(), Tensor()};  // obs, action, noise, chains
+    result.insert(result.end(), grads.begin(), grads.end());
+    result.emplace_back();  // max_action
+    return result;
+  }
+};
+
+#pragma GCC pop_options
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -930,6 +1153,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            const std::vector<Tensor>& params) {
     pybind11::gil_scoped_release no_gil;
     return ChainsFunction::apply(x, ChainsFunction::Chains(chains.begin(), chains.end()), at::TensorList(params));
+  });
+  // BCQ's VAE loss (loss, reconstruction MSE, KL) as one autograd node (offprune/sparse_vae.py);
+  // the parameters: encoder values_0, bias_0, ..., mean head, log-std head, decoder.
+  m.def("vae_loss", [](const Tensor& obs, const Tensor& action, const Tensor& noise,
+                       const std::vector<std::shared_ptr<Chain>>& chains, const std::vector<Tensor>& params,
+                       double max_action) {
+    pybind11::gil_scoped_release no_gil;
+    return VAELossFunction::apply(obs, action, noise, VAELossFunction::Chains(chains.begin(), chains.end()),
+                                  at::TensorList(params), max_action);
   });
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
     pybind11::gil_scoped_release no_gil;

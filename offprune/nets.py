@@ -59,7 +59,13 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Mo
 
 
 class VAE(nn.Module):
-    """BCQ's conditional VAE over actions (Fujimoto et al.): encoder, mean / log-std heads, decoder."""
+    """BCQ's conditional VAE over actions (Fujimoto et al.): encoder, mean / log-std heads, decoder.
+
+    Once `offprune.sparse.convert_to_sparse` has made every layer a SparseLinear it sets
+    `fused_loss`, and `loss` runs as one autograd node (`offprune.sparse_vae`)."""
+
+    # (vae, obs, action, noise) -> (loss, reconstruction MSE, KL); set by offprune.sparse
+    fused_loss: Callable[["VAE", Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
 
     def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden: Sequence[int], max_action: float):
         super().__init__()
@@ -103,10 +109,16 @@ class VAE(nn.Module):
 
     def loss(self, obs: Tensor, action: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Reconstruction MSE + 0.5 KL(q(z|s,a) || N(0, I)), as BCQ."""
-        recon, mean, std = self(obs, action)
-        recon_loss = F.mse_loss(recon, action)
-        kl = -0.5 * (1 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
-        return recon_loss + 0.5 * kl, {"vae_recon": recon_loss.item(), "vae_kl": kl.item()}
+        if self.fused_loss is not None and torch.is_grad_enabled():
+            # the latent noise drawn as `forward` draws it (same shape, same point in the stream)
+            noise = torch.randn(obs.shape[0], self.latent_dim, device=obs.device, dtype=obs.dtype)
+            loss, recon_loss, kl = self.fused_loss(self, obs, action, noise)
+        else:
+            recon, mean, std = self(obs, action)
+            recon_loss = F.mse_loss(recon, action)
+            kl = -0.5 * (1 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
+            loss = recon_loss + 0.5 * kl
+        return loss, {"vae_recon": recon_loss.item(), "vae_kl": kl.item()}
 
 
 @torch.no_grad()

@@ -55,9 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offprune import native
-from offprune.nets import MLP
+from offprune.nets import MLP, VAE
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
+from offprune.sparse_vae import VAELoss
 
 # auto: a fixed rule from layer shapes and densities (`kernels_by_rule`), so the same command
 # computes the same thing whatever the machine's load; measure: time both on this machine (the
@@ -468,43 +469,52 @@ class _SparseChainFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        layers, act = ctx.layers, ctx.act
         saved = ctx.saved_tensors
-        inputs, matrices = saved[:len(layers)], saved[len(layers):]
+        inputs, matrices = saved[:len(ctx.layers)], saved[len(ctx.layers):]
         needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]  # needs: values_0, bias_0, ...
-        # below the lowest layer with a trainable parameter, only the input gradient is left
-        lowest = 0 if needs_x else min((i for i in range(len(layers)) if needs[2 * i] or needs[2 * i + 1]),
-                                       default=len(layers))
-        ext = _native(grad_out)
-        if ext is not None:
-            grads, grad_x = _native_chain_backward(ext, layers, act, grad_out, inputs, matrices, needs, needs_x, lowest)
-            return grad_x, None, None, *grads
-        grads: list[Tensor | None] = [None] * (2 * len(layers))
-        grad_x = None
-        grad_t = _feature_major(grad_out)
-        for i in range(len(layers) - 1, lowest - 1, -1):
-            layer, h_t = layers[i], inputs[i]
-            dense = isinstance(layer, nn.Linear)
-            if needs[2 * i]:
-                if dense:
-                    grads[2 * i] = torch.mm(grad_t, h_t.T)
-                elif layer.kernel == "dense-product":
-                    grads[2 * i] = torch.mm(grad_t, h_t.T).view(-1).index_select(0, layer.flat_index)
-                else:
-                    grads[2 * i] = torch.sparse.sampled_addmm(layer.pattern(), grad_t, h_t.T, beta=0.0).values()
-            if needs[2 * i + 1]:
-                grads[2 * i + 1] = grad_t.sum(1)
-            if i == 0 and not needs_x:
-                break
-            if _is_csr(layer):
-                below = csr_times(layer.crow_t, layer.col_t, matrices[i].index_select(0, layer.perm_t), grad_t)
-            else:
-                below = torch.mm(matrices[i].T, grad_t)
-            if i == 0:
-                grad_x = below.T
-            else:
-                grad_t = _activation_grad(below, h_t, act)
+        grads, grad_x = chain_backward(ctx.layers, ctx.act, grad_out, inputs, matrices, needs, needs_x)
         return grad_x, None, None, *grads
+
+
+def chain_backward(layers: Sequence[ChainLayer], act: nn.Module | None, grad_out: Tensor, inputs: Sequence[Tensor],
+                   matrices: Sequence[Tensor], needs: Sequence[bool], needs_x: bool
+                   ) -> tuple[list[Tensor | None], Tensor | None]:
+    """A chain's backward from the gradient of its output ([batch, out]): the parameters' gradients
+    (values_0, bias_0, ...; None where `needs` is False) and the input's (None unless `needs_x`).
+    `inputs` are each layer's feature-major input and `matrices` what its input gradient multiplies
+    by, as the forward kept them (`_SparseChainFunction`)."""
+    # below the lowest layer with a trainable parameter, only the input gradient is left
+    lowest = 0 if needs_x else min((i for i in range(len(layers)) if needs[2 * i] or needs[2 * i + 1]),
+                                   default=len(layers))
+    ext = _native(grad_out)
+    if ext is not None:
+        return _native_chain_backward(ext, layers, act, grad_out, inputs, matrices, needs, needs_x, lowest)
+    grads: list[Tensor | None] = [None] * (2 * len(layers))
+    grad_x = None
+    grad_t = _feature_major(grad_out)
+    for i in range(len(layers) - 1, lowest - 1, -1):
+        layer, h_t = layers[i], inputs[i]
+        dense = isinstance(layer, nn.Linear)
+        if needs[2 * i]:
+            if dense:
+                grads[2 * i] = torch.mm(grad_t, h_t.T)
+            elif layer.kernel == "dense-product":
+                grads[2 * i] = torch.mm(grad_t, h_t.T).view(-1).index_select(0, layer.flat_index)
+            else:
+                grads[2 * i] = torch.sparse.sampled_addmm(layer.pattern(), grad_t, h_t.T, beta=0.0).values()
+        if needs[2 * i + 1]:
+            grads[2 * i + 1] = grad_t.sum(1)
+        if i == 0 and not needs_x:
+            break
+        if _is_csr(layer):
+            below = csr_times(layer.crow_t, layer.col_t, matrices[i].index_select(0, layer.perm_t), grad_t)
+        else:
+            below = torch.mm(matrices[i].T, grad_t)
+        if i == 0:
+            grad_x = below.T
+        else:
+            grad_t = _activation_grad(below, h_t, act)
+    return grads, grad_x
 
 
 # --- sparse kernels on more than one thread ------------------------------------------------------
@@ -624,6 +634,57 @@ def _mark_chains(module: nn.Module, dense_layers: bool = False) -> None:
             fuse = chain_supported(m, dense_layers) and any(isinstance(layer, SparseLinear) for layer in m)
             m.fused_forward = _fused_mlp_forward if fuse else None
             m.fused_pair = _fused_pair_forward if fuse else None
+    for m in module.modules():  # after the MLPs: a VAE's loss is fused when its chains are
+        if isinstance(m, VAE):
+            m.fused_loss = fused_vae_loss if vae_fusable(m) else None
+
+
+# --- BCQ's VAE loss as one node (offprune.sparse_vae: its steps, and their Python version) -------
+
+def vae_fusable(vae: VAE) -> bool:
+    """Whether `vae`'s loss can run as one node: encoder and decoder fused ReLU chains and every
+    layer, heads included, a SparseLinear on the 'csr' kernel (what sparse training mostly gives)."""
+    if not all(m.sparse_chain and isinstance(chain_parts(m)[1], nn.ReLU) for m in (vae.encoder, vae.decoder)):
+        return False
+    return all(isinstance(layer, SparseLinear) and layer.kernel == "csr" and layer.frozen_weight is None
+               for layers, _ in _vae_chains(vae) for layer in layers)
+
+
+def _vae_chains(vae: VAE) -> list[tuple[list[ChainLayer], nn.Module | None]]:
+    """Encoder, mean head, log-std head, decoder: each a chain's layers and activation."""
+    return [chain_parts(vae.encoder), ([vae.mean], None), ([vae.log_std], None), chain_parts(vae.decoder)]
+
+
+class _VAEChains:
+    """`sparse_vae.VAEChains` over this module's chain passes (compiled or Python loops)."""
+
+    def __init__(self, vae: VAE, obs_dim: int):
+        self.chains = _vae_chains(vae)
+        self.sizes = [len(layers) for layers, _ in self.chains]
+        self.obs_dim, self.max_action = obs_dim, float(vae.max_action)
+
+    def forward(self, k: int, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        layers, act = self.chains[k]
+        return _chain_pass(layers, act, x, _product_weights(layers, tuple(params)))
+
+    def backward(self, k: int, grad_out: Tensor, inputs: Sequence[Tensor], values: Sequence[Tensor],
+                 needs: Sequence[bool], needs_x: bool) -> tuple[list[Tensor | None], Tensor | None]:
+        layers, act = self.chains[k]
+        return chain_backward(layers, act, grad_out, inputs, values, needs, needs_x)
+
+
+def fused_vae_loss(vae: VAE, obs: Tensor, action: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, reconstruction MSE, KL) of a `vae_fusable` VAE for the latent noise `noise` [batch,
+    latent] as one node: the compiled one where the chain loops are built, else `VAELoss`."""
+    chains = _vae_chains(vae)
+    params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
+    ext = _native(obs)
+    if ext is not None and obs.dtype == torch.float32:
+        compiled = [_structure(layers, act).compiled for layers, act in chains]
+        if None not in compiled:
+            loss, recon, kl = ext.vae_loss(obs, action, noise, compiled, params, float(vae.max_action))
+            return loss, recon, kl
+    return VAELoss.apply(obs, action, noise, _VAEChains(vae, obs.shape[1]), *params)
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
