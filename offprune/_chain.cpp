@@ -393,9 +393,32 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
   const int64_t ldx = x_t.stride(0);
-  // Shared out by columns, in runs of whole 16-column vectors: each thread then reads only its
-  // own columns of the input (splitting rows, both would read all of it).
   const int64_t work = static_cast<int64_t>(col.size(0)) * batch;
+  // A batch of one block (<= UNPACKED_MAX columns) is shared out by rows, in ranges of about equal
+  // kept weights: split by columns, each thread walked all of the CSR structure for a few columns
+  // (benchmarks/README.md). Its input, where it must be copied to aligned rows, is copied once.
+  if (batch <= UNPACKED_MAX) {
+    Tensor buffer;
+    if (ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0) {
+      const int64_t ld_buffer = (batch + 15) / 16 * 16;
+      buffer = at::empty({in_rows * ld_buffer}, at::kFloat);
+      float* packed = buffer.data_ptr<float>();
+      for (int64_t i = 0; i < in_rows; ++i) {
+        std::memcpy(packed + i * ld_buffer, x + i * ldx, batch * sizeof(float));
+      }
+      x = packed;
+    }
+    const int64_t ld_in = buffer.defined() ? (batch + 15) / 16 * 16 : ldx;
+    for_row_ranges(crow_p, out_rows, work, [&](int64_t begin, int64_t end) {
+      Epilogue part = epilogue;
+      if (part.bias != nullptr) part.bias += begin;
+      if (part.gate != nullptr) part.gate += begin * part.ld_gate;
+      gather_block(crow_p + begin, col_p, values_p, perm_p, x, ld_in, o + begin * ldo, ldo, part, end - begin, batch);
+    });
+    return out;
+  }
+  // A wider batch is shared out by columns, in runs of whole 16-column vectors: each thread then
+  // reads only its own columns of the input (splitting rows, both would read all of it).
   const int64_t vectors = (batch + 15) / 16;
   const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), vectors)) : 1;
   const int64_t per_part = (vectors + parts - 1) / parts * 16;
@@ -1107,6 +1130,7 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
 };
 
 #pragma GCC pop_options
+
 
 }  // namespace
 
