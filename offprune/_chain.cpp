@@ -399,7 +399,9 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
   // (benchmarks/README.md). Its input, where it must be copied to aligned rows, is copied once.
   if (batch <= UNPACKED_MAX) {
     Tensor buffer;
-    if (ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0) {
+    // copied only where rows are read more than once on average (a head or a nearly empty layer
+    // reads a few of its input rows: copying them all cost more than the misaligned loads)
+    if ((ldx % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 64 != 0) && col.size(0) >= in_rows) {
       const int64_t ld_buffer = (batch + 15) / 16 * 16;
       buffer = at::empty({in_rows * ld_buffer}, at::kFloat);
       float* packed = buffer.data_ptr<float>();
