@@ -336,6 +336,13 @@ void gather_block(const int32_t* crow, const int32_t* col, const float* values, 
   }
 }
 
+// `rows` rows of `width` floats from x (row stride ldx) to `packed` (row stride ld_packed).
+void copy_rows(const float* x, int64_t ldx, int64_t rows, int64_t width, float* packed, int64_t ld_packed) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(packed + i * ld_packed, x + i * ldx, width * sizeof(float));
+  }
+}
+
 // Columns [begin, end) of the product, from x's columns at `x` (row stride ldx) into `out` (row
 // stride ldo): a batch of more than UNPACKED_MAX columns, or one whose rows do not start on cache
 // lines, is copied to an aligned buffer PACK_WIDTH columns at a time.
@@ -360,9 +367,7 @@ void gather_columns(const int32_t* crow, const int32_t* col, const float* values
   float* packed = buffer.data_ptr<float>();
   for (int64_t start = 0; start < batch; start += width) {
     const int64_t w = std::min(width, batch - start);
-    for (int64_t i = 0; i < in_rows; ++i) {
-      std::memcpy(packed + i * ld_buffer, x + i * ldx + start, w * sizeof(float));
-    }
+    copy_rows(x + start, ldx, in_rows, w, packed, ld_buffer);
     Epilogue block = shifted;
     if (block.gate != nullptr) {
       block.gate += start;
@@ -405,9 +410,7 @@ Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, c
       const int64_t ld_buffer = (batch + 15) / 16 * 16;
       buffer = at::empty({in_rows * ld_buffer}, at::kFloat);
       float* packed = buffer.data_ptr<float>();
-      for (int64_t i = 0; i < in_rows; ++i) {
-        std::memcpy(packed + i * ld_buffer, x + i * ldx, batch * sizeof(float));
-      }
+      copy_rows(x, ldx, in_rows, batch, packed, ld_buffer);
       x = packed;
     }
     const int64_t ld_in = buffer.defined() ? (batch + 15) / 16 * 16 : ldx;
@@ -798,112 +801,111 @@ std::vector<Tensor> product_weights(const Chain& chain, const std::vector<Tensor
   return weights;
 }
 
+using Chains = std::vector<std::shared_ptr<const Chain>>;
+
+// A node's chains, kept in its context for the backward (the context holds IValues only).
+struct ChainsHolder : torch::CustomClassHolder {
+  explicit ChainsHolder(Chains c) : chains(std::move(c)) {}
+  Chains chains;
+};
+
+void keep_chains(torch::autograd::AutogradContext* ctx, const Chains& chains) {
+  ctx->saved_data["chains"] = c10::IValue::make_capsule(c10::make_intrusive<ChainsHolder>(chains));
+}
+
+Chains kept_chains(torch::autograd::AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<ChainsHolder>(ctx->saved_data["chains"].toCapsule())->chains;
+}
+
+// Where each chain's parameters (values_0, bias_0, ...) start in a node's list of all of them,
+// chain after chain, and (last) where they end.
+std::vector<size_t> param_offsets(const Chains& chains) {
+  std::vector<size_t> first(chains.size() + 1, 0);
+  for (size_t k = 0; k < chains.size(); ++k) {
+    first[k + 1] = first[k] + 2 * chains[k]->kinds.size();
+  }
+  return first;
+}
+
+// A chain's forward inside a node, its parameters (values_0, bias_0, ...) at params[first ..]:
+// chain_pass's result; `weights` gets what each layer's products multiply by.
+std::vector<Tensor> node_chain_pass(const Chain& chain, const Tensor& x, at::TensorList params, size_t first,
+                                    std::vector<Tensor>& weights, bool relu_output = false) {
+  const std::vector<Tensor> all(params.begin() + first, params.begin() + first + 2 * chain.kinds.size());
+  weights = product_weights(chain, all);
+  std::vector<Tensor> biases;
+  for (size_t i = 1; i < all.size(); i += 2) {
+    biases.push_back(all[i]);
+  }
+  return chain_pass(x, chain.kinds, chain.crows, chain.cols, weights, biases, chain.act, chain.alpha,
+                    chain.batch_major_below, relu_output);
+}
+
+// A chain's backward inside a node whose edge for the chain's first parameter is `first_edge`:
+// its gradients (values_0, bias_0, ...; undefined where the edge needs none), then its input's
+// (undefined unless needs_x).
+std::vector<Tensor> node_chain_backward(torch::autograd::AutogradContext* ctx, const Chain& chain,
+                                        size_t first_edge, const Tensor& grad_out, const std::vector<Tensor>& inputs,
+                                        const std::vector<Tensor>& matrices, bool needs_x) {
+  const int64_t n = static_cast<int64_t>(chain.kinds.size());
+  std::vector<bool> needs(2 * n);
+  int64_t lowest = needs_x ? 0 : n;  // below the lowest layer with a trainable parameter, nothing
+  for (int64_t i = 0; i < 2 * n; ++i) {
+    needs[i] = ctx->needs_input_grad(first_edge + i);
+    if (needs[i] && !needs_x) {
+      lowest = std::min(lowest, i / 2);
+    }
+  }
+  return chain_backward(grad_out, chain.grad_kinds, inputs, matrices, chain.patterns, chain.flat_indices,
+                        chain.crows_t, chain.cols_t, chain.perms_t, needs, needs_x, lowest, chain.act, chain.alpha);
+}
+
 // One or more chains as one autograd node: chain k maps x to output k. Twin critics (the same
 // input through two networks) are computed side by side, forward and backward, instead of one
 // node after the other. Each chain computes exactly what a node of its own computes; the input's
 // gradient is the sum of the chains' (two: the same bits in either order, as autograd adds them).
 class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
  public:
-  using Chains = std::vector<std::shared_ptr<const Chain>>;
-
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
                                                 const Chains& chains, at::TensorList params) {
     const int count = static_cast<int>(chains.size());
-    std::vector<size_t> first(count + 1, 0);  // chain k's parameters: params[first[k] .. first[k + 1])
-    for (int k = 0; k < count; ++k) {
-      first[k + 1] = first[k] + 2 * chains[k]->kinds.size();
-    }
+    const std::vector<size_t> first = param_offsets(chains);
     std::vector<std::vector<Tensor>> results(count), weights(count);
-    side_by_side(count, [&](int k) {
-      const Chain& chain = *chains[k];
-      const std::vector<Tensor> all(params.begin() + first[k], params.begin() + first[k + 1]);
-      weights[k] = product_weights(chain, all);
-      std::vector<Tensor> biases;
-      for (size_t i = 1; i < all.size(); i += 2) {
-        biases.push_back(all[i]);
-      }
-      results[k] = chain_pass(x, chain.kinds, chain.crows, chain.cols, weights[k], biases, chain.act, chain.alpha,
-                              chain.batch_major_below);
-    });
+    side_by_side(count, [&](int k) { results[k] = node_chain_pass(*chains[k], x, params, first[k], weights[k]); });
     // saved, chain after chain: each layer's input, then what its input gradient multiplies by
     // (the kept values for the CSR kinds, else the built matrix)
     torch::autograd::variable_list saved, outputs;
-    std::vector<int64_t> grad_kinds, sizes, acts;
-    std::vector<double> alphas;
-    c10::List<Tensor> lists[5];
     for (int k = 0; k < count; ++k) {
-      const Chain& chain = *chains[k];
       saved.insert(saved.end(), results[k].begin() + 1, results[k].end());
       for (size_t i = 0; i < weights[k].size(); ++i) {
-        saved.push_back(chain.grad_kinds[i] == GRAD_CSR ? params[first[k] + 2 * i] : weights[k][i]);
-      }
-      grad_kinds.insert(grad_kinds.end(), chain.grad_kinds.begin(), chain.grad_kinds.end());
-      sizes.push_back(static_cast<int64_t>(chain.kinds.size()));
-      acts.push_back(chain.act);
-      alphas.push_back(chain.alpha);
-      const std::vector<Tensor>* parts[5] = {&chain.patterns, &chain.flat_indices, &chain.crows_t, &chain.cols_t,
-                                             &chain.perms_t};
-      for (int l = 0; l < 5; ++l) {
-        for (const Tensor& t : *parts[l]) {
-          lists[l].push_back(t);
-        }
+        saved.push_back(chains[k]->grad_kinds[i] == GRAD_CSR ? params[first[k] + 2 * i] : weights[k][i]);
       }
       outputs.push_back(results[k][0]);
     }
     ctx->save_for_backward(saved);
-    // what the backward needs of the chains, in the context (which holds IValues only)
-    ctx->saved_data["grad_kinds"] = grad_kinds;
-    ctx->saved_data["sizes"] = sizes;
-    ctx->saved_data["acts"] = acts;
-    ctx->saved_data["alphas"] = alphas;
-    const char* names[5] = {"patterns", "flat_indices", "crows_t", "cols_t", "perms_t"};
-    for (int l = 0; l < 5; ++l) {
-      ctx->saved_data[names[l]] = lists[l];
-    }
+    keep_chains(ctx, chains);
     return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     TORCH_CHECK(!at::GradMode::is_enabled(), "offprune's sparse chains are differentiable once only");
-    auto& data = ctx->saved_data;
-    const std::vector<int64_t> all_kinds = data["grad_kinds"].toIntVector(), sizes = data["sizes"].toIntVector(),
-                               acts = data["acts"].toIntVector();
-    const std::vector<double> alphas = data["alphas"].toDoubleVector();
-    const std::vector<Tensor> patterns = data["patterns"].toTensorVector(),
-                              flat_indices = data["flat_indices"].toTensorVector(),
-                              crows_t = data["crows_t"].toTensorVector(), cols_t = data["cols_t"].toTensorVector(),
-                              perms_t = data["perms_t"].toTensorVector();
+    const Chains chains = kept_chains(ctx);
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const int count = static_cast<int>(sizes.size());
+    const int count = static_cast<int>(chains.size());
     const bool needs_x = ctx->needs_input_grad(0);
     std::vector<std::vector<Tensor>> grads(count);
-    std::vector<int64_t> layer0(count + 1, 0);  // chain k's layers: [layer0[k], layer0[k + 1]) of all
-    for (int k = 0; k < count; ++k) {
-      layer0[k + 1] = layer0[k] + sizes[k];
-    }
+    const std::vector<size_t> first = param_offsets(chains);  // the saved tensors too: 2 per layer
     side_by_side(count, [&](int k) {
-      const int64_t n = sizes[k], l0 = layer0[k];
-      auto slice = [&](const std::vector<Tensor>& v, int64_t from) {
-        return std::vector<Tensor>(v.begin() + from, v.begin() + from + n);
-      };
-      const std::vector<int64_t> kinds(all_kinds.begin() + l0, all_kinds.begin() + l0 + n);
-      std::vector<bool> needs(2 * n);
-      int64_t lowest = needs_x ? 0 : n;
-      for (int64_t i = 0; i < 2 * n; ++i) {
-        // edges: x, then the parameters (the chains are no tensors)
-        needs[i] = ctx->needs_input_grad(1 + 2 * l0 + i);
-        if (needs[i] && !needs_x) {
-          lowest = std::min(lowest, i / 2);
-        }
-      }
-      grads[k] = chain_backward(grad_outputs[k], kinds, slice(saved, 2 * l0), slice(saved, 2 * l0 + n),
-                                slice(patterns, l0), slice(flat_indices, l0), slice(crows_t, l0), slice(cols_t, l0),
-                                slice(perms_t, l0), needs, needs_x, lowest, acts[k], alphas[k]);
+      const size_t n = chains[k]->kinds.size();
+      const std::vector<Tensor> inputs(saved.begin() + first[k], saved.begin() + first[k] + n),
+          matrices(saved.begin() + first[k] + n, saved.begin() + first[k + 1]);
+      // edges: x, then the parameters (the chains are no tensors)
+      grads[k] = node_chain_backward(ctx, *chains[k], 1 + first[k], grad_outputs[k], inputs, matrices, needs_x);
     });
     torch::autograd::variable_list result{Tensor(), Tensor()};  // x, the chains
     for (int k = 0; k < count; ++k) {
-      const int64_t n = sizes[k];
+      const size_t n = chains[k]->kinds.size();
       const Tensor& gx = grads[k][2 * n];
       result[0] = !result[0].defined() ? gx : gx.defined() ? result[0] + gx : result[0];
       result.insert(result.end(), grads[k].begin(), grads[k].begin() + 2 * n);
@@ -911,7 +913,6 @@ class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
     return result;
   }
 };
-
 
 // --- BCQ's VAE loss as one autograd node (offprune/sparse_vae.py: the same steps in Python) ----
 //
@@ -923,37 +924,33 @@ class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
 // loops), the rest (exactly rounded +, -, *, /, comparisons) in plain loops below, so compiled and
 // Python computations give the same bits (tests). All activations are feature-major [features, batch].
 
-// The node's chains (encoder, mean head, log-std head, decoder), kept in its context for the backward.
-struct ChainsHolder : torch::CustomClassHolder {
-  explicit ChainsHolder(std::vector<std::shared_ptr<const Chain>> c) : chains(std::move(c)) {}
-  std::vector<std::shared_ptr<const Chain>> chains;
-};
+// A batch-major [batch, cols] matrix into the first `cols` rows of a feature-major [.., batch] one.
+void transpose_into(const float* src, int64_t batch, int64_t cols, float* dst) {
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < cols; ++j) {
+      dst[j * batch + b] = src[b * cols + j];
+    }
+  }
+}
 
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")  // each product rounded on its own, as torch's ops round it
 
 class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
  public:
-  using Chains = std::vector<std::shared_ptr<const Chain>>;  // encoder, mean, log_std, decoder
-
+  // chains: encoder, mean head, log-std head, decoder
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& obs,
                                                 const Tensor& action, const Tensor& noise, const Chains& chains,
                                                 at::TensorList params, double max_action) {
     const int64_t batch = obs.size(0), obs_dim = obs.size(1), act_dim = action.size(1), latent = noise.size(1);
-    std::vector<std::vector<Tensor>> values(4), biases(4);
-    size_t next = 0;
-    for (int k = 0; k < 4; ++k) {
-      TORCH_CHECK(std::all_of(chains[k]->kinds.begin(), chains[k]->kinds.end(), [](int64_t kind) { return kind == CSR; }),
+    for (const auto& chain : chains) {
+      TORCH_CHECK(std::all_of(chain->kinds.begin(), chain->kinds.end(), [](int64_t kind) { return kind == CSR; }),
                   "the VAE node takes csr layers only");
-      for (size_t i = 0; i < chains[k]->kinds.size(); ++i, next += 2) {
-        values[k].push_back(params[next]);
-        biases[k].push_back(params[next + 1]);
-      }
     }
+    const std::vector<size_t> first = param_offsets(chains);
     auto pass = [&](int k, const Tensor& x_t, bool relu_output) {
-      const Chain& c = *chains[k];
-      return chain_pass(x_t.t(), c.kinds, c.crows, c.cols, values[k], biases[k], c.act, c.alpha, c.batch_major_below,
-                        relu_output);
+      std::vector<Tensor> weights;  // the kept values: csr layers multiply by them as they are
+      return node_chain_pass(*chains[k], x_t.t(), params, first[k], weights, relu_output);
     };
     const Tensor obs_c = obs.contiguous(), action_c = action.contiguous(), noise_c = noise.contiguous();
     const float* o = obs_c.data_ptr<float>();
@@ -961,11 +958,8 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     const float* nz = noise_c.data_ptr<float>();
     // encoder input [obs; action], feature-major
     Tensor x_t = at::empty({obs_dim + act_dim, batch}, obs.options());
-    float* xp = x_t.data_ptr<float>();
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t j = 0; j < obs_dim; ++j) xp[j * batch + b] = o[b * obs_dim + j];
-      for (int64_t j = 0; j < act_dim; ++j) xp[(obs_dim + j) * batch + b] = a[b * act_dim + j];
-    }
+    transpose_into(o, batch, obs_dim, x_t.data_ptr<float>());
+    transpose_into(a, batch, act_dim, x_t.data_ptr<float>() + obs_dim * batch);
     std::vector<Tensor> enc = pass(0, x_t, true);
     const Tensor h_t = enc[0].t();  // ReLU applied, rows padded
     std::vector<Tensor> mean_r = pass(1, h_t, false), log_std_r = pass(2, h_t, false);
@@ -981,12 +975,13 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     // decoder input [obs; z], z = mean + std * noise
     Tensor x2_t = at::empty({obs_dim + latent, batch}, obs.options());
     float* x2 = x2_t.data_ptr<float>();
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t j = 0; j < obs_dim; ++j) x2[j * batch + b] = o[b * obs_dim + j];
-      for (int64_t j = 0; j < latent; ++j) {
+    transpose_into(o, batch, obs_dim, x2);
+    float* z = x2 + obs_dim * batch;
+    for (int64_t j = 0; j < latent; ++j) {
+      for (int64_t b = 0; b < batch; ++b) {
         const int64_t i = j * batch + b;
-        const float p = sd[i] * nz[b * latent + j];
-        x2[(obs_dim + j) * batch + b] = m[i] + p;
+        const float p = sd[i] * nz[b * latent + j];  // the noise is batch-major
+        z[i] = m[i] + p;
       }
     }
     std::vector<Tensor> dec = pass(3, x2_t, false);
@@ -1023,7 +1018,7 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     saved.insert(saved.end(), {h_t, raw_t, mean_t, std_t, s2_t, t_t, d_t, noise_c});
     saved.insert(saved.end(), params.begin(), params.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["chains"] = c10::IValue::make_capsule(c10::make_intrusive<ChainsHolder>(chains));
+    keep_chains(ctx, chains);
     ctx->saved_data["max_action"] = max_action;
     ctx->saved_data["obs_dim"] = obs_dim;
     Tensor loss_t = at::scalar_tensor(loss, obs.options()), recon_t = at::scalar_tensor(recon_loss, obs.options()),
@@ -1035,7 +1030,7 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     TORCH_CHECK(!at::GradMode::is_enabled(), "offprune's VAE node is differentiable once only");
-    const Chains chains = c10::static_intrusive_pointer_cast<ChainsHolder>(ctx->saved_data["chains"].toCapsule())->chains;
+    const Chains chains = kept_chains(ctx);
     const float ma = static_cast<float>(ctx->saved_data["max_action"].toDouble());
     const int64_t obs_dim = ctx->saved_data["obs_dim"].toInt();
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
@@ -1066,23 +1061,15 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
       du[i] = (dd * ma) * (1.0f - t[i] * t[i]);
     }
     std::vector<Tensor> grads(params.size());
-    size_t first[5] = {0, 0, 0, 0, 0};
-    for (int k = 0; k < 4; ++k) first[k + 1] = first[k] + 2 * chains[k]->kinds.size();
+    const std::vector<size_t> first = param_offsets(chains);
     auto backward_of = [&](int k, const Tensor& grad_t, bool needs_x) {
-      const Chain& c = *chains[k];
-      const int64_t n = static_cast<int64_t>(c.kinds.size());
-      std::vector<bool> needs(2 * n);
-      int64_t lowest = needs_x ? 0 : n;
-      for (int64_t i = 0; i < 2 * n; ++i) {
-        needs[i] = ctx->needs_input_grad(3 + first[k] + i);  // edges: obs, action, noise, then the parameters
-        if (needs[i] && !needs_x) lowest = std::min(lowest, i / 2);
-      }
-      std::vector<Tensor> matrices;
-      for (int64_t i = 0; i < n; ++i) matrices.push_back(params[first[k] + 2 * i]);
-      std::vector<Tensor> result = chain_backward(grad_t.t(), c.grad_kinds, inputs[k], matrices, c.patterns,
-                                                  c.flat_indices, c.crows_t, c.cols_t, c.perms_t, needs, needs_x,
-                                                  lowest, c.act, c.alpha);
-      for (int64_t i = 0; i < 2 * n; ++i) grads[first[k] + i] = result[i];
+      const size_t n = chains[k]->kinds.size();
+      std::vector<Tensor> matrices;  // the kept values
+      for (size_t i = 0; i < n; ++i) matrices.push_back(params[first[k] + 2 * i]);
+      // edges: obs, action, noise, then the parameters
+      std::vector<Tensor> result = node_chain_backward(ctx, *chains[k], 3 + first[k], grad_t.t(), inputs[k], matrices,
+                                                       needs_x);
+      std::copy(result.begin(), result.begin() + 2 * n, grads.begin() + first[k]);
       return result[2 * n];  // the input's gradient, [batch, in] view of a feature-major tensor
     };
     const Tensor dz_t = backward_of(3, du_t, true).t().narrow(0, obs_dim, latent);  // rows of [obs + latent, batch]
@@ -1178,7 +1165,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chains_apply", [](const Tensor& x, const std::vector<std::shared_ptr<Chain>>& chains,
                            const std::vector<Tensor>& params) {
     pybind11::gil_scoped_release no_gil;
-    return ChainsFunction::apply(x, ChainsFunction::Chains(chains.begin(), chains.end()), at::TensorList(params));
+    return ChainsFunction::apply(x, Chains(chains.begin(), chains.end()), at::TensorList(params));
   });
   // BCQ's VAE loss (loss, reconstruction MSE, KL) as one autograd node (offprune/sparse_vae.py);
   // the parameters: encoder values_0, bias_0, ..., mean head, log-std head, decoder.
@@ -1186,7 +1173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        const std::vector<std::shared_ptr<Chain>>& chains, const std::vector<Tensor>& params,
                        double max_action) {
     pybind11::gil_scoped_release no_gil;
-    return VAELossFunction::apply(obs, action, noise, VAELossFunction::Chains(chains.begin(), chains.end()),
+    return VAELossFunction::apply(obs, action, noise, Chains(chains.begin(), chains.end()),
                                   at::TensorList(params), max_action);
   });
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
