@@ -184,7 +184,7 @@ class FusedAdam(torch.optim.Adam):
             return getattr(torch.optim.Adam.step, "__wrapped__", torch.optim.Adam.step)(self, closure)
         params, exp_avgs, exp_avg_sqs, steps, flat, options = plan
         flat.add_(1)
-        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, **dict(options))
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, **options)
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -195,7 +195,7 @@ class FusedAdam(torch.optim.Adam):
                 p.grad = None
 
 
-def _fused_options(group: dict) -> tuple | None:
+def _fused_options(group: dict) -> dict | None:
     """The fused kernel's keyword arguments for a parameter group as torch's Adam passes them, or
     None for settings the fast path leaves to torch (tensor lr, amsgrad, capturable, ...)."""
     if (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]
@@ -203,8 +203,8 @@ def _fused_options(group: dict) -> tuple | None:
             or any(isinstance(group[k], Tensor) for k in ("lr", "weight_decay", "eps"))
             or any(isinstance(b, Tensor) for b in group["betas"])):
         return None
-    return (("amsgrad", False), ("lr", group["lr"]), ("beta1", group["betas"][0]), ("beta2", group["betas"][1]),
-            ("weight_decay", group["weight_decay"]), ("eps", group["eps"]), ("maximize", False))
+    return {"amsgrad": False, "lr": group["lr"], "beta1": group["betas"][0], "beta2": group["betas"][1],
+            "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": False}
 
 
 def adam(params, lr: float) -> torch.optim.Adam:

@@ -584,10 +584,9 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
     params = tuple(p for layer in layers for p in _layer_params(layer))
     if _builds_graph(flat, params):
-        ext = _native(flat)
-        compiled = _structure(layers, act).compiled if ext is not None else None
-        if compiled is not None:  # the compiled loops as an autograd node of their own
-            out = ext.chains_apply(flat, [compiled], list(params))[0]
+        ext, compiled = _compiled_chains([(layers, act)], flat)
+        if ext is not None:  # the compiled loops as an autograd node of their own
+            out = ext.chains_apply(flat, compiled, list(params))[0]
         else:
             out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
@@ -598,6 +597,16 @@ def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor
 def _builds_graph(x: Tensor, params: tuple[Tensor, ...]) -> bool:
     """Whether a chain called on x now is part of an autograd graph (else the graph-free pass)."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def _compiled_chains(chains: Sequence[tuple[Sequence[ChainLayer], nn.Module | None]], x: Tensor) -> tuple:
+    """(the compiled library, each chain's compiled Chain) for chains called on x, or (None, None)
+    where any of them has none (no library, not on the CPU, an inference copy's layers)."""
+    ext = _native(x)
+    if ext is None:
+        return None, None
+    compiled = [_structure(layers, act).compiled for layers, act in chains]
+    return (ext, compiled) if None not in compiled else (None, None)
 
 
 def _layer_params(layer: ChainLayer) -> tuple[Tensor, Tensor]:
@@ -614,13 +623,12 @@ def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
 def _fused_pair_forward(a: MLP, b: MLP, x: Tensor) -> tuple[Tensor, Tensor]:
     """(a(x), b(x)) for two fused chains: one compiled autograd node when both build a graph (each
     chain computed as its own node would compute it), else each on its own path."""
-    (layers_a, act_a), (layers_b, act_b) = chain_parts(a), chain_parts(b)
-    params = tuple(p for layer in (*layers_a, *layers_b) for p in _layer_params(layer))
-    ext = _native(x)
-    if ext is not None and x.dim() == 2 and _builds_graph(x, params):
-        compiled = _structure(layers_a, act_a).compiled, _structure(layers_b, act_b).compiled
-        if None not in compiled:
-            first, second = ext.chains_apply(x, list(compiled), list(params))
+    chains = [chain_parts(a), chain_parts(b)]
+    params = tuple(p for layers, _ in chains for layer in layers for p in _layer_params(layer))
+    if x.dim() == 2 and _builds_graph(x, params):
+        ext, compiled = _compiled_chains(chains, x)
+        if ext is not None:
+            first, second = ext.chains_apply(x, compiled, list(params))
             return first, second
     return a(x), b(x)
 
@@ -678,12 +686,10 @@ def fused_vae_loss(vae: VAE, obs: Tensor, action: Tensor, noise: Tensor) -> tupl
     latent] as one node: the compiled one where the chain loops are built, else `VAELoss`."""
     chains = _vae_chains(vae)
     params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
-    ext = _native(obs)
-    if ext is not None and obs.dtype == torch.float32:
-        compiled = [_structure(layers, act).compiled for layers, act in chains]
-        if None not in compiled:
-            loss, recon, kl = ext.vae_loss(obs, action, noise, compiled, params, float(vae.max_action))
-            return loss, recon, kl
+    ext, compiled = _compiled_chains(chains, obs) if obs.dtype == torch.float32 else (None, None)
+    if ext is not None:
+        loss, recon, kl = ext.vae_loss(obs, action, noise, compiled, params, float(vae.max_action))
+        return loss, recon, kl
     return VAELoss.apply(obs, action, noise, _VAEChains(vae, obs.shape[1]), *params)
 
 
