@@ -21,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -56,47 +57,45 @@ int usable_threads() {
   return std::min({helper_threads_wanted.load(std::memory_order_relaxed), cpus, 64});
 }
 
+void pause() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
 class Helpers {
  public:
   // Runs task(0 .. parts-1), part 0 on the calling thread. Falls back to running all parts here
   // when another thread is using the helpers.
   void run(int parts, const std::function<void(int)>& task) {
-    bool expected = false;
-    if (parts <= 1 || !busy_.compare_exchange_strong(expected, true, std::memory_order_acquire)) {
+    if (parts <= 1 || !acquire()) {
       for (int part = 0; part < parts; ++part) {
         task(part);
       }
       return;
     }
-    ensure_threads(parts - 1);
-    task_ = &task;
-    pending_.store(parts - 1, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      // a new job: its number and part count in one word, so a helper never pairs one job's number
-      // with another's part count
-      job_.store(((job_.load(std::memory_order_relaxed) >> 8) + 1) << 8 | static_cast<uint64_t>(parts),
-                 std::memory_order_release);
-    }
-    wake_.notify_all();
+    hand_out(parts, task);
     std::exception_ptr failure;
     try {
       task(0);
     } catch (...) {  // the helpers still use `task`: wait for them before leaving
       failure = std::current_exception();
     }
-    while (pending_.load(std::memory_order_acquire) != 0) {
-      pause();
-    }
-    if (!failure) {
-      failure = helper_failure_;
-    }
-    helper_failure_ = nullptr;
-    busy_.store(false, std::memory_order_release);
-    if (failure) {
-      std::rethrow_exception(failure);
-    }
+    wait_and_release(failure);
   }
+
+  // Hands task(1) to the first helper and returns at once; false (nothing handed out) when another
+  // thread is using the helpers. `finish` waits for it; until then this thread's products run
+  // unshared, as they do while another thread uses the helpers.
+  bool start(const std::function<void(int)>& task) {
+    if (!acquire()) {
+      return false;
+    }
+    hand_out(2, task);
+    return true;
+  }
+
+  void finish() { wait_and_release(nullptr); }
 
   // Parts run by helper threads since the process started (the tests check that sharing happens).
   static int64_t parts_run() { return instance().parts_run_.load(std::memory_order_relaxed); }
@@ -123,10 +122,37 @@ class Helpers {
  private:
   static constexpr auto SPIN = std::chrono::milliseconds(5);
 
-  static void pause() {
-#if defined(__x86_64__)
-    _mm_pause();
-#endif
+  bool acquire() {
+    bool expected = false;
+    return busy_.compare_exchange_strong(expected, true, std::memory_order_acquire);
+  }
+
+  void hand_out(int parts, const std::function<void(int)>& task) {
+    ensure_threads(parts - 1);
+    task_ = &task;
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // a new job: its number and part count in one word, so a helper never pairs one job's number
+      // with another's part count
+      job_.store(((job_.load(std::memory_order_relaxed) >> 8) + 1) << 8 | static_cast<uint64_t>(parts),
+                 std::memory_order_release);
+    }
+    wake_.notify_all();
+  }
+
+  void wait_and_release(std::exception_ptr failure) {
+    while (pending_.load(std::memory_order_acquire) != 0) {
+      pause();
+    }
+    if (!failure) {
+      failure = helper_failure_;
+    }
+    helper_failure_ = nullptr;
+    busy_.store(false, std::memory_order_release);
+    if (failure) {
+      std::rethrow_exception(failure);
+    }
   }
 
   void ensure_threads(int count) {
@@ -180,18 +206,120 @@ class Helpers {
   std::condition_variable wake_;
 };
 
+// --- a backward's parameter gradients, off its input-gradient path ------------------------------
+//
+// A backward walks down its layers: each layer's input gradient is the output gradient of the
+// layer below (the path every later step waits for), while its weight and bias gradients feed
+// nothing below. Under sparse_threads(n >= 2) those gradients go to this queue, which a helper
+// works through while the caller walks down the path; at the end the caller takes what is left,
+// then waits for the helper's last task. A layer's product split over two cores ran only 1.1-2x
+// faster than on one (each core read what the other had just written); here each core works on
+// its own data and the two do different work at once. Every task is computed whole by one thread:
+// the bits do not depend on which. Without a free helper a task runs where it is added.
+class GradientQueue {
+ public:
+  GradientQueue() : inference_(c10::InferenceMode::is_enabled()) {
+    sharing_ = usable_threads() >= 2 && Helpers::instance().start(help_);
+  }
+  GradientQueue(const GradientQueue&) = delete;
+  GradientQueue& operator=(const GradientQueue&) = delete;
+
+  // Leaving early (an exception): drop the tasks not started, as their results are no longer
+  // wanted, and wait for the helper, which may be using tensors this scope owns.
+  ~GradientQueue() {
+    if (sharing_) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        tasks_.clear();
+        count_.store(0, std::memory_order_relaxed);
+      }
+      closed_.store(true, std::memory_order_release);
+      try {
+        Helpers::instance().finish();
+      } catch (...) {  // the exception already leaving this scope is the one to report
+      }
+    }
+  }
+
+  // A task that writes what it computes where the caller reads it after `finish`.
+  void add(std::function<void()> task) {
+    if (!sharing_) {
+      task();
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_.push_back(std::move(task));
+    count_.fetch_add(1, std::memory_order_release);
+  }
+
+  bool sharing() const { return sharing_; }
+
+  // Runs the tasks left, then waits for the helper's (whose exception, if any, is thrown here).
+  void finish() {
+    if (!sharing_) {
+      return;
+    }
+    std::function<void()> task;
+    while (take(task)) {
+      task();
+    }
+    closed_.store(true, std::memory_order_release);
+    sharing_ = false;
+    Helpers::instance().finish();
+  }
+
+ private:
+  bool take(std::function<void()>& task) {
+    if (count_.load(std::memory_order_acquire) == 0) {
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (tasks_.empty()) {
+      return false;
+    }
+    task = std::move(tasks_.front());
+    tasks_.pop_front();
+    count_.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+  }
+
+  // The helper's part: tasks as they come, until the caller closes the queue and none is left.
+  // Without grad and in the caller's inference mode, as the caller computes them.
+  void help() {
+    c10::InferenceMode inference_mode(inference_);
+    at::NoGradGuard no_grad;
+    std::function<void()> task;
+    for (;;) {
+      if (take(task)) {
+        task();
+      } else if (closed_.load(std::memory_order_acquire)) {
+        if (!take(task)) {
+          return;
+        }
+        task();
+      } else {
+        pause();
+      }
+    }
+  }
+
+  const bool inference_;
+  bool sharing_ = false;
+  std::mutex mutex_;
+  std::deque<std::function<void()>> tasks_;
+  std::atomic<int> count_{0};
+  std::atomic<bool> closed_{false};
+  const std::function<void(int)> help_ = [this](int) { help(); };
+};
+
 // Multiply-adds from which a product's work is shared out.
 constexpr int64_t MIN_SHARED_WORK = 200000;
 
 // fn(begin, end) over row ranges covering [0, rows), split so that each thread gets about the same
 // number of kept weights (`crow`, the rows' CSR offsets), or all rows at once when work is small.
-void for_row_ranges(const int32_t* crow, int64_t rows, int64_t work,
-                    const std::function<void(int64_t, int64_t)>& fn) {
-  const int parts = work >= MIN_SHARED_WORK ? usable_threads() : 1;
-  if (parts == 1 || rows < parts) {
-    fn(0, rows);
-    return;
-  }
+// Row bounds [0 = b_0, b_1, ..., b_parts = rows] cutting the rows into `parts` ranges of about
+// equal kept weights (`crow`, the rows' CSR offsets).
+std::vector<int64_t> row_bounds(const int32_t* crow, int64_t rows, int parts) {
   std::vector<int64_t> bounds(parts + 1, rows);
   bounds[0] = 0;
   const int64_t total = crow[rows] - crow[0];
@@ -199,6 +327,17 @@ void for_row_ranges(const int32_t* crow, int64_t rows, int64_t work,
     const int32_t target = crow[0] + static_cast<int32_t>(total * k / parts);
     bounds[k] = std::lower_bound(crow, crow + rows + 1, target) - crow;
   }
+  return bounds;
+}
+
+void for_row_ranges(const int32_t* crow, int64_t rows, int64_t work,
+                    const std::function<void(int64_t, int64_t)>& fn) {
+  const int parts = work >= MIN_SHARED_WORK ? usable_threads() : 1;
+  if (parts == 1 || rows < parts) {
+    fn(0, rows);
+    return;
+  }
+  const std::vector<int64_t> bounds = row_bounds(crow, rows, parts);
   Helpers::run_or_inline(parts, [&](int part) {
     if (bounds[part] < bounds[part + 1]) {
       fn(bounds[part], bounds[part + 1]);
@@ -532,41 +671,58 @@ bool has_avx2() {
 }
 #endif
 
-// The dot products (`sampled_dots`) at the pattern's positions, in CSR order; an undefined tensor
-// where they do not apply (no AVX2, other dtypes or index types, an empty batch).
-Tensor own_sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
+// Whether `sampled_dots` can compute sparse_sampled_addmm(pattern, grad_t, h_t.t()) here: AVX2,
+// float CPU tensors, int32 indices, a non-empty batch.
+bool own_sampled_applies(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
 #if OFFPRUNE_X86
-  RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
-  if (has_avx2() && grad_t.device().is_cpu() && grad_t.scalar_type() == at::kFloat &&
-      h_t.scalar_type() == at::kFloat && grad_t.size(1) > 0 && pattern.crow_indices().scalar_type() == at::kInt) {
-    const Tensor g = padded_rows(grad_t) ? grad_t : grad_t.contiguous(), h = padded_rows(h_t) ? h_t : h_t.contiguous();
-    const Tensor crow = pattern.crow_indices(), col = pattern.col_indices();
-    const int32_t* crow_p = crow.data_ptr<int32_t>();
-    const int32_t* col_p = col.data_ptr<int32_t>();
-    const int64_t k = g.size(1), rows = crow.size(0) - 1, ldg = g.stride(0), ldh = h.stride(0);
-    Tensor out = at::empty({col.size(0)}, g.options());
-    float* o = out.data_ptr<float>();
-    const float* gp = g.data_ptr<float>();
-    const float* hp = h.data_ptr<float>();
-    for_row_ranges(crow_p, rows, static_cast<int64_t>(col.size(0)) * k, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float* a = gp + r * ldg;
-        int32_t e = crow_p[r];
-        for (; e + 4 <= crow_p[r + 1]; e += 4) {
-          const float* b[4] = {hp + col_p[e] * ldh, hp + col_p[e + 1] * ldh, hp + col_p[e + 2] * ldh,
-                               hp + col_p[e + 3] * ldh};
-          sampled_dots<4>(a, b, k, o + e);
-        }
-        for (; e < crow_p[r + 1]; ++e) {
-          const float* b[1] = {hp + col_p[e] * ldh};
-          sampled_dots<1>(a, b, k, o + e);
-        }
-      }
-    });
-    return out;
+  return has_avx2() && grad_t.device().is_cpu() && grad_t.scalar_type() == at::kFloat &&
+         h_t.scalar_type() == at::kFloat && grad_t.size(1) > 0 && pattern.crow_indices().scalar_type() == at::kInt;
+#else
+  return false;
+#endif
+}
+
+// The dot products of the pattern's rows [begin, end) into out (all of the pattern's positions, in
+// CSR order), for g and h as own_sampled_operand returns them.
+void sampled_rows(const Tensor& g, const Tensor& h, const Tensor& pattern, float* out, int64_t begin, int64_t end) {
+#if OFFPRUNE_X86
+  const int32_t* crow_p = pattern.crow_indices().data_ptr<int32_t>();
+  const int32_t* col_p = pattern.col_indices().data_ptr<int32_t>();
+  const int64_t k = g.size(1), ldg = g.stride(0), ldh = h.stride(0);
+  const float* gp = g.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  for (int64_t r = begin; r < end; ++r) {
+    const float* a = gp + r * ldg;
+    int32_t e = crow_p[r];
+    for (; e + 4 <= crow_p[r + 1]; e += 4) {
+      const float* b[4] = {hp + col_p[e] * ldh, hp + col_p[e + 1] * ldh, hp + col_p[e + 2] * ldh,
+                           hp + col_p[e + 3] * ldh};
+      sampled_dots<4>(a, b, k, out + e);
+    }
+    for (; e < crow_p[r + 1]; ++e) {
+      const float* b[1] = {hp + col_p[e] * ldh};
+      sampled_dots<1>(a, b, k, out + e);
+    }
   }
 #endif
-  return Tensor();
+}
+
+// An operand as sampled_rows reads it: rows padded to cache lines kept as they are, else contiguous.
+Tensor own_sampled_operand(const Tensor& t) { return padded_rows(t) ? t : t.contiguous(); }
+
+// The dot products (`sampled_dots`) at the pattern's positions, in CSR order; an undefined tensor
+// where they do not apply (`own_sampled_applies`).
+Tensor own_sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
+  RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
+  if (!own_sampled_applies(grad_t, h_t, pattern)) {
+    return Tensor();
+  }
+  const Tensor g = own_sampled_operand(grad_t), h = own_sampled_operand(h_t), crow = pattern.crow_indices();
+  Tensor out = at::empty({pattern.col_indices().size(0)}, g.options());
+  float* o = out.data_ptr<float>();
+  for_row_ranges(crow.data_ptr<int32_t>(), crow.size(0) - 1, out.size(0) * g.size(1),
+                 [&](int64_t begin, int64_t end) { sampled_rows(g, h, pattern, o, begin, end); });
+  return out;
 }
 
 // sparse_sampled_addmm(pattern, grad_t, h_t.t(), beta=0, alpha=1).values()
@@ -686,70 +842,83 @@ Tensor blocked_chain_pass(const Tensor& x, const std::vector<int64_t>& kinds, co
   return at::cat(outputs);
 }
 
-// The gradients (values_0, bias_0, values_1, ...; undefined where not needed) followed by the
-// input's gradient (undefined unless needs_x).
-std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int64_t>& kinds,
-                                   const std::vector<Tensor>& inputs, const std::vector<Tensor>& matrices,
-                                   const std::vector<Tensor>& patterns, const std::vector<Tensor>& flat_indices,
-                                   const std::vector<Tensor>& crows_t, const std::vector<Tensor>& cols_t,
-                                   const std::vector<Tensor>& perms_t, const std::vector<bool>& needs,
-                                   bool needs_x, int64_t lowest, int64_t act, double alpha) {
+// Multiply-adds per task when a layer's weight gradient goes to a GradientQueue: a large one is
+// cut into row ranges, so that the caller can take some of it when it reaches the end of its path
+// while the helper is still busy.
+constexpr int64_t QUEUE_PIECE_WORK = 1000000;
+
+// A layer's gradients (values into grads[value], bias into grads[value + 1], each where `needs`)
+// as tasks of `queue`.
+void queue_parameter_grads(GradientQueue& queue, std::vector<Tensor>& grads, int64_t value, int64_t kind,
+                           const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern, const Tensor& flat_index,
+                           bool needs_values, bool needs_bias) {
+  if (needs_values && kind == GRAD_CSR && use_own_sampled_dots && own_sampled_applies(grad_t, h_t, pattern)) {
+    const Tensor g = own_sampled_operand(grad_t), h = own_sampled_operand(h_t), crow = pattern.crow_indices();
+    const Tensor out = at::empty({pattern.col_indices().size(0)}, g.options());
+    grads[value] = out;
+    const int64_t rows = crow.size(0) - 1;
+    const int parts = static_cast<int>(
+        std::clamp<int64_t>(out.size(0) * g.size(1) / QUEUE_PIECE_WORK, 1, std::max<int64_t>(rows, 1)));
+    const std::vector<int64_t> bounds = row_bounds(crow.data_ptr<int32_t>(), rows, parts);
+    for (int part = 0; part < parts; ++part) {
+      const int64_t begin = bounds[part], end = bounds[part + 1];
+      if (begin < end) {
+        queue.add([g, h, pattern, out, begin, end] {
+          RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
+          sampled_rows(g, h, pattern, out.data_ptr<float>(), begin, end);
+        });
+      }
+    }
+  } else if (needs_values) {
+    queue.add([&grads, value, kind, grad_t, h_t, pattern, flat_index] {
+      if (kind == GRAD_LINEAR) {
+        grads[value] = at::mm(grad_t, h_t.t());
+      } else if (kind == GRAD_DENSE_PRODUCT) {
+        grads[value] = at::mm(grad_t, h_t.t()).view(-1).index_select(0, flat_index);
+      } else {
+        grads[value] = sampled_product(grad_t, h_t, pattern);
+      }
+    });
+  }
+  if (needs_bias) {
+    queue.add([&grads, value, grad_t] { grads[value + 1] = grad_t.sum(1); });
+  }
+}
+
+// A chain's backward: its gradients into grads (values_0, bias_0, values_1, ...; undefined where
+// not needed; those of the parameters through `queue`, complete after queue.finish()), followed by
+// the input's gradient (undefined unless needs_x), complete on return.
+void chain_backward_into(const Tensor& grad_out, const std::vector<int64_t>& kinds, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& matrices, const std::vector<Tensor>& patterns,
+                         const std::vector<Tensor>& flat_indices, const std::vector<Tensor>& crows_t,
+                         const std::vector<Tensor>& cols_t, const std::vector<Tensor>& perms_t,
+                         const std::vector<bool>& needs, bool needs_x, int64_t lowest, int64_t act, double alpha,
+                         std::vector<Tensor>& grads, GradientQueue& queue) {
   const int64_t n = static_cast<int64_t>(kinds.size());
-  std::vector<Tensor> grads(2 * n + 1);
+  grads.assign(2 * n + 1, Tensor());
   Tensor grad_t = grad_out.t();
   if (!grad_t.is_contiguous()) {
     grad_t = grad_t.contiguous();
   }
   for (int64_t i = n - 1; i >= lowest; --i) {
     const Tensor& h_t = inputs[i];
-    auto weight_grads = [&] {
-      if (needs[2 * i]) {
-        if (kinds[i] == GRAD_LINEAR) {
-          grads[2 * i] = at::mm(grad_t, h_t.t());
-        } else if (kinds[i] == GRAD_DENSE_PRODUCT) {
-          grads[2 * i] = at::mm(grad_t, h_t.t()).view(-1).index_select(0, flat_indices[i]);
-        } else {
-          grads[2 * i] = sampled_product(grad_t, h_t, patterns[i]);
-        }
-      }
-      if (needs[2 * i + 1]) {
-        grads[2 * i + 1] = grad_t.sum(1);
-      }
-    };
+    queue_parameter_grads(queue, grads, 2 * i, kinds[i], grad_t, h_t, patterns[i], flat_indices[i], needs[2 * i],
+                          needs[2 * i + 1]);
     if (i == 0 && !needs_x) {
-      weight_grads();
       break;
     }
     // the input gradient; below the first layer, through the activation (ReLU's gate applied
     // inside the CSR product, as threshold_backward would apply it)
     const bool gated = i > 0 && act == RELU;
     Tensor below;
-    auto input_grad = [&] {
-      if (kinds[i] == GRAD_CSR) {
-        below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr,
-                       gated && kinds[i - 1] == GRAD_CSR);
-      } else {
-        below = at::mm(matrices[i].t(), grad_t);
-        if (gated) {
-          below = at::threshold_backward(below, h_t, 0);
-        }
-      }
-    };
-    // With helper threads, a layer's weight gradients and its input gradient are computed side by
-    // side, unless its CSR products are large enough to be shared out themselves. Each is computed
-    // whole by one thread either way: the same bits.
-    const bool shares_products = kinds[i] == GRAD_CSR && cols_t[i].size(0) * grad_t.size(1) >= MIN_SHARED_WORK;
-    if (!shares_products && (needs[2 * i] || needs[2 * i + 1])) {
-      side_by_side(2, [&](int part) {
-        if (part == 0) {
-          input_grad();
-        } else {
-          weight_grads();
-        }
-      });
+    if (kinds[i] == GRAD_CSR) {
+      below = gather(grad_t, crows_t[i], cols_t[i], matrices[i], &perms_t[i], nullptr, false, gated ? &h_t : nullptr,
+                     gated && kinds[i - 1] == GRAD_CSR);
     } else {
-      weight_grads();
-      input_grad();
+      below = at::mm(matrices[i].t(), grad_t);
+      if (gated) {
+        below = at::threshold_backward(below, h_t, 0);
+      }
     }
     if (i == 0) {
       grads[2 * n] = below.t();
@@ -759,6 +928,20 @@ std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int
       grad_t = at::elu_backward(below, alpha, 1, 1, true, h_t);
     }
   }
+}
+
+// chain_backward_into with a queue of its own: all gradients complete on return.
+std::vector<Tensor> chain_backward(const Tensor& grad_out, const std::vector<int64_t>& kinds,
+                                   const std::vector<Tensor>& inputs, const std::vector<Tensor>& matrices,
+                                   const std::vector<Tensor>& patterns, const std::vector<Tensor>& flat_indices,
+                                   const std::vector<Tensor>& crows_t, const std::vector<Tensor>& cols_t,
+                                   const std::vector<Tensor>& perms_t, const std::vector<bool>& needs,
+                                   bool needs_x, int64_t lowest, int64_t act, double alpha) {
+  std::vector<Tensor> grads;
+  GradientQueue queue;  // after grads: destroyed (waiting for the helper) before them
+  chain_backward_into(grad_out, kinds, inputs, matrices, patterns, flat_indices, crows_t, cols_t, perms_t, needs,
+                      needs_x, lowest, act, alpha, grads, queue);
+  queue.finish();
   return grads;
 }
 
@@ -841,12 +1024,12 @@ std::vector<Tensor> node_chain_pass(const Chain& chain, const Tensor& x, at::Ten
                     chain.batch_major_below, relu_output);
 }
 
-// A chain's backward inside a node whose edge for the chain's first parameter is `first_edge`:
-// its gradients (values_0, bias_0, ...; undefined where the edge needs none), then its input's
-// (undefined unless needs_x).
-std::vector<Tensor> node_chain_backward(torch::autograd::AutogradContext* ctx, const Chain& chain,
-                                        size_t first_edge, const Tensor& grad_out, const std::vector<Tensor>& inputs,
-                                        const std::vector<Tensor>& matrices, bool needs_x) {
+// A chain's backward inside a node whose edge for the chain's first parameter is `first_edge`, as
+// chain_backward_into: its gradients into grads (values_0, bias_0, ...; undefined where the edge
+// needs none; complete after queue.finish()), then its input's (undefined unless needs_x).
+void node_chain_backward(torch::autograd::AutogradContext* ctx, const Chain& chain, size_t first_edge,
+                         const Tensor& grad_out, const std::vector<Tensor>& inputs, const std::vector<Tensor>& matrices,
+                         bool needs_x, std::vector<Tensor>& grads, GradientQueue& queue) {
   const int64_t n = static_cast<int64_t>(chain.kinds.size());
   std::vector<bool> needs(2 * n);
   int64_t lowest = needs_x ? 0 : n;  // below the lowest layer with a trainable parameter, nothing
@@ -856,8 +1039,8 @@ std::vector<Tensor> node_chain_backward(torch::autograd::AutogradContext* ctx, c
       lowest = std::min(lowest, i / 2);
     }
   }
-  return chain_backward(grad_out, chain.grad_kinds, inputs, matrices, chain.patterns, chain.flat_indices,
-                        chain.crows_t, chain.cols_t, chain.perms_t, needs, needs_x, lowest, chain.act, chain.alpha);
+  chain_backward_into(grad_out, chain.grad_kinds, inputs, matrices, chain.patterns, chain.flat_indices, chain.crows_t,
+                      chain.cols_t, chain.perms_t, needs, needs_x, lowest, chain.act, chain.alpha, grads, queue);
 }
 
 // One or more chains as one autograd node: chain k maps x to output k. Twin critics (the same
@@ -900,8 +1083,10 @@ class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
       const size_t n = chains[k]->kinds.size();
       const std::vector<Tensor> inputs(saved.begin() + first[k], saved.begin() + first[k] + n),
           matrices(saved.begin() + first[k] + n, saved.begin() + first[k + 1]);
+      GradientQueue queue;  // shares nothing while twins run side by side: the helpers are busy
       // edges: x, then the parameters (the chains are no tensors)
-      grads[k] = node_chain_backward(ctx, *chains[k], 1 + first[k], grad_outputs[k], inputs, matrices, needs_x);
+      node_chain_backward(ctx, *chains[k], 1 + first[k], grad_outputs[k], inputs, matrices, needs_x, grads[k], queue);
+      queue.finish();
     });
     torch::autograd::variable_list result{Tensor(), Tensor()};  // x, the chains
     for (int k = 0; k < count; ++k) {
@@ -1060,17 +1245,19 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
       const float dd = d[i] * c1;
       du[i] = (dd * ma) * (1.0f - t[i] * t[i]);
     }
-    std::vector<Tensor> grads(params.size());
     const std::vector<size_t> first = param_offsets(chains);
+    // each chain's gradients; the parameters' come through one queue for the whole node, so the
+    // decoder's are still being computed while the caller goes on through the heads and encoder
+    std::vector<std::vector<Tensor>> chain_grads(4);
+    GradientQueue queue;
     auto backward_of = [&](int k, const Tensor& grad_t, bool needs_x) {
       const size_t n = chains[k]->kinds.size();
       std::vector<Tensor> matrices;  // the kept values
       for (size_t i = 0; i < n; ++i) matrices.push_back(params[first[k] + 2 * i]);
       // edges: obs, action, noise, then the parameters
-      std::vector<Tensor> result = node_chain_backward(ctx, *chains[k], 3 + first[k], grad_t.t(), inputs[k], matrices,
-                                                       needs_x);
-      std::copy(result.begin(), result.begin() + 2 * n, grads.begin() + first[k]);
-      return result[2 * n];  // the input's gradient, [batch, in] view of a feature-major tensor
+      node_chain_backward(ctx, *chains[k], 3 + first[k], grad_t.t(), inputs[k], matrices, needs_x, chain_grads[k],
+                          queue);
+      return chain_grads[k][2 * n];  // the input's gradient, [batch, in] view of a feature-major tensor
     };
     const Tensor dz_t = backward_of(3, du_t, true).t().narrow(0, obs_dim, latent);  // rows of [obs + latent, batch]
     const float c2 = g_kl * static_cast<float>(-0.5 / static_cast<double>(m_count));
@@ -1111,8 +1298,11 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
       }
     }
     backward_of(0, dh_t, false);
+    queue.finish();
     torch::autograd::variable_list result{Tensor(), Tensor(), Tensor(), Tensor()};  // obs, action, noise, chains
-    result.insert(result.end(), grads.begin(), grads.end());
+    for (int k = 0; k < 4; ++k) {
+      result.insert(result.end(), chain_grads[k].begin(), chain_grads[k].begin() + 2 * chains[k]->kinds.size());
+    }
     result.emplace_back();  // max_action
     return result;
   }

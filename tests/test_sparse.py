@@ -769,3 +769,26 @@ def test_a_chain_rebuilds_its_call_structure_when_its_buffers_are_replaced():
     assert sparse_module._structure(*chain_parts(net)) is not structure
     assert sparse_module._structure(*chain_parts(net)).forward[1][1] is net[2].crow
     assert same_bits(net(x), before)
+
+
+@pytest.mark.parametrize("rows", [100, 400])
+def test_compiled_backward_on_two_threads_queues_parameter_gradients_with_the_one_thread_bits(rows):
+    from offprune.prune import PrunableNetwork
+
+    ext = compiled_chain_loops()
+    # 600x500 at 5 %: ~15,000 kept weights, its weight gradient cut into row ranges at 400 rows
+    net, masks = masked_mlp(nn.ReLU, widths=(14, 600, 500, 3))
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [], kernel="csr")
+    x = torch.randn(rows, 14, requires_grad=True)
+    grad = torch.randn(rows, 3)
+    found = {}
+    for threads in (1, 2):
+        before = ext.helper_parts_run()
+        with sparse_module.sparse_threads(threads):
+            found[threads] = chain_results(net, x, grad)
+        if threads == 2 and len(os.sched_getaffinity(0)) >= 2:
+            assert ext.helper_parts_run() > before  # the helper took the queue
+    with native.python_loops():
+        python = chain_results(net, x, grad)
+    for a, b, c in zip(found[1], found[2], python):
+        assert same_bits(a, b) and same_bits(a, c)
