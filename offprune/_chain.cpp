@@ -857,8 +857,9 @@ void queue_parameter_grads(GradientQueue& queue, std::vector<Tensor>& grads, int
     const Tensor out = at::empty({pattern.col_indices().size(0)}, g.options());
     grads[value] = out;
     const int64_t rows = crow.size(0) - 1;
-    const int parts = static_cast<int>(
-        std::clamp<int64_t>(out.size(0) * g.size(1) / QUEUE_PIECE_WORK, 1, std::max<int64_t>(rows, 1)));
+    const int parts = queue.sharing() ? static_cast<int>(std::clamp<int64_t>(out.size(0) * g.size(1) / QUEUE_PIECE_WORK,
+                                                                             1, std::max<int64_t>(rows, 1)))
+                                      : 1;
     const std::vector<int64_t> bounds = row_bounds(crow.data_ptr<int32_t>(), rows, parts);
     for (int part = 0; part < parts; ++part) {
       const int64_t begin = bounds[part], end = bounds[part + 1];
