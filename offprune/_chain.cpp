@@ -63,6 +63,24 @@ void pause() {
 #endif
 }
 
+// Waiting on another thread: a short spin, then giving the CPU away at each check, so that the
+// thread waited for can run where the machine has more runnable threads than CPUs (other jobs):
+// spinning on, a wait lasted until the scheduler took the CPU away.
+class Backoff {
+ public:
+  void wait() {
+    if (++spins_ < 256) {
+      pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  void reset() { spins_ = 0; }
+
+ private:
+  int spins_ = 0;
+};
+
 class Helpers {
  public:
   // Runs task(0 .. parts-1), part 0 on the calling thread. Falls back to running all parts here
@@ -131,6 +149,7 @@ class Helpers {
     ensure_threads(parts - 1);
     task_ = &task;
     pending_.store(parts - 1, std::memory_order_relaxed);
+    unclaimed_.store((parts >= 64 ? ~0ULL : (1ULL << parts) - 1) & ~1ULL, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       // a new job: its number and part count in one word, so a helper never pairs one job's number
@@ -141,9 +160,36 @@ class Helpers {
     wake_.notify_all();
   }
 
+  // Whoever claims a part first runs it: the caller takes the parts no helper has started, so that
+  // it waits only for parts under way, never for a helper the scheduler has not run yet.
+  bool claim(int part) {
+    const uint64_t bit = 1ULL << part;
+    return (unclaimed_.fetch_and(~bit, std::memory_order_acq_rel) & bit) != 0;
+  }
+
+  // The claimed part of the current task; an exception is handed to the caller (one leaving a
+  // helper thread would end the process).
+  void run_part(int part) {
+    try {
+      (*task_)(part);  // the caller waits for this part before it sets another task
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!helper_failure_) {
+        helper_failure_ = std::current_exception();
+      }
+    }
+    pending_.fetch_sub(1, std::memory_order_release);
+  }
+
   void wait_and_release(std::exception_ptr failure) {
+    for (int part = 1; part < 64; ++part) {
+      if (claim(part)) {
+        run_part(part);
+      }
+    }
+    Backoff backoff;
     while (pending_.load(std::memory_order_acquire) != 0) {
-      pause();
+      backoff.wait();
     }
     if (!failure) {
       failure = helper_failure_;
@@ -166,24 +212,20 @@ class Helpers {
   void work(int index, uint64_t seen) {
     for (;;) {
       auto since = std::chrono::steady_clock::now();
+      Backoff backoff;
       for (int polls = 0;; ++polls) {
         const uint64_t job = job_.load(std::memory_order_acquire);
         if (job != seen) {
           seen = job;
-          if (index < static_cast<int>(job & 0xFF)) {  // the job's part count
-            try {
-              (*task_)(index);  // the caller waits for this part before it sets another task
-            } catch (...) {     // handed to the caller (an exception leaving a thread ends the process)
-              std::lock_guard<std::mutex> lock(mutex_);
-              helper_failure_ = std::current_exception();
-            }
+          if (index < static_cast<int>(job & 0xFF) && claim(index)) {  // the job's part count
+            run_part(index);
             parts_run_.fetch_add(1, std::memory_order_relaxed);
-            pending_.fetch_sub(1, std::memory_order_release);
           }
           since = std::chrono::steady_clock::now();
+          backoff.reset();
           continue;
         }
-        pause();
+        backoff.wait();
         // stop polling after SPIN without work, or at once when fewer threads are wanted (a
         // polling helper would take its CPU from whoever else needs it)
         if ((polls & 1023) == 1023 && (std::chrono::steady_clock::now() - since > SPIN || index >= usable_threads())) {
@@ -198,6 +240,7 @@ class Helpers {
   std::atomic<bool> busy_{false};
   std::atomic<uint64_t> job_{0};  // (job number << 8) | part count
   std::atomic<int> pending_{0};
+  std::atomic<uint64_t> unclaimed_{0};  // the current task's parts not yet started (bit per part)
   std::atomic<int64_t> parts_run_{0};
   const std::function<void(int)>* task_ = nullptr;
   std::exception_ptr helper_failure_;  // written under mutex_ before the part is counted done
@@ -289,16 +332,18 @@ class GradientQueue {
     c10::InferenceMode inference_mode(inference_);
     at::NoGradGuard no_grad;
     std::function<void()> task;
+    Backoff backoff;
     for (;;) {
       if (take(task)) {
         task();
+        backoff.reset();
       } else if (closed_.load(std::memory_order_acquire)) {
         if (!take(task)) {
           return;
         }
         task();
       } else {
-        pause();
+        backoff.wait();
       }
     }
   }
