@@ -1359,6 +1359,45 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
 
 }  // namespace
 
+// torch's fused Adam step (at::_fused_adam_: the same kernel with the same arguments). Under
+// sparse_threads(n >= 2) the parameters are cut into two lists of about equal size (the largest
+// in the helper's, whose queue computed most large gradients) stepped side by side. The kernel
+// updates each parameter on its own, so the bits are those of one call over all.
+void fused_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                const std::vector<Tensor>& steps, double lr, double beta1, double beta2, double weight_decay,
+                double eps) {
+  auto step = [&](const std::vector<size_t>& which) {
+    std::vector<Tensor> p, g, m, v, s;
+    for (size_t i : which) {
+      p.push_back(params[i]), g.push_back(grads[i]), m.push_back(exp_avgs[i]), v.push_back(exp_avg_sqs[i]);
+      s.push_back(steps[i]);
+    }
+    at::_fused_adam_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, false, false);
+  };
+  std::vector<size_t> order(params.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    order[i] = i;
+  }
+  if (params.size() < 2 || usable_threads() < 2) {
+    step(order);
+    return;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return params[a].numel() > params[b].numel(); });
+  std::vector<size_t> groups[2];  // 0: this thread's, 1: the helper's
+  int64_t sizes[2] = {0, 0};
+  for (size_t i : order) {
+    const int g = sizes[1] <= sizes[0] ? 1 : 0;
+    groups[g].push_back(i);
+    sizes[g] += params[i].numel();
+  }
+  side_by_side(2, [&](int part) {
+    if (!groups[part].empty()) {
+      step(groups[part]);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_pass", [](const Tensor& x, const std::vector<int64_t>& kinds, const std::vector<Tensor>& crows,
                          const std::vector<Tensor>& cols, const std::vector<Tensor>& weights,
@@ -1415,6 +1454,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
     pybind11::gil_scoped_release no_gil;
     return own_sampled_product(grad_t, h_t, pattern);
+  });
+  m.def("fused_adam", [](const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                         const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                         const std::vector<Tensor>& steps, double lr, double beta1, double beta2, double weight_decay,
+                         double eps) {
+    pybind11::gil_scoped_release no_gil;
+    fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   });
   m.def("use_sampled_dots", [](bool use) { use_own_sampled_dots = use; });
   m.def("set_threads", [](int threads) { helper_threads_wanted.store(std::max(1, threads)); });

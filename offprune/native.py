@@ -157,6 +157,11 @@ def chain_kernels() -> ModuleType | None:
     return _state["module"]  # type: ignore[return-value]
 
 
+def loaded_kernels() -> ModuleType | None:
+    """The compiled module if a sparse network has already loaded it, else None (never builds)."""
+    return _state["module"] if _state["enabled"] and _state["tried"] else None  # type: ignore[return-value]
+
+
 @contextmanager
 def python_loops() -> Iterator[None]:
     """Inside the block, chains run their Python loops (to compare the two)."""

@@ -77,3 +77,35 @@ def test_step_hooks_run_and_zero_grad_drops_the_gradients():
         optimizer.zero_grad()
         assert all(p.grad is None for p in ours)
     assert calls == [1, 2, 3]
+
+
+def test_two_threads_step_the_parameters_in_two_halves_with_torchs_bits():
+    import pytest
+
+    from offprune import native
+    from offprune.sparse import sparse_threads
+
+    ext = native.chain_kernels()
+    if ext is None:
+        pytest.skip("no compiled library")
+    torch.manual_seed(3)
+    shapes = [(300, 40), (7,), (40, 300), (1000,), (3,), (5, 5)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizer, reference = adam(ours, 1e-3), torch.optim.Adam(theirs, lr=1e-3, fused=True)
+    before = ext.helper_parts_run()
+    with sparse_threads(2):
+        for _ in range(20):
+            grads = [torch.randn_like(p) for p in ours]
+            set_grads(ours, grads)
+            set_grads(theirs, grads)
+            optimizer.step()
+            reference.step()
+    import os
+
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert ext.helper_parts_run() > before  # a helper stepped its half
+    assert all(same_bits(a, b) for a, b in zip(ours, theirs))
+    for a, b in zip(ours, theirs):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert same_bits(optimizer.state[a][key], reference.state[b][key])
