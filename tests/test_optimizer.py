@@ -23,17 +23,22 @@ def set_grads(params: list[torch.nn.Parameter], grads: list[torch.Tensor | None]
         p.grad = None if g is None else g.clone()
 
 
+def step_both(optimizer, reference, ours, theirs) -> None:
+    """One step of each with the same random gradients."""
+    grads = [torch.randn_like(p) for p in ours]
+    set_grads(ours, grads)
+    set_grads(theirs, grads)
+    optimizer.step()
+    reference.step()
+
+
 def test_adam_gives_the_fused_adam_and_the_same_bits_as_torchs_through_a_checkpoint():
     ours, theirs = twin_params()
     optimizer = adam(ours, 1e-3)
     reference = torch.optim.Adam(theirs, lr=1e-3, fused=True)
     assert isinstance(optimizer, FusedAdam)
     for step in range(25):
-        grads = [torch.randn_like(p) for p in ours]
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        optimizer.step()
-        reference.step()
+        step_both(optimizer, reference, ours, theirs)
         if step == 3:  # a schedule changing the learning rate is followed
             for group in (*optimizer.param_groups, *reference.param_groups):
                 group["lr"] = 3e-4
@@ -80,6 +85,8 @@ def test_step_hooks_run_and_zero_grad_drops_the_gradients():
 
 
 def test_two_threads_step_the_parameters_in_two_halves_with_torchs_bits():
+    import os
+
     import pytest
 
     from offprune import native
@@ -96,13 +103,7 @@ def test_two_threads_step_the_parameters_in_two_halves_with_torchs_bits():
     before = ext.helper_parts_run()
     with sparse_threads(2):
         for _ in range(20):
-            grads = [torch.randn_like(p) for p in ours]
-            set_grads(ours, grads)
-            set_grads(theirs, grads)
-            optimizer.step()
-            reference.step()
-    import os
-
+            step_both(optimizer, reference, ours, theirs)
     if len(os.sched_getaffinity(0)) >= 2:
         assert ext.helper_parts_run() > before  # a helper stepped its half
     assert all(same_bits(a, b) for a, b in zip(ours, theirs))
