@@ -170,11 +170,14 @@ def test_compiled_products_shared_over_threads_give_the_one_thread_bits(batch):
         alone = products()
         assert ext.helper_parts_run() == before  # nothing handed off
     with sparse_module.sparse_threads(2):
-        shared = products()
+        # a few times: a part no helper has started yet is run by the caller (a helper waking
+        # from sleep may find none left the first time)
+        for _ in range(5):
+            shared = products()
+            for a, b in zip(alone, shared):
+                assert (a is None and b is None) or same_bits(a, b)
         if len(os.sched_getaffinity(0)) >= 2:  # helpers never outnumber the CPUs this process may use
             assert ext.helper_parts_run() > before  # parts ran on a helper thread
-    for a, b in zip(alone, shared):
-        assert (a is None and b is None) or same_bits(a, b)
 
 
 def test_sparse_bcq_updates_are_bit_identical_on_one_and_two_threads():
@@ -781,14 +784,15 @@ def test_compiled_backward_on_two_threads_queues_parameter_gradients_with_the_on
     convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [], kernel="csr")
     x = torch.randn(rows, 14, requires_grad=True)
     grad = torch.randn(rows, 3)
-    found = {}
-    for threads in (1, 2):
-        before = ext.helper_parts_run()
-        with sparse_module.sparse_threads(threads):
-            found[threads] = chain_results(net, x, grad)
-        if threads == 2 and len(os.sched_getaffinity(0)) >= 2:
-            assert ext.helper_parts_run() > before  # the helper took the queue
+    with sparse_module.sparse_threads(1):
+        alone = chain_results(net, x, grad)
     with native.python_loops():
         python = chain_results(net, x, grad)
-    for a, b, c in zip(found[1], found[2], python):
-        assert same_bits(a, b) and same_bits(a, c)
+    before = ext.helper_parts_run()
+    with sparse_module.sparse_threads(2):
+        for _ in range(3):  # a helper waking from sleep may find the caller has taken its part
+            shared = chain_results(net, x, grad)
+            for a, b, c in zip(alone, shared, python):
+                assert same_bits(a, b) and same_bits(a, c)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert ext.helper_parts_run() > before  # the helper took the queue
