@@ -796,3 +796,21 @@ def test_compiled_backward_on_two_threads_queues_parameter_gradients_with_the_on
                 assert same_bits(a, b) and same_bits(a, c)
     if len(os.sched_getaffinity(0)) >= 2:
         assert ext.helper_parts_run() > before  # the helper took the queue
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_failing_gradient_task_raises_in_the_caller_and_leaves_the_helpers_usable(threads):
+    ext = compiled_chain_loops()
+    grad_out, weight = torch.randn(100, 5), torch.randn(5, 7)
+    none = torch.empty(0)
+
+    def backward(h_t):  # one dense layer: its weight and bias gradients are queued tasks
+        return ext.chain_backward(grad_out, [native.GRAD_LINEAR], [h_t], [weight], [none], [none], [none], [none],
+                                  [none], [True, True], False, 0, native.RELU, 1.0)
+
+    with sparse_module.sparse_threads(threads):
+        with pytest.raises(RuntimeError):
+            backward(torch.randn(7, 99))  # a saved input of the wrong width: the weight gradient's product fails
+        h_t = torch.randn(7, 100)
+        grads = backward(h_t)  # the next backward runs as usual
+    assert torch.allclose(grads[0], grad_out.T @ h_t.T) and torch.allclose(grads[1], grad_out.sum(0))
