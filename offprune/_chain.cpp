@@ -25,6 +25,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -338,10 +339,7 @@ class GradientQueue {
         task();
         backoff.reset();
       } else if (closed_.load(std::memory_order_acquire)) {
-        if (!take(task)) {
-          return;
-        }
-        task();
+        return;  // closed only once empty (finish takes what is left first), and nothing added after
       } else {
         backoff.wait();
       }
@@ -360,8 +358,6 @@ class GradientQueue {
 // Multiply-adds from which a product's work is shared out.
 constexpr int64_t MIN_SHARED_WORK = 200000;
 
-// fn(begin, end) over row ranges covering [0, rows), split so that each thread gets about the same
-// number of kept weights (`crow`, the rows' CSR offsets), or all rows at once when work is small.
 // Row bounds [0 = b_0, b_1, ..., b_parts = rows] cutting the rows into `parts` ranges of about
 // equal kept weights (`crow`, the rows' CSR offsets).
 std::vector<int64_t> row_bounds(const int32_t* crow, int64_t rows, int parts) {
@@ -375,6 +371,8 @@ std::vector<int64_t> row_bounds(const int32_t* crow, int64_t rows, int parts) {
   return bounds;
 }
 
+// fn(begin, end) over row ranges covering [0, rows), split so that each thread gets about the same
+// number of kept weights, or all rows at once when work is small.
 void for_row_ranges(const int32_t* crow, int64_t rows, int64_t work,
                     const std::function<void(int64_t, int64_t)>& fn) {
   const int parts = work >= MIN_SHARED_WORK ? usable_threads() : 1;
@@ -1356,9 +1354,6 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
 
 #pragma GCC pop_options
 
-
-}  // namespace
-
 // torch's fused Adam step (at::_fused_adam_: the same kernel with the same arguments). Under
 // sparse_threads(n >= 2) the parameters are cut into two lists of about equal size (the largest
 // in the helper's, whose queue computed most large gradients) stepped side by side. The kernel
@@ -1376,9 +1371,7 @@ void fused_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     at::_fused_adam_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, false, false);
   };
   std::vector<size_t> order(params.size());
-  for (size_t i = 0; i < order.size(); ++i) {
-    order[i] = i;
-  }
+  std::iota(order.begin(), order.end(), 0);
   if (params.size() < 2 || usable_threads() < 2) {
     step(order);
     return;
@@ -1397,6 +1390,8 @@ void fused_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     }
   });
 }
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_pass", [](const Tensor& x, const std::vector<int64_t>& kinds, const std::vector<Tensor>& crows,
