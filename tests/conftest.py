@@ -1,3 +1,7 @@
+import os
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +21,26 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def repeat_until_a_helper_runs(ext, step: Callable[[], None], seconds: float = 30.0) -> None:
+    """Calls `step` (which checks its own results) until a helper thread of the compiled library
+    `ext` has run a part of it, for at most `seconds`. One call proves nothing: a helper asleep, or
+    without a CPU on a busy machine, may start after the caller has finished small work and taken
+    the helper's part itself (the same bits either way); a helper polls for a while after a task, so
+    later calls find it awake (call this inside `sparse_threads(2)`: leaving it sends the helper to
+    sleep). Where this process may use one CPU, no helper starts and one call is made."""
+    before = ext.helper_parts_run()
+    if len(os.sched_getaffinity(0)) < 2:
+        step()
+        return
+    calls, start = 0, time.monotonic()
+    while calls == 0 or time.monotonic() - start < seconds:
+        step()
+        calls += 1
+        if ext.helper_parts_run() > before:
+            return
+    raise AssertionError(f"no helper thread ran a part in {calls} calls ({seconds:.0f} s)")
 
 
 @pytest.fixture(scope="session")
