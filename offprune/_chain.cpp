@@ -17,6 +17,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -1352,6 +1353,119 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   }
 };
 
+// --- BCQ's critic target, graph-free, in one call (offprune/algos/bcq.py: the same steps) -------
+//
+// For each next state, `candidates` decoded actions a = decoder_scale * tanh(decoder([s; z])),
+// perturbed a' = clamp(a + perturb_scale * tanh(actor([s; a])), -max_action, max_action), scored
+// by the target critics, q = lmbda * min(q1, q2) + (1 - lmbda) * max(q1, q2); the target is
+// reward + (not_done * discount) * max over the candidates of q. In Python these were ~20 small
+// ops and four chain passes; here each block of `block_rows` candidates goes through all three
+// networks at once (its activations stay in cache), and under sparse_threads(n) the blocks are
+// shared out as a graph-free chain pass shares them. The blocks are those the Python steps' chain
+// passes use, torch's tanh gives each element the same bits wherever it sits (tests), the rest is
+// exactly rounded: the same bits as the Python steps on any thread count (a NaN stays NaN).
+
+// NaN-propagating, as torch's min, max and clamp (a NaN's sign and payload may differ: torch's own
+// differ between its vector and scalar loops)
+float nan_min(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : std::min(a, b); }
+float nan_max(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
+
+struct TargetSettings {
+  int64_t candidates;
+  float decoder_scale, perturb_scale, max_action, lmbda, other, discount;
+};
+
+// Rows [start, start + rows) of [repeat_interleave(next_obs, candidates); extra], batch-major.
+Tensor candidate_input(const Tensor& next_obs, int64_t candidates, int64_t start, int64_t rows, const float* extra,
+                       int64_t extra_dim) {
+  const int64_t obs_dim = next_obs.size(1);
+  Tensor x = at::empty({rows, obs_dim + extra_dim}, next_obs.options());
+  const float* s = next_obs.data_ptr<float>();
+  float* out = x.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(s + (start + r) / candidates * obs_dim, obs_dim, out + r * (obs_dim + extra_dim));
+    std::copy_n(extra + r * extra_dim, extra_dim, out + r * (obs_dim + extra_dim) + obs_dim);
+  }
+  return x;
+}
+
+struct TargetChain {
+  const Chain* chain;
+  std::vector<Tensor> weights, biases;
+};
+
+Tensor target_chain_output(const TargetChain& c, const Tensor& x) {
+  const Chain& chain = *c.chain;
+  // [out, rows], feature-major
+  return chain_pass(x, chain.kinds, chain.crows, chain.cols, c.weights, c.biases, chain.act, chain.alpha,
+                    chain.batch_major_below)[0].t().contiguous();
+}
+
+Tensor bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards, const Tensor& not_done,
+                  const Chains& chains, at::TensorList params, const TargetSettings& settings, int64_t block_rows,
+                  int64_t work) {
+  TORCH_CHECK(chains.size() == 4, "the BCQ target takes decoder, actor, Q1 and Q2 chains");
+  const Tensor s_c = next_obs.contiguous(), z_c = z.contiguous();
+  const int64_t rows = z_c.size(0), latent = z_c.size(1), act_dim = chains[0]->out_features.back();
+  const int64_t states = s_c.size(0), n = settings.candidates;
+  TORCH_CHECK(rows == states * n, "the BCQ target needs one latent row per candidate");
+  const std::vector<size_t> first = param_offsets(chains);
+  std::vector<TargetChain> nets(4);
+  for (int k = 0; k < 4; ++k) {
+    const std::vector<Tensor> all(params.begin() + first[k], params.begin() + first[k + 1]);
+    nets[k].chain = chains[k].get();
+    nets[k].weights = product_weights(*chains[k], all);
+    for (size_t i = 1; i < all.size(); i += 2) nets[k].biases.push_back(all[i]);
+  }
+  std::vector<float> q1(rows), q2(rows);
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), blocks)) : 1;
+  side_by_side(parts, [&](int part) {
+    for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
+      const int64_t start = b * block_rows, count = std::min(block_rows, rows - start);
+      const Tensor t = at::tanh(target_chain_output(nets[0], candidate_input(s_c, n, start, count,
+                                                                                 z_c.data_ptr<float>() + start * latent,
+                                                                                 latent)));
+      std::vector<float> action(count * act_dim);  // batch-major
+      const float* tp = t.data_ptr<float>();
+      for (int64_t j = 0; j < act_dim; ++j) {
+        for (int64_t r = 0; r < count; ++r) action[r * act_dim + j] = settings.decoder_scale * tp[j * count + r];
+      }
+      const Tensor u = at::tanh(target_chain_output(nets[1], candidate_input(s_c, n, start, count, action.data(),
+                                                                             act_dim)));
+      const float* up = u.data_ptr<float>();
+      for (int64_t j = 0; j < act_dim; ++j) {
+        for (int64_t r = 0; r < count; ++r) {
+          const float delta = settings.perturb_scale * up[j * count + r];
+          float& a = action[r * act_dim + j];
+          a = nan_min(nan_max(a + delta, -settings.max_action), settings.max_action);
+        }
+      }
+      const Tensor x = candidate_input(s_c, n, start, count, action.data(), act_dim);
+      const Tensor v1 = target_chain_output(nets[2], x), v2 = target_chain_output(nets[3], x);
+      std::copy_n(v1.data_ptr<float>(), count, q1.data() + start);
+      std::copy_n(v2.data_ptr<float>(), count, q2.data() + start);
+    }
+  });
+  Tensor target = at::empty({states, 1}, next_obs.options());
+  const Tensor r_c = rewards.contiguous(), d_c = not_done.contiguous();
+  const float* rw = r_c.data_ptr<float>();
+  const float* nd = d_c.data_ptr<float>();
+  float* out = target.data_ptr<float>();
+  for (int64_t s = 0; s < states; ++s) {
+    float best = 0.0f;
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t i = s * n + c;
+      const float low = settings.lmbda * nan_min(q1[i], q2[i]), high = settings.other * nan_max(q1[i], q2[i]);
+      const float q = low + high;
+      best = c == 0 ? q : nan_max(best, q);
+    }
+    const float kept = nd[s] * settings.discount;
+    out[s] = rw[s] + kept * best;
+  }
+  return target;
+}
+
 #pragma GCC pop_options
 
 // torch's fused Adam step (at::_fused_adam_: the same kernel with the same arguments). Under
@@ -1445,6 +1559,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::gil_scoped_release no_gil;
     return VAELossFunction::apply(obs, action, noise, Chains(chains.begin(), chains.end()),
                                   at::TensorList(params), max_action);
+  });
+  // BCQ's critic target [states, 1] from the chains decoder, actor, Q1, Q2 (their parameters one
+  // chain after the other) and the prior's latent draw z [states * candidates, latent], clipped.
+  m.def("bcq_target", [](const Tensor& next_obs, const Tensor& z, const Tensor& rewards, const Tensor& not_done,
+                         const std::vector<std::shared_ptr<Chain>>& chains, const std::vector<Tensor>& params,
+                         int64_t candidates, double decoder_scale, double perturb_scale, double max_action,
+                         double lmbda, double discount, int64_t block_rows, int64_t work) {
+    pybind11::gil_scoped_release no_gil;
+    // the scalars as torch multiplies a float tensor by a Python number: rounded to float first
+    const TargetSettings settings{candidates, static_cast<float>(decoder_scale), static_cast<float>(perturb_scale),
+                                  static_cast<float>(max_action), static_cast<float>(lmbda),
+                                  static_cast<float>(1.0 - lmbda), static_cast<float>(discount)};
+    return bcq_target(next_obs, z, rewards, not_done, Chains(chains.begin(), chains.end()), at::TensorList(params),
+                      settings, block_rows, work);
   });
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
     pybind11::gil_scoped_release no_gil;

@@ -88,9 +88,13 @@ class VAE(nn.Module):
         z = mean + std * torch.randn(std.shape, device=std.device, dtype=std.dtype)
         return self.decode(obs, z), mean, std
 
+    def prior_latent(self, rows: int, device: torch.device, clip: float = 0.5) -> Tensor:
+        """A draw from the prior for `rows` decodes, clipped so decoded actions stay near the data."""
+        return torch.randn(rows, self.latent_dim, device=device).clamp(-clip, clip)
+
     def decode(self, obs: Tensor, z: Tensor | None = None, clip: float = 0.5) -> Tensor:
-        if z is None:  # sample the prior, clipped so decoded actions stay near the data
-            z = torch.randn(obs.shape[0], self.latent_dim, device=obs.device).clamp(-clip, clip)
+        if z is None:
+            z = self.prior_latent(obs.shape[0], obs.device, clip)
         return self.max_action * torch.tanh(self.decoder(torch.cat([obs, z], 1)))
 
     def synflow_output(self, obs: Tensor, action: Tensor) -> Tensor:

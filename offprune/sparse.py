@@ -693,6 +693,48 @@ def fused_vae_loss(vae: VAE, obs: Tensor, action: Tensor, noise: Tensor) -> tupl
     return VAELoss.apply(obs, action, noise, _VAEChains(vae, obs.shape[1]), *params)
 
 
+# --- BCQ's critic target as one compiled call --------------------------------------------------
+
+@dataclass(frozen=True)
+class CandidateTarget:
+    """The numbers of BCQ's critic target (`offprune.algos.bcq.Agent.critic_target`)."""
+
+    candidates: int  # decoded actions per next state
+    decoder_scale: float  # the VAE's max_action: a = decoder_scale * tanh(decoder([s; z]))
+    perturb_scale: float  # the actor's phi * max_action: a + perturb_scale * tanh(actor([s; a]))
+    max_action: float  # the perturbed action's clamp
+    lmbda: float  # weight of min(Q1, Q2); 1 - lmbda on the max
+    discount: float
+
+
+def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tensor, z: Tensor, rewards: Tensor,
+                     not_done: Tensor, numbers: CandidateTarget) -> Tensor | None:
+    """BCQ's critic target [states, 1] in one compiled call (`bcq_target` in offprune/_chain.cpp:
+    the Python steps' bits, its blocks shared over `sparse_threads`), for the prior's clipped latent
+    draw z [states * candidates, latent]. None where it does not apply (no compiled library, a
+    network not a fused sparse chain of two or more layers, grad enabled, not float32), and the
+    caller takes the Python steps."""
+    nets = (decoder, actor, q1, q2)
+    if torch.is_grad_enabled() or not all(m.sparse_chain for m in nets):
+        return None
+    chains = [chain_parts(m) for m in nets]
+    states, rows = next_obs.shape[0], z.shape[0]
+    if (any(len(layers) < 2 for layers, _ in chains) or rows != states * numbers.candidates
+            or rewards.shape != (states, 1) or not_done.shape != (states, 1)
+            or any(t.dtype != torch.float32 for t in (next_obs, z, rewards, not_done))):
+        return None
+    ext, compiled = _compiled_chains(chains, next_obs)
+    if ext is None:
+        return None
+    params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
+    # the blocks `_wide_chain_pass` gives each network's pass (a narrow batch: one)
+    block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
+    work = rows * sum(_chain_cost(layers) for layers, _ in chains)
+    return ext.bcq_target(next_obs, z, rewards, not_done, compiled, params, numbers.candidates,
+                          numbers.decoder_scale, numbers.perturb_scale, numbers.max_action, numbers.lmbda,
+                          numbers.discount, block_rows, work)
+
+
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 

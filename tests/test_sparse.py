@@ -196,6 +196,41 @@ def test_sparse_bcq_updates_are_bit_identical_on_one_and_two_threads():
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
+@pytest.mark.parametrize("states", [100, 20])  # 1,000 candidates in 128-row blocks; 200 in one block
+def test_bcq_target_in_one_compiled_call_gives_the_python_steps_bits_on_one_and_two_threads(monkeypatch, states):
+    import offprune.algos.bcq as bcq
+    from offprune.speed import algo_config, build, update_batches
+
+    ext = compiled_chain_loops()
+    config = algo_config("bcq")
+    agent = build("bcq", "sparse", 0.9, 11, 3, config=config)
+    batch = update_batches("bcq", config, 11, 3, 1)[0]
+    batch = type(batch)(*(field[:states].clone() for field in batch))
+    batch.next_observations[3, 2] = float("nan")  # the 4th state's candidates: NaN through min, max and clamp
+    calls = []
+    target_call = ext.bcq_target
+    monkeypatch.setattr(ext, "bcq_target", lambda *a: calls.append(a[0].shape) or target_call(*a))
+
+    def target() -> Tensor:
+        torch.manual_seed(7)  # the prior's draw
+        with torch.no_grad():
+            return agent.td_target(batch)
+
+    def same(a: Tensor, b: Tensor) -> bool:  # the same bits, NaN where NaN (torch's own NaN bits vary)
+        return torch.equal(a.isnan(), b.isnan()) and same_bits(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+    with sparse_module.sparse_threads(1):
+        fused = target()
+    assert calls == [(states, 11)]  # the compiled call computed it
+    assert fused.shape == (states, 1) and fused.isnan().nonzero().tolist() == [[3, 0]]
+    with sparse_module.sparse_threads(2):
+        repeat_until_a_helper_runs(ext, lambda: same(target(), fused) or pytest.fail("two threads differ"))
+    with native.python_loops():
+        assert same(target(), fused)
+    monkeypatch.setattr(bcq, "fused_bcq_target", lambda *a: None)  # the Python steps on the compiled chains
+    assert same(target(), fused)
+
+
 def test_a_trained_csr_layer_copies_without_its_cached_pattern():
     import pickle
 

@@ -20,6 +20,7 @@ from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.nets import VAE, TwinCritic, adam, frozen, mlp, ones_output, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
+from offprune.sparse import CandidateTarget, fused_bcq_target
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,29 @@ class Agent(AgentBase):
     def vae_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         return self.vae.loss(batch.observations, batch.actions)
 
+    def td_target(self, batch: Batch) -> Tensor:
+        """reward + not_done * discount * (the best of `target_candidates` decoded, perturbed next
+        actions by lmbda * min(Q1', Q2') + (1 - lmbda) * max(Q1', Q2')); graph-free. With sparse
+        networks and the compiled library, the same steps (the same bits) in one call."""
+        n, lm = self.config.target_candidates, self.config.lmbda
+        z = self.vae.prior_latent(batch.next_observations.shape[0] * n, self.device)
+        numbers = CandidateTarget(n, float(self.vae.max_action), self.actor_target.phi * self.actor_target.max_action,
+                                  float(self.actor_target.max_action), lm, self.config.discount)
+        fused = fused_bcq_target(self.vae.decoder, self.actor_target.net, self.critic_target.q1,
+                                 self.critic_target.q2, batch.next_observations, z, batch.rewards, batch.not_done,
+                                 numbers)
+        if fused is not None:
+            return fused
+        next_obs = batch.next_observations.repeat_interleave(n, 0)
+        next_action = self.actor_target(next_obs, self.vae.decode(next_obs, z))
+        tq1, tq2 = self.critic_target(next_obs, next_action)
+        target_q = lm * torch.min(tq1, tq2) + (1.0 - lm) * torch.max(tq1, tq2)
+        target_q = target_q.view(-1, n).max(1, keepdim=True).values
+        return batch.rewards + batch.not_done * self.config.discount * target_q
+
     def critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        n = self.config.target_candidates
         with torch.no_grad():
-            next_obs = batch.next_observations.repeat_interleave(n, 0)
-            next_action = self.actor_target(next_obs, self.vae.decode(next_obs))
-            tq1, tq2 = self.critic_target(next_obs, next_action)
-            lm = self.config.lmbda
-            target_q = lm * torch.min(tq1, tq2) + (1.0 - lm) * torch.max(tq1, tq2)
-            target_q = target_q.view(-1, n).max(1, keepdim=True).values
-            target_q = batch.rewards + batch.not_done * self.config.discount * target_q
+            target_q = self.td_target(batch)
         q1, q2 = self.critic(batch.observations, batch.actions)
         loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         return loss, {"critic_loss": loss.item(), "q1_mean": q1.mean().item()}
