@@ -1353,6 +1353,93 @@ class VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   }
 };
 
+// --- BCQ's actor loss as one autograd node (offprune/algos/bcq.py: the same ops) ---------------
+//
+// loss = -mean(Q1([s; a'])), a' = clamp(a + perturb_scale * tanh(actor([s; a])), -max_action,
+// max_action), for decoded actions a (no gradient). torch's graph had ten nodes around the two
+// chains; here one, whose forward takes each op torch's graph takes, on tensors of the same
+// layouts, and whose backward takes the ops torch's autograd formulas take (neg, mean's expand and
+// divide, cat's narrow, clamp's mask, mul's scalar, tanh_backward), so it gives autograd's bits
+// (tests). Both chains' parameter gradients go through one queue (the critic's, when it is not
+// frozen, beside the actor's input-gradient path).
+class PerturbedQLossFunction : public torch::autograd::Function<PerturbedQLossFunction> {
+ public:
+  // chains: actor, Q1
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& obs, const Tensor& sampled,
+                        const Chains& chains, at::TensorList params, double perturb_scale, double max_action) {
+    const std::vector<size_t> first = param_offsets(chains);
+    std::vector<Tensor> actor_weights, q_weights;
+    const std::vector<Tensor> actor = node_chain_pass(*chains[0], at::cat({obs, sampled}, 1), params, first[0],
+                                                      actor_weights);
+    const Tensor t = at::tanh(actor[0]);
+    const Tensor pre = at::add(sampled, at::mul(t, perturb_scale));
+    const Tensor action = at::clamp(pre, -max_action, max_action);
+    const std::vector<Tensor> q = node_chain_pass(*chains[1], at::cat({obs, action}, 1), params, first[1], q_weights);
+    const Tensor loss = at::neg(at::mean(q[0]));
+    torch::autograd::variable_list saved;
+    auto keep = [&](int k, const std::vector<Tensor>& result, const std::vector<Tensor>& weights) {
+      saved.insert(saved.end(), result.begin() + 1, result.end());
+      for (size_t i = 0; i < weights.size(); ++i) {
+        saved.push_back(chains[k]->grad_kinds[i] == GRAD_CSR ? params[first[k] + 2 * i] : weights[i]);
+      }
+    };
+    keep(0, actor, actor_weights);
+    keep(1, q, q_weights);
+    saved.insert(saved.end(), {t, pre});
+    ctx->save_for_backward(saved);
+    keep_chains(ctx, chains);
+    ctx->saved_data["perturb_scale"] = perturb_scale;
+    ctx->saved_data["max_action"] = max_action;
+    ctx->saved_data["obs_dim"] = obs.size(1);
+    ctx->saved_data["rows"] = q[0].size(0);
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "offprune's actor-loss node is differentiable once only");
+    const Chains chains = kept_chains(ctx);
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const std::vector<size_t> first = param_offsets(chains);  // the saved tensors too: 2 per layer
+    auto part = [&](int k, size_t from, size_t to) {
+      return std::vector<Tensor>(saved.begin() + first[k] + from, saved.begin() + first[k] + to);
+    };
+    const size_t na = chains[0]->kinds.size(), nq = chains[1]->kinds.size();
+    const Tensor &t = saved[first[2]], &pre = saved[first[2] + 1];
+    const double max_action = ctx->saved_data["max_action"].toDouble();
+    const int64_t obs_dim = ctx->saved_data["obs_dim"].toInt(), rows = ctx->saved_data["rows"].toInt();
+    // edges: obs, sampled, then the parameters
+    bool needs_q_x = false;  // the critic's input gradient: only the actor's parameters want it
+    for (size_t i = 0; i < 2 * na; ++i) {
+      needs_q_x = needs_q_x || ctx->needs_input_grad(2 + first[0] + i);
+    }
+    std::vector<std::vector<Tensor>> grads(2);
+    GradientQueue queue;  // after grads: destroyed (waiting for the helper) before them
+    const Tensor dq = at::div(at::neg(grad_outputs[0]).expand({rows, 1}), rows);  // neg's, then mean's
+    node_chain_backward(ctx, *chains[1], 2 + first[1], dq, part(1, 0, nq), part(1, nq, 2 * nq), needs_q_x, grads[1],
+                        queue);
+    if (needs_q_x) {
+      const Tensor da = grads[1][2 * nq].narrow(1, obs_dim, pre.size(1));  // cat's
+      const Tensor dpre = at::where(at::logical_and(at::ge(pre, -max_action), at::le(pre, max_action)), da,
+                                    at::scalar_tensor(0.0, da.options()));  // clamp's
+      const Tensor du = at::tanh_backward(at::mul(dpre, ctx->saved_data["perturb_scale"].toDouble()), t);
+      node_chain_backward(ctx, *chains[0], 2 + first[0], du, part(0, 0, na), part(0, na, 2 * na), false, grads[0],
+                          queue);
+    }
+    queue.finish();
+    torch::autograd::variable_list result{Tensor(), Tensor(), Tensor()};  // obs, sampled, chains
+    for (int k = 0; k < 2; ++k) {
+      const size_t n = chains[k]->kinds.size();
+      if (grads[k].empty()) {
+        grads[k].resize(2 * n);
+      }
+      result.insert(result.end(), grads[k].begin(), grads[k].begin() + 2 * n);
+    }
+    result.insert(result.end(), {Tensor(), Tensor()});  // perturb_scale, max_action
+    return result;
+  }
+};
+
 // --- BCQ's critic target, graph-free, in one call (offprune/algos/bcq.py: the same steps) -------
 //
 // For each next state, `candidates` decoded actions a = decoder_scale * tanh(decoder([s; z])),
@@ -1573,6 +1660,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   static_cast<float>(1.0 - lmbda), static_cast<float>(discount)};
     return bcq_target(next_obs, z, rewards, not_done, Chains(chains.begin(), chains.end()), at::TensorList(params),
                       settings, block_rows, work);
+  });
+  // BCQ's actor loss as one autograd node (the parameters: the actor's values_0, bias_0, ..., then
+  // Q1's); obs and the decoded actions take no gradient.
+  m.def("perturbed_q_loss", [](const Tensor& obs, const Tensor& sampled,
+                               const std::vector<std::shared_ptr<Chain>>& chains, const std::vector<Tensor>& params,
+                               double perturb_scale, double max_action) {
+    pybind11::gil_scoped_release no_gil;
+    return PerturbedQLossFunction::apply(obs, sampled, Chains(chains.begin(), chains.end()), at::TensorList(params),
+                                         perturb_scale, max_action);
   });
   m.def("own_sampled_product", [](const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
     pybind11::gil_scoped_release no_gil;

@@ -735,6 +735,24 @@ def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tenso
                           numbers.discount, block_rows, work)
 
 
+def fused_perturbed_q_loss(actor: MLP, q1: MLP, obs: Tensor, sampled: Tensor, perturb_scale: float,
+                           max_action: float) -> Tensor | None:
+    """BCQ's actor loss -mean(q1([obs; clamp(sampled + perturb_scale * tanh(actor([obs; sampled])),
+    -max_action, max_action)])) as one compiled autograd node (`perturbed_q_loss` in
+    offprune/_chain.cpp: torch's graph's bits, forward and gradients). None where it does not apply
+    (no compiled library, not fused sparse chains, no graph to build, obs or sampled wanting a
+    gradient, not float32), and the caller takes torch's ops."""
+    if not (torch.is_grad_enabled() and actor.sparse_chain and q1.sparse_chain) or obs.requires_grad \
+            or sampled.requires_grad or obs.dtype != torch.float32 or sampled.dtype != torch.float32:
+        return None
+    chains = [chain_parts(actor), chain_parts(q1)]
+    ext, compiled = _compiled_chains(chains, obs)
+    if ext is None:
+        return None
+    params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
+    return ext.perturbed_q_loss(obs, sampled, compiled, params, perturb_scale, max_action)
+
+
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 

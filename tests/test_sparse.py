@@ -231,6 +231,46 @@ def test_bcq_target_in_one_compiled_call_gives_the_python_steps_bits_on_one_and_
     assert same(target(), fused)
 
 
+@pytest.mark.parametrize("critic_frozen", [True, False])  # as in BCQ's update / as when scoring the actor
+def test_bcq_actor_loss_as_one_compiled_node_gives_torchs_bits_on_one_and_two_threads(monkeypatch, critic_frozen):
+    import offprune.algos.bcq as bcq
+    from offprune.nets import frozen
+    from offprune.speed import algo_config, build, update_batches
+
+    ext = compiled_chain_loops()
+    config = algo_config("bcq")
+    agent = build("bcq", "sparse", 0.9, 11, 3, config=config)
+    batch = update_batches("bcq", config, 11, 3, 1)[0]
+    params = [*agent.actor.parameters(), *agent.critic.q1.parameters()]
+    calls = []
+    node = ext.perturbed_q_loss
+    monkeypatch.setattr(ext, "perturbed_q_loss", lambda *a: calls.append(1) or node(*a))
+
+    def loss_and_grads() -> list[Tensor]:
+        torch.manual_seed(7)  # the decoder's draw
+        for p in params:
+            p.grad = None
+        with frozen(agent.critic) if critic_frozen else contextlib.nullcontext():
+            loss = agent.actor_loss(batch)[0]
+            loss.backward()
+        return [loss.detach()] + [p.grad if p.grad is not None else torch.zeros(0) for p in params]
+
+    def same(a: list[Tensor], b: list[Tensor]) -> bool:
+        return all(same_bits(x, y) for x, y in zip(a, b))
+
+    with sparse_module.sparse_threads(1):
+        fused = loss_and_grads()
+    assert calls == [1]
+    assert sum(g.numel() == 0 for g in fused[1:]) == (6 if critic_frozen else 0)  # Q1 frozen: no gradients
+    assert all(g.abs().sum() > 0 for g in fused[1:7])  # the actor's: all there
+    with sparse_module.sparse_threads(2):
+        repeat_until_a_helper_runs(ext, lambda: same(loss_and_grads(), fused) or pytest.fail("two threads differ"))
+    monkeypatch.setattr(bcq, "fused_perturbed_q_loss", lambda *a: None)  # torch's graph over the chains' nodes
+    assert same(loss_and_grads(), fused)
+    with native.python_loops():
+        assert same(loss_and_grads(), fused)
+
+
 def test_a_trained_csr_layer_copies_without_its_cached_pattern():
     import pickle
 

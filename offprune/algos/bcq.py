@@ -20,7 +20,7 @@ from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.nets import VAE, TwinCritic, adam, frozen, mlp, ones_output, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
-from offprune.sparse import CandidateTarget, fused_bcq_target
+from offprune.sparse import CandidateTarget, fused_bcq_target, fused_perturbed_q_loss
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,11 @@ class Agent(AgentBase):
     def actor_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         with torch.no_grad():
             sampled = self.vae.decode(batch.observations)
-        loss = -self.critic.q1_value(batch.observations, self.actor(batch.observations, sampled)).mean()
+        # with sparse networks and the compiled library, the same ops as one node (the same bits)
+        loss = fused_perturbed_q_loss(self.actor.net, self.critic.q1, batch.observations, sampled,
+                                      self.actor.phi * self.actor.max_action, float(self.actor.max_action))
+        if loss is None:
+            loss = -self.critic.q1_value(batch.observations, self.actor(batch.observations, sampled)).mean()
         return loss, {"actor_loss": loss.item()}
 
     # --- updates ----------------------------------------------------------------------------
