@@ -1069,6 +1069,17 @@ std::vector<Tensor> node_chain_pass(const Chain& chain, const Tensor& x, at::Ten
                     chain.batch_major_below, relu_output);
 }
 
+// What a chain's backward inside a node needs, appended to `saved`: each layer's input (from
+// node_chain_pass's `result`), then what its input gradient multiplies by (the kept values for the
+// CSR kinds, else the matrix `weights` built).
+void keep_for_backward(torch::autograd::variable_list& saved, const Chain& chain, const std::vector<Tensor>& result,
+                       const std::vector<Tensor>& weights, at::TensorList params, size_t first) {
+  saved.insert(saved.end(), result.begin() + 1, result.end());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    saved.push_back(chain.grad_kinds[i] == GRAD_CSR ? params[first + 2 * i] : weights[i]);
+  }
+}
+
 // A chain's backward inside a node whose edge for the chain's first parameter is `first_edge`, as
 // chain_backward_into: its gradients into grads (values_0, bias_0, ...; undefined where the edge
 // needs none; complete after queue.finish()), then its input's (undefined unless needs_x).
@@ -1100,14 +1111,9 @@ class ChainsFunction : public torch::autograd::Function<ChainsFunction> {
     const std::vector<size_t> first = param_offsets(chains);
     std::vector<std::vector<Tensor>> results(count), weights(count);
     side_by_side(count, [&](int k) { results[k] = node_chain_pass(*chains[k], x, params, first[k], weights[k]); });
-    // saved, chain after chain: each layer's input, then what its input gradient multiplies by
-    // (the kept values for the CSR kinds, else the built matrix)
     torch::autograd::variable_list saved, outputs;
     for (int k = 0; k < count; ++k) {
-      saved.insert(saved.end(), results[k].begin() + 1, results[k].end());
-      for (size_t i = 0; i < weights[k].size(); ++i) {
-        saved.push_back(chains[k]->grad_kinds[i] == GRAD_CSR ? params[first[k] + 2 * i] : weights[k][i]);
-      }
+      keep_for_backward(saved, *chains[k], results[k], weights[k], params, first[k]);
       outputs.push_back(results[k][0]);
     }
     ctx->save_for_backward(saved);
@@ -1377,14 +1383,8 @@ class PerturbedQLossFunction : public torch::autograd::Function<PerturbedQLossFu
     const std::vector<Tensor> q = node_chain_pass(*chains[1], at::cat({obs, action}, 1), params, first[1], q_weights);
     const Tensor loss = at::neg(at::mean(q[0]));
     torch::autograd::variable_list saved;
-    auto keep = [&](int k, const std::vector<Tensor>& result, const std::vector<Tensor>& weights) {
-      saved.insert(saved.end(), result.begin() + 1, result.end());
-      for (size_t i = 0; i < weights.size(); ++i) {
-        saved.push_back(chains[k]->grad_kinds[i] == GRAD_CSR ? params[first[k] + 2 * i] : weights[i]);
-      }
-    };
-    keep(0, actor, actor_weights);
-    keep(1, q, q_weights);
+    keep_for_backward(saved, *chains[0], actor, actor_weights, params, first[0]);
+    keep_for_backward(saved, *chains[1], q, q_weights, params, first[1]);
     saved.insert(saved.end(), {t, pre});
     ctx->save_for_backward(saved);
     keep_chains(ctx, chains);
