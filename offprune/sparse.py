@@ -300,13 +300,13 @@ def _native(x: Tensor):
 
 def _native_chain_pass(ext, layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor,
                        weights: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
-    out, *inputs = ext.chain_pass(x, *_native_forward_args(layers, act, weights))
+    out, *inputs = ext.chain_pass(x, *_native_forward_args(_structure(layers, act), weights))
     return out, inputs
 
 
-def _native_forward_args(layers: Sequence[ChainLayer], act: nn.Module | None, weights: tuple[Tensor, ...]) -> tuple:
+def _native_forward_args(structure: "_ChainStructure", weights: tuple[Tensor, ...]) -> tuple:
     """chain_pass's arguments after the input: per layer its kind, CSR structure, weight and bias."""
-    kinds, crows, cols, code, alpha = _structure(layers, act).forward
+    kinds, crows, cols, code, alpha = structure.forward
     return kinds, crows, cols, list(weights[0::2]), list(weights[1::2]), code, alpha, INFERENCE_CSR_MIN_ROWS
 
 
@@ -325,9 +325,10 @@ _STRUCTURE_BUFFERS = ("crow", "col", "crow_t", "col_t", "perm_t", "flat_index", 
 @dataclass(frozen=True, eq=False)
 class _ChainStructure:
     """What a chain's C++ calls take besides activations and parameters: layer kinds and the CSR
-    structures (lists assembled once, not on every call: ~3-4 % of a sparse BCQ update). Valid while
-    the chain has the same layers, kernels and buffer tensors (`matches`): a layer swap or a device
-    move (`Module.to` replaces buffers) makes a new one."""
+    structures (lists assembled once, not on every call: ~3-4 % of a sparse BCQ update), and the
+    parameters and cost the calls look up. Valid while the chain has the same layers, kernels,
+    buffer tensors and parameters (`matches`): a layer swap or a device move (`Module.to` replaces
+    buffers) makes a new one."""
     layers: tuple[ChainLayer, ...]
     act: nn.Module | None
     buffers: tuple[tuple[Tensor | None, ...], ...]
@@ -335,6 +336,8 @@ class _ChainStructure:
     forward: tuple
     backward: tuple
     compiled: object | None  # the library's Chain for `chains_apply` (training chains of SparseLinear layers)
+    params: tuple[Tensor, ...] | None  # (values_0, bias_0, ...) where every layer is a SparseLinear
+    cost: int  # multiply-adds per row (`_chain_cost`)
 
     @staticmethod
     def of(layers: Sequence[ChainLayer], act: nn.Module | None) -> "_ChainStructure":
@@ -357,18 +360,26 @@ class _ChainStructure:
                 [layer.out_features for layer in layers], [layer.in_features for layer in layers],
                 [layer.kernel == "dense-product" for layer in layers], [layer.kernel == "csr-addmm" for layer in layers],
                 code, alpha, INFERENCE_CSR_MIN_ROWS)
+        params = (tuple(p for layer in layers for p in (layer.values, layer.bias))
+                  if all(isinstance(layer, SparseLinear) for layer in layers) else None)
         return _ChainStructure(tuple(layers), act, _buffers_of(layers), _kernels_of(layers),
-                               forward=(kinds, crows, cols, code, alpha), backward=backward, compiled=compiled)
+                               forward=(kinds, crows, cols, code, alpha), backward=backward, compiled=compiled,
+                               params=params, cost=_chain_cost(layers))
 
     def matches(self, layers: Sequence[ChainLayer], act: nn.Module | None) -> bool:
         if act is not self.act or len(layers) != len(self.layers):
             return False
-        for layer, known, kernel, buffers in zip(layers, self.layers, self.kernels, self.buffers):  # plain loops: runs per call
+        params = self.params
+        for i, (layer, known, kernel, buffers) in enumerate(zip(layers, self.layers, self.kernels, self.buffers)):  # plain loops: runs per call
             if layer is not known or getattr(layer, "kernel", "dense") != kernel:
                 return False
             held = layer._buffers
             for name, tensor in zip(_STRUCTURE_BUFFERS, buffers):
                 if held.get(name) is not tensor:
+                    return False
+            if params is not None:
+                held = layer._parameters
+                if held.get("values") is not params[2 * i] or held.get("bias") is not params[2 * i + 1]:
                     return False
         return True
 
@@ -439,8 +450,9 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
         return _chain_pass(layers, act, x, weights)[0]
     ext = _native(x)
     if ext is not None:
-        return ext.blocked_chain_pass(x, *_native_forward_args(layers, act, weights), BLOCK_COLUMNS,
-                                      rows * _chain_cost(layers))
+        structure = _structure(layers, act)
+        return ext.blocked_chain_pass(x, *_native_forward_args(structure, weights), BLOCK_COLUMNS,
+                                      rows * structure.cost)
     blocks = [slice(start, start + BLOCK_COLUMNS) for start in range(0, rows, BLOCK_COLUMNS)]
     groups = _groups(blocks, rows * _chain_cost(layers))
     inference = torch.is_inference_mode_enabled()
@@ -584,11 +596,10 @@ def sparse_threads(threads: int) -> Iterator[None]:
 def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor) -> Tensor:
     """layers[-1](act(...act(layers[0](x)))) for x [..., in]: one autograd node for the whole stack."""
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
-    params = tuple(p for layer in layers for p in _layer_params(layer))
+    ext, compiled, params = _chains_call([(layers, act)], flat)
     if _builds_graph(flat, params):
-        ext, compiled = _compiled_chains([(layers, act)], flat)
         if ext is not None:  # the compiled loops as an autograd node of their own
-            out = ext.chains_apply(flat, compiled, list(params))[0]
+            out = ext.chains_apply(flat, compiled, params)[0]
         else:
             out = _SparseChainFunction.apply(flat, layers, act, *params)
     else:  # no graph to build (targets, acting): skip autograd.Function's overhead
@@ -601,14 +612,20 @@ def _builds_graph(x: Tensor, params: tuple[Tensor, ...]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def _compiled_chains(chains: Sequence[tuple[Sequence[ChainLayer], nn.Module | None]], x: Tensor) -> tuple:
-    """(the compiled library, each chain's compiled Chain) for chains called on x, or (None, None)
-    where any of them has none (no library, not on the CPU, an inference copy's layers)."""
+def _chains_call(chains: Sequence[tuple[Sequence[ChainLayer], nn.Module | None]], x: Tensor) -> tuple:
+    """(the compiled library, each chain's compiled Chain, every chain's parameters one chain after
+    the other) for chains called on x; the library and Chains are None where any chain has none (no
+    library, not on the CPU, an inference copy's layers)."""
     ext = _native(x)
-    if ext is None:
-        return None, None
-    compiled = [_structure(layers, act).compiled for layers, act in chains]
-    return (ext, compiled) if None not in compiled else (None, None)
+    structures = [_structure(layers, act) for layers, act in chains] if ext is not None else []
+    if structures and all(s.params is not None for s in structures):
+        params = structures[0].params if len(structures) == 1 else tuple(p for s in structures for p in s.params)
+    else:
+        params = tuple(p for layers, _ in chains for layer in layers for p in _layer_params(layer))
+    compiled = [s.compiled for s in structures]
+    if ext is None or None in compiled:
+        return None, None, params
+    return ext, compiled, params
 
 
 def _layer_params(layer: ChainLayer) -> tuple[Tensor, Tensor]:
@@ -625,13 +642,10 @@ def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
 def _fused_pair_forward(a: MLP, b: MLP, x: Tensor) -> tuple[Tensor, Tensor]:
     """(a(x), b(x)) for two fused chains: one compiled autograd node when both build a graph (each
     chain computed as its own node would compute it), else each on its own path."""
-    chains = [chain_parts(a), chain_parts(b)]
-    params = tuple(p for layers, _ in chains for layer in layers for p in _layer_params(layer))
-    if x.dim() == 2 and _builds_graph(x, params):
-        ext, compiled = _compiled_chains(chains, x)
-        if ext is not None:
-            first, second = ext.chains_apply(x, compiled, list(params))
-            return first, second
+    ext, compiled, params = _chains_call([chain_parts(a), chain_parts(b)], x)
+    if x.dim() == 2 and _builds_graph(x, params) and ext is not None:
+        first, second = ext.chains_apply(x, compiled, params)
+        return first, second
     return a(x), b(x)
 
 
@@ -686,10 +700,8 @@ class _VAEChains:
 def fused_vae_loss(vae: VAE, obs: Tensor, action: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, reconstruction MSE, KL) of a `vae_fusable` VAE for the latent noise `noise` [batch,
     latent] as one node: the compiled one where the chain loops are built, else `VAELoss`."""
-    chains = _vae_chains(vae)
-    params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
-    ext, compiled = _compiled_chains(chains, obs) if obs.dtype == torch.float32 else (None, None)
-    if ext is not None:
+    ext, compiled, params = _chains_call(_vae_chains(vae), obs)
+    if ext is not None and obs.dtype == torch.float32:
         loss, recon, kl = ext.vae_loss(obs, action, noise, compiled, params, float(vae.max_action))
         return loss, recon, kl
     return VAELoss.apply(obs, action, noise, _VAEChains(vae, obs.shape[1]), *params)
@@ -725,13 +737,12 @@ def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tenso
             or rewards.shape != (states, 1) or not_done.shape != (states, 1)
             or any(t.dtype != torch.float32 for t in (next_obs, z, rewards, not_done))):
         return None
-    ext, compiled = _compiled_chains(chains, next_obs)
+    ext, compiled, params = _chains_call(chains, next_obs)
     if ext is None:
         return None
-    params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
     # the blocks `_wide_chain_pass` gives each network's pass (a narrow batch: one)
     block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
-    work = rows * sum(_chain_cost(layers) for layers, _ in chains)
+    work = rows * sum(_structure(layers, act).cost for layers, act in chains)
     return ext.bcq_target(next_obs, z, rewards, not_done, compiled, params, numbers.candidates,
                           numbers.decoder_scale, numbers.perturb_scale, numbers.max_action, numbers.lmbda,
                           numbers.discount, block_rows, work)
@@ -747,11 +758,9 @@ def fused_perturbed_q_loss(actor: MLP, q1: MLP, obs: Tensor, sampled: Tensor, pe
     if not (torch.is_grad_enabled() and actor.sparse_chain and q1.sparse_chain) or obs.requires_grad \
             or sampled.requires_grad or obs.dtype != torch.float32 or sampled.dtype != torch.float32:
         return None
-    chains = [chain_parts(actor), chain_parts(q1)]
-    ext, compiled = _compiled_chains(chains, obs)
+    ext, compiled, params = _chains_call([chain_parts(actor), chain_parts(q1)], obs)
     if ext is None:
         return None
-    params = [p for layers, _ in chains for layer in layers for p in _layer_params(layer)]
     return ext.perturbed_q_loss(obs, sampled, compiled, params, perturb_scale, max_action)
 
 
@@ -1104,7 +1113,7 @@ class _FrozenChain:
     def __init__(self, mlp: MLP):
         layers, act = chain_parts(mlp)
         params = tuple(p.detach() for layer in layers for p in _layer_params(layer))
-        self.args = _native_forward_args(layers, act, _product_weights(layers, params))
+        self.args = _native_forward_args(_structure(layers, act), _product_weights(layers, params))
 
     def __call__(self, mlp: MLP, x: Tensor) -> Tensor:
         ext = _native(x)

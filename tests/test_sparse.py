@@ -847,6 +847,26 @@ def test_a_chain_rebuilds_its_call_structure_when_its_buffers_are_replaced():
     assert same_bits(net(x), before)
 
 
+def test_a_chain_uses_a_replaced_parameter_not_the_one_its_call_structure_held():
+    from offprune.prune import PrunableNetwork
+    from offprune.sparse import chain_parts
+
+    compiled_chain_loops()
+    net, masks = masked_mlp(nn.ReLU)
+    convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [])
+    x = torch.randn(10, 14)
+    before = net(x)
+    assert sparse_module._structure(*chain_parts(net)).params[0] is net[0].values
+    net[4].bias = nn.Parameter(net[4].bias.detach() + 1.0)  # a new parameter object, not an in-place change
+    assert sparse_module._structure(*chain_parts(net)).params[-1] is net[4].bias
+    with native.python_loops():  # no call structure there
+        expected = net(x)
+    assert not same_bits(expected, before)
+    assert same_bits(net(x), expected)
+    with torch.no_grad():
+        assert same_bits(net(x), expected)  # the graph-free pass too
+
+
 @pytest.mark.parametrize("rows", [100, 400])
 def test_compiled_backward_on_two_threads_queues_parameter_gradients_with_the_one_thread_bits(rows):
     from offprune.prune import PrunableNetwork
