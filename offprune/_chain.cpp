@@ -863,11 +863,22 @@ void side_by_side(int count, const std::function<void(int)>& task) {
   }
 }
 
+// fn(b) for the blocks b = 0 .. blocks - 1 of a wide batch, each whole on one thread: under
+// sparse_threads(n), when `work` (multiply-adds) is worth it, in contiguous groups, one per thread
+// (their products do not share their work meanwhile: the helpers are busy).
+void for_each_block(int64_t blocks, int64_t work, const std::function<void(int64_t)>& fn) {
+  const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), blocks)) : 1;
+  side_by_side(parts, [&](int part) {
+    for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
+      fn(b);
+    }
+  });
+}
+
 // The graph-free forward of a wide batch: `block_rows` rows at a time through the whole chain, so
-// each block's activations stay in cache from layer to layer. Under sparse_threads(n) the blocks
-// are shared out in contiguous groups, one per thread, each block computed on one thread (its
-// products do not share their work meanwhile: the helpers are busy). The blocks are the same
-// whatever the thread count, and rows are independent, so the bits do not depend on it.
+// each block's activations stay in cache from layer to layer, the blocks shared out by
+// for_each_block. The blocks are the same whatever the thread count, and rows are independent, so
+// the bits do not depend on it.
 Tensor blocked_chain_pass(const Tensor& x, const std::vector<int64_t>& kinds, const std::vector<Tensor>& crows,
                           const std::vector<Tensor>& cols, const std::vector<Tensor>& weights,
                           const std::vector<Tensor>& biases, int64_t act, double alpha, int64_t batch_major_below,
@@ -875,13 +886,10 @@ Tensor blocked_chain_pass(const Tensor& x, const std::vector<int64_t>& kinds, co
   const int64_t rows = x.size(0);
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
   std::vector<Tensor> outputs(blocks);
-  const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), blocks)) : 1;
-  side_by_side(parts, [&](int part) {
-    for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
-      const int64_t start = b * block_rows;
-      outputs[b] = chain_pass(x.narrow(0, start, std::min(block_rows, rows - start)), kinds, crows, cols, weights,
-                              biases, act, alpha, batch_major_below)[0];
-    }
+  for_each_block(blocks, work, [&](int64_t b) {
+    const int64_t start = b * block_rows;
+    outputs[b] = chain_pass(x.narrow(0, start, std::min(block_rows, rows - start)), kinds, crows, cols, weights,
+                            biases, act, alpha, batch_major_below)[0];
   });
   return at::cat(outputs);
 }
@@ -1055,18 +1063,35 @@ std::vector<size_t> param_offsets(const Chains& chains) {
   return first;
 }
 
+// A chain's parameters as its passes take them, from a node's list at params[first ..] (values_0,
+// bias_0, ...): what each layer's products multiply by (`product_weights`) and the biases.
+struct ChainArgs {
+  std::vector<Tensor> weights, biases;
+};
+
+ChainArgs chain_args(const Chain& chain, at::TensorList params, size_t first) {
+  const std::vector<Tensor> all(params.begin() + first, params.begin() + first + 2 * chain.kinds.size());
+  ChainArgs args{product_weights(chain, all), {}};
+  for (size_t i = 1; i < all.size(); i += 2) {
+    args.biases.push_back(all[i]);
+  }
+  return args;
+}
+
+// chain_pass for a chain and its arguments.
+std::vector<Tensor> run_chain(const Chain& chain, const ChainArgs& args, const Tensor& x, bool relu_output = false) {
+  return chain_pass(x, chain.kinds, chain.crows, chain.cols, args.weights, args.biases, chain.act, chain.alpha,
+                    chain.batch_major_below, relu_output);
+}
+
 // A chain's forward inside a node, its parameters (values_0, bias_0, ...) at params[first ..]:
 // chain_pass's result; `weights` gets what each layer's products multiply by.
 std::vector<Tensor> node_chain_pass(const Chain& chain, const Tensor& x, at::TensorList params, size_t first,
                                     std::vector<Tensor>& weights, bool relu_output = false) {
-  const std::vector<Tensor> all(params.begin() + first, params.begin() + first + 2 * chain.kinds.size());
-  weights = product_weights(chain, all);
-  std::vector<Tensor> biases;
-  for (size_t i = 1; i < all.size(); i += 2) {
-    biases.push_back(all[i]);
-  }
-  return chain_pass(x, chain.kinds, chain.crows, chain.cols, weights, biases, chain.act, chain.alpha,
-                    chain.batch_major_below, relu_output);
+  ChainArgs args = chain_args(chain, params, first);
+  std::vector<Tensor> result = run_chain(chain, args, x, relu_output);
+  weights = std::move(args.weights);
+  return result;
 }
 
 // What a chain's backward inside a node needs, appended to `saved`: each layer's input (from
@@ -1476,17 +1501,6 @@ Tensor candidate_input(const Tensor& next_obs, int64_t candidates, int64_t start
   return x;
 }
 
-struct TargetChain {
-  const Chain* chain;
-  std::vector<Tensor> weights, biases;
-};
-
-Tensor target_chain_output(const TargetChain& c, const Tensor& x) {
-  const Chain& chain = *c.chain;
-  // [out, rows], feature-major
-  return chain_pass(x, chain.kinds, chain.crows, chain.cols, c.weights, c.biases, chain.act, chain.alpha,
-                    chain.batch_major_below)[0].t().contiguous();
-}
 
 Tensor bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards, const Tensor& not_done,
                   const Chains& chains, at::TensorList params, const TargetSettings& settings, int64_t block_rows,
@@ -1497,42 +1511,35 @@ Tensor bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards
   const int64_t states = s_c.size(0), n = settings.candidates;
   TORCH_CHECK(rows == states * n, "the BCQ target needs one latent row per candidate");
   const std::vector<size_t> first = param_offsets(chains);
-  std::vector<TargetChain> nets(4);
+  std::vector<ChainArgs> args;
   for (int k = 0; k < 4; ++k) {
-    const std::vector<Tensor> all(params.begin() + first[k], params.begin() + first[k + 1]);
-    nets[k].chain = chains[k].get();
-    nets[k].weights = product_weights(*chains[k], all);
-    for (size_t i = 1; i < all.size(); i += 2) nets[k].biases.push_back(all[i]);
+    args.push_back(chain_args(*chains[k], params, first[k]));
   }
+  // chain k's output on x, [out, rows] feature-major
+  auto output = [&](int k, const Tensor& x) { return run_chain(*chains[k], args[k], x)[0].t().contiguous(); };
   std::vector<float> q1(rows), q2(rows);
-  const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  const int parts = work >= MIN_SHARED_WORK ? static_cast<int>(std::min<int64_t>(usable_threads(), blocks)) : 1;
-  side_by_side(parts, [&](int part) {
-    for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
-      const int64_t start = b * block_rows, count = std::min(block_rows, rows - start);
-      const Tensor t = at::tanh(target_chain_output(nets[0], candidate_input(s_c, n, start, count,
-                                                                                 z_c.data_ptr<float>() + start * latent,
-                                                                                 latent)));
-      std::vector<float> action(count * act_dim);  // batch-major
-      const float* tp = t.data_ptr<float>();
-      for (int64_t j = 0; j < act_dim; ++j) {
-        for (int64_t r = 0; r < count; ++r) action[r * act_dim + j] = settings.decoder_scale * tp[j * count + r];
-      }
-      const Tensor u = at::tanh(target_chain_output(nets[1], candidate_input(s_c, n, start, count, action.data(),
-                                                                             act_dim)));
-      const float* up = u.data_ptr<float>();
-      for (int64_t j = 0; j < act_dim; ++j) {
-        for (int64_t r = 0; r < count; ++r) {
-          const float delta = settings.perturb_scale * up[j * count + r];
-          float& a = action[r * act_dim + j];
-          a = nan_min(nan_max(a + delta, -settings.max_action), settings.max_action);
-        }
-      }
-      const Tensor x = candidate_input(s_c, n, start, count, action.data(), act_dim);
-      const Tensor v1 = target_chain_output(nets[2], x), v2 = target_chain_output(nets[3], x);
-      std::copy_n(v1.data_ptr<float>(), count, q1.data() + start);
-      std::copy_n(v2.data_ptr<float>(), count, q2.data() + start);
+  for_each_block((rows + block_rows - 1) / block_rows, work, [&](int64_t b) {
+    const int64_t start = b * block_rows, count = std::min(block_rows, rows - start);
+    const Tensor t = at::tanh(output(0, candidate_input(s_c, n, start, count, z_c.data_ptr<float>() + start * latent,
+                                                        latent)));
+    std::vector<float> action(count * act_dim);  // batch-major
+    const float* tp = t.data_ptr<float>();
+    for (int64_t j = 0; j < act_dim; ++j) {
+      for (int64_t r = 0; r < count; ++r) action[r * act_dim + j] = settings.decoder_scale * tp[j * count + r];
     }
+    const Tensor u = at::tanh(output(1, candidate_input(s_c, n, start, count, action.data(), act_dim)));
+    const float* up = u.data_ptr<float>();
+    for (int64_t j = 0; j < act_dim; ++j) {
+      for (int64_t r = 0; r < count; ++r) {
+        const float delta = settings.perturb_scale * up[j * count + r];
+        float& a = action[r * act_dim + j];
+        a = nan_min(nan_max(a + delta, -settings.max_action), settings.max_action);
+      }
+    }
+    const Tensor x = candidate_input(s_c, n, start, count, action.data(), act_dim);
+    const Tensor v1 = output(2, x), v2 = output(3, x);
+    std::copy_n(v1.data_ptr<float>(), count, q1.data() + start);
+    std::copy_n(v2.data_ptr<float>(), count, q2.data() + start);
   });
   Tensor target = at::empty({states, 1}, next_obs.options());
   const Tensor r_c = rewards.contiguous(), d_c = not_done.contiguous();

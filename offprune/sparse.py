@@ -50,7 +50,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, Union
+from types import ModuleType
+from typing import Callable, Iterator, NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -596,7 +597,7 @@ def sparse_threads(threads: int) -> Iterator[None]:
 def chain_forward(layers: Sequence[ChainLayer], act: nn.Module | None, x: Tensor) -> Tensor:
     """layers[-1](act(...act(layers[0](x)))) for x [..., in]: one autograd node for the whole stack."""
     flat = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
-    ext, compiled, params = _chains_call([(layers, act)], flat)
+    ext, compiled, params, _ = _chains_call([(layers, act)], flat)
     if _builds_graph(flat, params):
         if ext is not None:  # the compiled loops as an autograd node of their own
             out = ext.chains_apply(flat, compiled, params)[0]
@@ -612,10 +613,18 @@ def _builds_graph(x: Tensor, params: tuple[Tensor, ...]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def _chains_call(chains: Sequence[tuple[Sequence[ChainLayer], nn.Module | None]], x: Tensor) -> tuple:
-    """(the compiled library, each chain's compiled Chain, every chain's parameters one chain after
-    the other) for chains called on x; the library and Chains are None where any chain has none (no
-    library, not on the CPU, an inference copy's layers)."""
+class _ChainsCall(NamedTuple):
+    """What a compiled call over some chains takes (`_chains_call`)."""
+
+    ext: ModuleType | None  # the compiled library; None where any chain has no compiled Chain
+    compiled: list | None  # each chain's compiled Chain
+    params: tuple[Tensor, ...]  # every chain's (values_0, bias_0, ...), one chain after the other
+    cost: int  # multiply-adds per row of all the chains' products (0 without the library)
+
+
+def _chains_call(chains: Sequence[tuple[Sequence[ChainLayer], nn.Module | None]], x: Tensor) -> _ChainsCall:
+    """The library, compiled Chains, parameters and cost for chains called on x; the library and
+    Chains are None where any chain has none (no library, not on the CPU, an inference copy's layers)."""
     ext = _native(x)
     structures = [_structure(layers, act) for layers, act in chains] if ext is not None else []
     if structures and all(s.params is not None for s in structures):
@@ -624,8 +633,8 @@ def _chains_call(chains: Sequence[tuple[Sequence[ChainLayer], nn.Module | None]]
         params = tuple(p for layers, _ in chains for layer in layers for p in _layer_params(layer))
     compiled = [s.compiled for s in structures]
     if ext is None or None in compiled:
-        return None, None, params
-    return ext, compiled, params
+        return _ChainsCall(None, None, params, 0)
+    return _ChainsCall(ext, compiled, params, sum(s.cost for s in structures))
 
 
 def _layer_params(layer: ChainLayer) -> tuple[Tensor, Tensor]:
@@ -642,7 +651,7 @@ def _fused_mlp_forward(mlp: MLP, x: Tensor) -> Tensor:
 def _fused_pair_forward(a: MLP, b: MLP, x: Tensor) -> tuple[Tensor, Tensor]:
     """(a(x), b(x)) for two fused chains: one compiled autograd node when both build a graph (each
     chain computed as its own node would compute it), else each on its own path."""
-    ext, compiled, params = _chains_call([chain_parts(a), chain_parts(b)], x)
+    ext, compiled, params, _ = _chains_call([chain_parts(a), chain_parts(b)], x)
     if x.dim() == 2 and _builds_graph(x, params) and ext is not None:
         first, second = ext.chains_apply(x, compiled, params)
         return first, second
@@ -700,7 +709,7 @@ class _VAEChains:
 def fused_vae_loss(vae: VAE, obs: Tensor, action: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, reconstruction MSE, KL) of a `vae_fusable` VAE for the latent noise `noise` [batch,
     latent] as one node: the compiled one where the chain loops are built, else `VAELoss`."""
-    ext, compiled, params = _chains_call(_vae_chains(vae), obs)
+    ext, compiled, params, _ = _chains_call(_vae_chains(vae), obs)
     if ext is not None and obs.dtype == torch.float32:
         loss, recon, kl = ext.vae_loss(obs, action, noise, compiled, params, float(vae.max_action))
         return loss, recon, kl
@@ -711,7 +720,7 @@ def fused_vae_loss(vae: VAE, obs: Tensor, action: Tensor, noise: Tensor) -> tupl
 
 @dataclass(frozen=True)
 class CandidateTarget:
-    """The numbers of BCQ's critic target (`offprune.algos.bcq.Agent.critic_target`)."""
+    """The numbers of BCQ's critic target (`offprune.algos.bcq.Agent.td_target`)."""
 
     candidates: int  # decoded actions per next state
     decoder_scale: float  # the VAE's max_action: a = decoder_scale * tanh(decoder([s; z]))
@@ -737,15 +746,14 @@ def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tenso
             or rewards.shape != (states, 1) or not_done.shape != (states, 1)
             or any(t.dtype != torch.float32 for t in (next_obs, z, rewards, not_done))):
         return None
-    ext, compiled, params = _chains_call(chains, next_obs)
+    ext, compiled, params, cost = _chains_call(chains, next_obs)
     if ext is None:
         return None
     # the blocks `_wide_chain_pass` gives each network's pass (a narrow batch: one)
     block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
-    work = rows * sum(_structure(layers, act).cost for layers, act in chains)
     return ext.bcq_target(next_obs, z, rewards, not_done, compiled, params, numbers.candidates,
                           numbers.decoder_scale, numbers.perturb_scale, numbers.max_action, numbers.lmbda,
-                          numbers.discount, block_rows, work)
+                          numbers.discount, block_rows, rows * cost)
 
 
 def fused_perturbed_q_loss(actor: MLP, q1: MLP, obs: Tensor, sampled: Tensor, perturb_scale: float,
@@ -758,7 +766,7 @@ def fused_perturbed_q_loss(actor: MLP, q1: MLP, obs: Tensor, sampled: Tensor, pe
     if not (torch.is_grad_enabled() and actor.sparse_chain and q1.sparse_chain) or obs.requires_grad \
             or sampled.requires_grad or obs.dtype != torch.float32 or sampled.dtype != torch.float32:
         return None
-    ext, compiled, params = _chains_call([chain_parts(actor), chain_parts(q1)], obs)
+    ext, compiled, params, _ = _chains_call([chain_parts(actor), chain_parts(q1)], obs)
     if ext is None:
         return None
     return ext.perturbed_q_loss(obs, sampled, compiled, params, perturb_scale, max_action)
