@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from offprune import native
 
@@ -127,11 +129,47 @@ class VAE(nn.Module):
         return loss, {"vae_recon": recon_loss.item(), "vae_kl": kl.item()}
 
 
+# Raised by every module or parameter registration in the process (an attribute set, add_module,
+# register_parameter): a kept parameter list is only reused while it has not changed.
+_registrations = 0
+
+
+def _count_registration(*_args: object) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+# module -> (registrations when listed, its parameters, each one's owner's parameter dict and name)
+_parameter_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def module_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """list(module.parameters()), kept from call to call: walking the module tree on every soft
+    update cost more than the update. Listed anew after any module or parameter registration
+    anywhere, and when a listed parameter is no longer in its owner's dict (one written there
+    directly, as torch's own `_apply` may)."""
+    kept = _parameter_lists.get(module)
+    if kept is not None and kept[0] == _registrations and all(
+            owner.get(name) is p for p, (owner, name) in zip(kept[1], kept[2])):
+        return kept[1]
+    params, slots, seen = [], [], set()
+    for m in module.modules():  # the order and de-duplication of module.parameters()
+        for name, p in m._parameters.items():
+            if p is not None and p not in seen:
+                seen.add(p)
+                params.append(p)
+                slots.append((m._parameters, name))
+    _parameter_lists[module] = (_registrations, params, slots)
+    return params
+
+
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- tau * source + (1 - tau) * target. Pruned zeros stay exactly zero (0*a + 0*b)."""
-    target_params = list(target.parameters())
-    torch._foreach_lerp_(target_params, list(source.parameters()), tau)
+    torch._foreach_lerp_(module_parameters(target), module_parameters(source), tau)
 
 
 class FusedAdam(torch.optim.Adam):
@@ -181,8 +219,19 @@ class FusedAdam(torch.optim.Adam):
             s["step"] = step
         return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps, flat, options
 
-    @torch.no_grad()
     def step(self, closure=None):
+        """One Adam step; through torch's wrapper (which runs the step hooks and opens a profiler
+        range) only when it has something to do: a hook registered or the profiler on. On a
+        sparse network the wrapper cost as much as the fused kernel."""
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+                or _global_optimizer_post_hooks or torch.autograd._profiler_enabled()):
+            return self._hooked_step(closure)
+        return self._unhooked_step(closure)
+
+    step.hooked = True  # torch's Optimizer wraps a step without this mark in its wrapper on every call
+
+    @torch.no_grad()
+    def _unhooked_step(self, closure=None):
         plan = self._current_plan() if closure is None else None
         grads = [p.grad for p in plan[0]] if plan is not None else None
         if plan is None or any(g is None or g.is_sparse for g in grads):
@@ -197,6 +246,8 @@ class FusedAdam(torch.optim.Adam):
         else:
             torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, **options)
         return None
+
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_unhooked_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none:
@@ -257,7 +308,7 @@ def steps_taken(optimizer: torch.optim.Optimizer) -> int:
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Gradients flow through `modules` to their inputs but not into their parameters (cheaper
     backward, and another network's loss cannot leave gradients in them)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    params = [p for m in modules for p in module_parameters(m) if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:

@@ -3,6 +3,7 @@
 import io
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from offprune.nets import FusedAdam, adam, steps_taken
 
@@ -82,6 +83,36 @@ def test_step_hooks_run_and_zero_grad_drops_the_gradients():
         optimizer.zero_grad()
         assert all(p.grad is None for p in ours)
     assert calls == [1, 2, 3]
+
+
+def test_pre_hooks_global_hooks_and_the_profiler_see_each_step_and_steps_without_them_skip_the_wrapper(monkeypatch):
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "6")  # read when the profiler first starts: quiet, as offprune's own use
+    ours, _ = twin_params(4)
+    optimizer = adam(ours, 1e-3)
+    seen = []
+    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append("pre"))
+    glob = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append("global"))
+    try:
+        set_grads(ours, [torch.ones_like(p) for p in ours])
+        optimizer.step()
+    finally:
+        pre.remove()
+        glob.remove()
+    assert seen == ["pre", "global"]
+    set_grads(ours, [torch.ones_like(p) for p in ours])
+    with torch.profiler.profile() as profile:
+        optimizer.step()
+    assert "Optimizer.step#FusedAdam.step" in {event.name for event in profile.events()}
+    # without hooks or the profiler, torch's wrapper (and its profiler range) is not entered
+    set_grads(ours, [torch.ones_like(p) for p in ours])
+    calls = []
+    original = FusedAdam._hooked_step
+    FusedAdam._hooked_step = lambda self, closure=None: calls.append(1)
+    try:
+        optimizer.step()
+    finally:
+        FusedAdam._hooked_step = original
+    assert calls == [] and steps_taken(optimizer) == 3
 
 
 def test_two_threads_step_the_parameters_in_two_halves_with_torchs_bits():
