@@ -1502,9 +1502,12 @@ Tensor candidate_input(const Tensor& next_obs, int64_t candidates, int64_t start
 }
 
 
-Tensor bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards, const Tensor& not_done,
-                  const Chains& chains, at::TensorList params, const TargetSettings& settings, int64_t block_rows,
-                  int64_t work) {
+// With `decode_obs` defined, also the decoded actions decoder_scale * tanh(decoder([decode_obs;
+// decode_z])) [rows, act_dim] (BCQ's actor loss's candidates), one more piece shared out with the
+// blocks; {target, decoded (undefined without decode_obs)}.
+std::vector<Tensor> bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards, const Tensor& not_done,
+                               const Tensor& decode_obs, const Tensor& decode_z, const Chains& chains,
+                               at::TensorList params, const TargetSettings& settings, int64_t block_rows, int64_t work) {
   TORCH_CHECK(chains.size() == 4, "the BCQ target takes decoder, actor, Q1 and Q2 chains");
   const Tensor s_c = next_obs.contiguous(), z_c = z.contiguous();
   const int64_t rows = z_c.size(0), latent = z_c.size(1), act_dim = chains[0]->out_features.back();
@@ -1518,7 +1521,21 @@ Tensor bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards
   // chain k's output on x, [out, rows] feature-major
   auto output = [&](int k, const Tensor& x) { return run_chain(*chains[k], args[k], x)[0].t().contiguous(); };
   std::vector<float> q1(rows), q2(rows);
-  for_each_block((rows + block_rows - 1) / block_rows, work, [&](int64_t b) {
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  Tensor decoded;
+  for_each_block(blocks + (decode_obs.defined() ? 1 : 0), work, [&](int64_t b) {
+    if (b == blocks) {  // the decoded actions: chain_pass on [decode_obs; decode_z], as VAE.decode
+      const Tensor t = at::tanh(output(0, at::cat({decode_obs, decode_z}, 1)));  // [act_dim, rows]
+      const int64_t count = t.size(1);
+      Tensor out = at::empty({count, act_dim}, next_obs.options());
+      const float* tp = t.data_ptr<float>();
+      float* op = out.data_ptr<float>();
+      for (int64_t j = 0; j < act_dim; ++j) {
+        for (int64_t r = 0; r < count; ++r) op[r * act_dim + j] = settings.decoder_scale * tp[j * count + r];
+      }
+      decoded = out;
+      return;
+    }
     const int64_t start = b * block_rows, count = std::min(block_rows, rows - start);
     const Tensor t = at::tanh(output(0, candidate_input(s_c, n, start, count, z_c.data_ptr<float>() + start * latent,
                                                         latent)));
@@ -1557,7 +1574,7 @@ Tensor bcq_target(const Tensor& next_obs, const Tensor& z, const Tensor& rewards
     const float kept = nd[s] * settings.discount;
     out[s] = rw[s] + kept * best;
   }
-  return target;
+  return {target, decoded};
 }
 
 #pragma GCC pop_options
@@ -1655,8 +1672,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   at::TensorList(params), max_action);
   });
   // BCQ's critic target [states, 1] from the chains decoder, actor, Q1, Q2 (their parameters one
-  // chain after the other) and the prior's latent draw z [states * candidates, latent], clipped.
+  // chain after the other) and the prior's latent draw z [states * candidates, latent], clipped;
+  // with decode_obs and decode_z (or None), also the actor loss's decoded actions.
   m.def("bcq_target", [](const Tensor& next_obs, const Tensor& z, const Tensor& rewards, const Tensor& not_done,
+                         const c10::optional<Tensor>& decode_obs, const c10::optional<Tensor>& decode_z,
                          const std::vector<std::shared_ptr<Chain>>& chains, const std::vector<Tensor>& params,
                          int64_t candidates, double decoder_scale, double perturb_scale, double max_action,
                          double lmbda, double discount, int64_t block_rows, int64_t work) {
@@ -1665,8 +1684,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const TargetSettings settings{candidates, static_cast<float>(decoder_scale), static_cast<float>(perturb_scale),
                                   static_cast<float>(max_action), static_cast<float>(lmbda),
                                   static_cast<float>(1.0 - lmbda), static_cast<float>(discount)};
-    return bcq_target(next_obs, z, rewards, not_done, Chains(chains.begin(), chains.end()), at::TensorList(params),
-                      settings, block_rows, work);
+    return bcq_target(next_obs, z, rewards, not_done, decode_obs.value_or(Tensor()), decode_z.value_or(Tensor()),
+                      Chains(chains.begin(), chains.end()), at::TensorList(params), settings, block_rows, work);
   });
   // BCQ's actor loss as one autograd node (the parameters: the actor's values_0, bias_0, ..., then
   // Q1's); obs and the decoded actions take no gradient.

@@ -731,29 +731,35 @@ class CandidateTarget:
 
 
 def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tensor, z: Tensor, rewards: Tensor,
-                     not_done: Tensor, numbers: CandidateTarget) -> Tensor | None:
+                     not_done: Tensor, numbers: CandidateTarget, decode_obs: Tensor | None = None,
+                     decode_z: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
     """BCQ's critic target [states, 1] in one compiled call (`bcq_target` in offprune/_chain.cpp:
     the Python steps' bits, its blocks shared over `sparse_threads`), for the prior's clipped latent
-    draw z [states * candidates, latent]. None where it does not apply (no compiled library, a
-    network not a fused sparse chain of two or more layers, grad enabled, not float32), and the
-    caller takes the Python steps."""
+    draw z [states * candidates, latent]; with `decode_obs` and `decode_z`, also the decoded actions
+    decoder_scale * tanh(decoder([decode_obs; decode_z])) (`VAE.decode`'s bits: BCQ's actor loss's
+    candidates), one more piece of the work the threads share. (target, decoded or None), or None
+    where it does not apply (no compiled library, a network not a fused sparse chain of two or more
+    layers, grad enabled, not float32), and the caller takes the Python steps."""
     nets = (decoder, actor, q1, q2)
     if torch.is_grad_enabled() or not all(m.sparse_chain for m in nets):
         return None
     chains = [chain_parts(m) for m in nets]
     states, rows = next_obs.shape[0], z.shape[0]
+    decoding = (decode_obs, decode_z) if decode_obs is not None else ()
     if (any(len(layers) < 2 for layers, _ in chains) or rows != states * numbers.candidates
             or rewards.shape != (states, 1) or not_done.shape != (states, 1)
-            or any(t.dtype != torch.float32 for t in (next_obs, z, rewards, not_done))):
+            or (decoding and (decode_z is None or decode_obs.shape[0] != decode_z.shape[0]))
+            or any(t.dtype != torch.float32 for t in (next_obs, z, rewards, not_done, *decoding))):
         return None
     ext, compiled, params, cost = _chains_call(chains, next_obs)
     if ext is None:
         return None
     # the blocks `_wide_chain_pass` gives each network's pass (a narrow batch: one)
     block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
-    return ext.bcq_target(next_obs, z, rewards, not_done, compiled, params, numbers.candidates,
-                          numbers.decoder_scale, numbers.perturb_scale, numbers.max_action, numbers.lmbda,
-                          numbers.discount, block_rows, rows * cost)
+    target, decoded = ext.bcq_target(next_obs, z, rewards, not_done, decode_obs, decode_z, compiled, params,
+                                     numbers.candidates, numbers.decoder_scale, numbers.perturb_scale,
+                                     numbers.max_action, numbers.lmbda, numbers.discount, block_rows, rows * cost)
+    return target, decoded
 
 
 def fused_perturbed_q_loss(actor: MLP, q1: MLP, obs: Tensor, sampled: Tensor, perturb_scale: float,

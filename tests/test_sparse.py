@@ -231,6 +231,37 @@ def test_bcq_target_in_one_compiled_call_gives_the_python_steps_bits_on_one_and_
     assert same(target(), fused)
 
 
+def test_bcq_target_and_the_actor_candidates_in_one_call_give_the_separate_steps_bits(monkeypatch):
+    import offprune.algos.bcq as bcq
+    from offprune.speed import algo_config, build, update_batches
+
+    ext = compiled_chain_loops()
+    config = algo_config("bcq")
+    agent = build("bcq", "sparse", 0.9, 11, 3, config=config)
+    batch = update_batches("bcq", config, 11, 3, 1)[0]
+    calls = []
+    target_call = ext.bcq_target
+    monkeypatch.setattr(ext, "bcq_target", lambda *a: calls.append(a[4] is not None) or target_call(*a))
+    torch.manual_seed(3)  # the target's draw, then the actor loss's, as the separate steps draw them
+    with torch.no_grad():
+        separate = (agent.td_target(batch), agent.vae.decode(batch.observations))
+    assert calls == [False]
+
+    def together() -> tuple[Tensor, Tensor]:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return agent.target_and_candidates(batch)
+
+    def same(a: tuple[Tensor, Tensor]) -> bool:
+        return a[1].shape == (100, 3) and all(same_bits(x, y) for x, y in zip(a, separate))
+
+    assert same(together()) and calls[1:] == [True]  # one compiled call computed both
+    with sparse_module.sparse_threads(2):
+        repeat_until_a_helper_runs(ext, lambda: same(together()) or pytest.fail("two threads differ"))
+    monkeypatch.setattr(bcq, "fused_bcq_target", lambda *a: None)  # the Python steps
+    assert same(together())
+
+
 @pytest.mark.parametrize("critic_frozen", [True, False])  # as in BCQ's update / as when scoring the actor
 def test_bcq_actor_loss_as_one_compiled_node_gives_torchs_bits_on_one_and_two_threads(monkeypatch, critic_frozen):
     import offprune.algos.bcq as bcq

@@ -100,15 +100,23 @@ class Agent(AgentBase):
 
     def td_target(self, batch: Batch) -> Tensor:
         """reward + not_done * discount * (the best of `target_candidates` decoded, perturbed next
-        actions by lmbda * min(Q1', Q2') + (1 - lmbda) * max(Q1', Q2')); graph-free. With sparse
-        networks and the compiled library, the same steps (the same bits) in one call."""
+        actions by lmbda * min(Q1', Q2') + (1 - lmbda) * max(Q1', Q2')); graph-free."""
+        return self.target_and_candidates(batch, decode=False)[0]
+
+    def target_and_candidates(self, batch: Batch, decode: bool = True) -> tuple[Tensor, Tensor | None]:
+        """`td_target` and (with `decode`) the actor loss's decoded actions for the batch's states,
+        their latents drawn in the order the critic and then the actor loss draw them (nothing
+        between them draws, and neither update changes the VAE: the same numbers as computing each
+        in its loss). With sparse networks and the compiled library, the same steps (the same bits)
+        in one call, whose pieces two threads share under sparse_threads(2)."""
         n, lm = self.config.target_candidates, self.config.lmbda
         z = self.vae.prior_latent(batch.next_observations.shape[0] * n, self.device)
+        decode_z = self.vae.prior_latent(batch.observations.shape[0], self.device) if decode else None
         numbers = CandidateTarget(n, float(self.vae.max_action), self.actor_target.phi * self.actor_target.max_action,
                                   float(self.actor_target.max_action), lm, self.config.discount)
         fused = fused_bcq_target(self.vae.decoder, self.actor_target.net, self.critic_target.q1,
                                  self.critic_target.q2, batch.next_observations, z, batch.rewards, batch.not_done,
-                                 numbers)
+                                 numbers, batch.observations if decode else None, decode_z)
         if fused is not None:
             return fused
         next_obs = batch.next_observations.repeat_interleave(n, 0)
@@ -116,23 +124,29 @@ class Agent(AgentBase):
         tq1, tq2 = self.critic_target(next_obs, next_action)
         target_q = lm * torch.min(tq1, tq2) + (1.0 - lm) * torch.max(tq1, tq2)
         target_q = target_q.view(-1, n).max(1, keepdim=True).values
-        return batch.rewards + batch.not_done * self.config.discount * target_q
+        decoded = self.vae.decode(batch.observations, decode_z) if decode else None
+        return batch.rewards + batch.not_done * self.config.discount * target_q, decoded
 
-    def critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        with torch.no_grad():
-            target_q = self.td_target(batch)
+    def critic_loss(self, batch: Batch, target_q: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The TD loss of both critics; `target_q` computes as `td_target` when not given."""
+        if target_q is None:
+            with torch.no_grad():
+                target_q = self.td_target(batch)
         q1, q2 = self.critic(batch.observations, batch.actions)
         loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         return loss, {"critic_loss": loss.item(), "q1_mean": q1.mean().item()}
 
-    def actor_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        with torch.no_grad():
-            sampled = self.vae.decode(batch.observations)
+    def actor_loss(self, batch: Batch, decoded: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """-Q1 of the perturbed decoded actions; `decoded` (the VAE's actions for the batch's
+        states) is drawn and decoded here when not given."""
+        if decoded is None:
+            with torch.no_grad():
+                decoded = self.vae.decode(batch.observations)
         # with sparse networks and the compiled library, the same ops as one node (the same bits)
-        loss = fused_perturbed_q_loss(self.actor.net, self.critic.q1, batch.observations, sampled,
+        loss = fused_perturbed_q_loss(self.actor.net, self.critic.q1, batch.observations, decoded,
                                       self.actor.phi * self.actor.max_action, float(self.actor.max_action))
         if loss is None:
-            loss = -self.critic.q1_value(batch.observations, self.actor(batch.observations, sampled)).mean()
+            loss = -self.critic.q1_value(batch.observations, self.actor(batch.observations, decoded)).mean()
         return loss, {"actor_loss": loss.item()}
 
     # --- updates ----------------------------------------------------------------------------
@@ -141,23 +155,25 @@ class Agent(AgentBase):
         optimizer_step(self.vae_optimizer, loss)
         return {"vae_loss": loss.item(), **info}
 
-    def update_critic(self, batch: Batch) -> dict[str, float]:
-        loss, info = self.critic_loss(batch)
+    def update_critic(self, batch: Batch, target_q: Tensor | None = None) -> dict[str, float]:
+        loss, info = self.critic_loss(batch, target_q)
         optimizer_step(self.critic_optimizer, loss)
         return info
 
-    def update_actor(self, batch: Batch) -> dict[str, float]:
+    def update_actor(self, batch: Batch, decoded: Tensor | None = None) -> dict[str, float]:
         # The critic only passes gradients through: its weight gradients would be discarded by
         # the next critic update's zero_grad, so they are not computed (same results, less work).
         with frozen(self.critic):
-            loss, info = self.actor_loss(batch)
+            loss, info = self.actor_loss(batch, decoded)
             optimizer_step(self.actor_optimizer, loss)
         return info
 
     def update(self, batch: Batch) -> dict[str, float]:
         info = self.update_vae(batch)
-        info |= self.update_critic(batch)
-        info |= self.update_actor(batch)
+        with torch.no_grad():  # both use the VAE just updated
+            target_q, decoded = self.target_and_candidates(batch)
+        info |= self.update_critic(batch, target_q)
+        info |= self.update_actor(batch, decoded)
         soft_update(self.critic_target, self.critic, self.config.tau)
         soft_update(self.actor_target, self.actor, self.config.tau)
         return info
