@@ -717,21 +717,20 @@ bool has_avx2() {
 
 // Whether `sampled_dots` can compute sparse_sampled_addmm(pattern, grad_t, h_t.t()) here: AVX2,
 // float CPU tensors, int32 indices, a non-empty batch.
-bool own_sampled_applies(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
+bool own_sampled_applies(const Tensor& grad_t, const Tensor& h_t, const Tensor& crow) {
 #if OFFPRUNE_X86
   return has_avx2() && grad_t.device().is_cpu() && grad_t.scalar_type() == at::kFloat &&
-         h_t.scalar_type() == at::kFloat && grad_t.size(1) > 0 && pattern.crow_indices().scalar_type() == at::kInt;
+         h_t.scalar_type() == at::kFloat && grad_t.size(1) > 0 && crow.scalar_type() == at::kInt;
 #else
   return false;
 #endif
 }
 
 // The dot products of the pattern's rows [begin, end) into out (all of the pattern's positions, in
-// CSR order), for g and h as own_sampled_operand returns them.
-void sampled_rows(const Tensor& g, const Tensor& h, const Tensor& pattern, float* out, int64_t begin, int64_t end) {
+// CSR order: its crow_indices and col_indices), for g and h as own_sampled_operand returns them.
+void sampled_rows(const Tensor& g, const Tensor& h, const int32_t* crow_p, const int32_t* col_p, float* out,
+                  int64_t begin, int64_t end) {
 #if OFFPRUNE_X86
-  const int32_t* crow_p = pattern.crow_indices().data_ptr<int32_t>();
-  const int32_t* col_p = pattern.col_indices().data_ptr<int32_t>();
   const int64_t k = g.size(1), ldg = g.stride(0), ldh = h.stride(0);
   const float* gp = g.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
@@ -758,14 +757,17 @@ Tensor own_sampled_operand(const Tensor& t) { return padded_rows(t) ? t : t.cont
 // where they do not apply (`own_sampled_applies`).
 Tensor own_sampled_product(const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern) {
   RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
-  if (!own_sampled_applies(grad_t, h_t, pattern)) {
+  const Tensor crow = pattern.crow_indices(), col = pattern.col_indices();
+  if (!own_sampled_applies(grad_t, h_t, crow)) {
     return Tensor();
   }
-  const Tensor g = own_sampled_operand(grad_t), h = own_sampled_operand(h_t), crow = pattern.crow_indices();
-  Tensor out = at::empty({pattern.col_indices().size(0)}, g.options());
+  const Tensor g = own_sampled_operand(grad_t), h = own_sampled_operand(h_t);
+  Tensor out = at::empty({col.size(0)}, g.options());
   float* o = out.data_ptr<float>();
-  for_row_ranges(crow.data_ptr<int32_t>(), crow.size(0) - 1, out.size(0) * g.size(1),
-                 [&](int64_t begin, int64_t end) { sampled_rows(g, h, pattern, o, begin, end); });
+  const int32_t* crow_p = crow.data_ptr<int32_t>();
+  const int32_t* col_p = col.data_ptr<int32_t>();
+  for_row_ranges(crow_p, crow.size(0) - 1, out.size(0) * g.size(1),
+                 [&](int64_t begin, int64_t end) { sampled_rows(g, h, crow_p, col_p, o, begin, end); });
   return out;
 }
 
@@ -904,9 +906,10 @@ constexpr int64_t QUEUE_PIECE_WORK = 1000000;
 void queue_parameter_grads(GradientQueue& queue, std::vector<Tensor>& grads, int64_t value, int64_t kind,
                            const Tensor& grad_t, const Tensor& h_t, const Tensor& pattern, const Tensor& flat_index,
                            bool needs_values, bool needs_bias) {
-  if (needs_values && kind == GRAD_CSR && use_own_sampled_dots && own_sampled_applies(grad_t, h_t, pattern)) {
-    const Tensor g = own_sampled_operand(grad_t), h = own_sampled_operand(h_t), crow = pattern.crow_indices();
-    const Tensor out = at::empty({pattern.col_indices().size(0)}, g.options());
+  const Tensor crow = needs_values && kind == GRAD_CSR ? pattern.crow_indices() : Tensor();
+  if (crow.defined() && use_own_sampled_dots && own_sampled_applies(grad_t, h_t, crow)) {
+    const Tensor col = pattern.col_indices(), g = own_sampled_operand(grad_t), h = own_sampled_operand(h_t);
+    const Tensor out = at::empty({col.size(0)}, g.options());
     grads[value] = out;
     const int64_t rows = crow.size(0) - 1;
     const int parts = queue.sharing() ? static_cast<int>(std::clamp<int64_t>(out.size(0) * g.size(1) / QUEUE_PIECE_WORK,
@@ -916,9 +919,9 @@ void queue_parameter_grads(GradientQueue& queue, std::vector<Tensor>& grads, int
     for (int part = 0; part < parts; ++part) {
       const int64_t begin = bounds[part], end = bounds[part + 1];
       if (begin < end) {
-        queue.add([g, h, pattern, out, begin, end] {
+        queue.add([g, h, crow, col, out, begin, end] {
           RECORD_FUNCTION("offprune::sampled_product", std::vector<c10::IValue>());
-          sampled_rows(g, h, pattern, out.data_ptr<float>(), begin, end);
+          sampled_rows(g, h, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), out.data_ptr<float>(), begin, end);
         });
       }
     }
@@ -1579,7 +1582,8 @@ std::vector<Tensor> bcq_target(const Tensor& next_obs, const Tensor& z, const Te
 
 #pragma GCC pop_options
 
-// torch's fused Adam step (at::_fused_adam_: the same kernel with the same arguments). Under
+// torch's fused Adam step (at::_fused_adam_: the same kernel with the same arguments), after
+// raising each step count (a float32 scalar) by one, as torch's Adam does before the kernel. Under
 // sparse_threads(n >= 2) the parameters are cut into two lists of about equal size (the largest
 // in the helper's, whose queue computed most large gradients) stepped side by side. The kernel
 // updates each parameter on its own, so the bits are those of one call over all.
@@ -1587,6 +1591,11 @@ void fused_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                 const std::vector<Tensor>& steps, double lr, double beta1, double beta2, double weight_decay,
                 double eps) {
+  for (const Tensor& count : steps) {  // one op per tensor (add_ and its scalar's conversion) cost more than the step
+    TORCH_CHECK(count.device().is_cpu() && count.scalar_type() == at::kFloat && count.numel() == 1,
+                "offprune's fused Adam takes float32 step counts on the CPU");
+    *count.data_ptr<float>() += 1.0f;
+  }
   auto step = [&](const std::vector<size_t>& which) {
     std::vector<Tensor> p, g, m, v, s;
     for (size_t i : which) {

@@ -238,12 +238,12 @@ class FusedAdam(torch.optim.Adam):
             # torch's step itself, not its hook-running wrapper: this step's wrapper runs the hooks
             return getattr(torch.optim.Adam.step, "__wrapped__", torch.optim.Adam.step)(self, closure)
         params, exp_avgs, exp_avg_sqs, steps, flat, options = plan
-        flat.add_(1)
         ext = native.loaded_kernels()
-        if ext is not None:  # the same kernel, its tensors in two halves side by side under sparse_threads(2+)
+        if ext is not None:  # the step counts raised, then the same kernel, in two halves under sparse_threads(2+)
             ext.fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, options["lr"], options["beta1"],
                            options["beta2"], options["weight_decay"], options["eps"])
         else:
+            flat.add_(1)
             torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, **options)
         return None
 
