@@ -31,9 +31,9 @@ its own that accumulates exactly as the embedding bag does and weight-gradient d
 add up exactly as sampled_addmm does (checked against torch when the library loads); a training
 chain is then an autograd node of the library's own (`chains_apply`; twin critics' two chains as
 one node, computed side by side on helper threads), so no Python runs per call. BCQ's critic
-target (decoder, target actor and target critics on 1,000 candidates, graph-free) and its actor
-loss are one compiled call each (`fused_bcq_target`, `fused_perturbed_q_loss`), taking the ops
-BCQ's Python steps take. The results are bit-identical to the Python loops below
+target (decoder, target actor and target critics on 1,000 candidates, graph-free, with the actor
+loss's decoded actions) and its actor loss are one compiled call each (`fused_bcq_target`,
+`fused_perturbed_q_loss`), taking the ops BCQ's Python steps take. The results are bit-identical to the Python loops below
 (`_SparseChainFunction`) and steps, which run wherever the library is not there.
 
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
