@@ -17,9 +17,10 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -28,6 +29,7 @@
 #include <mutex>
 #include <numeric>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -411,9 +413,10 @@ Tensor bag(const Tensor& x_t, const Tensor& col, const Tensor& crow, const Tenso
 // Each output element is accumulated exactly as torch's embedding_bag (FBGEMM) accumulates it:
 // a chain of fused multiply-adds from 0 over the row's kept weights in CSR order, so the result is
 // bit-identical to `embedding_bag`, `add_(bias)` and `relu_()` (the tests compare them). What
-// differs is the loop: column blocks of at most 16 * MAX_VECTORS floats, each block of a wide
-// batch first copied to a compact buffer (gathered rows of a [in, 1000] activation lie 4 KB apart
-// and collide in cache), and the bias and ReLU applied while the result is in registers.
+// differs is the loop: column blocks of at most 16 * MAX_VECTORS floats (AVX-512; with AVX2 only,
+// of at most 8 * MAX_VECTORS_AVX2), each block of a wide batch first copied to a compact buffer
+// (gathered rows of a [in, 1000] activation lie 4 KB apart and collide in cache), and the bias and
+// ReLU applied while the result is in registers.
 
 // A row-major matrix whose rows may be padded (row stride >= columns), as `gather` leaves
 // activations and gradients that only the next product reads.
@@ -489,9 +492,85 @@ bool has_avx512() {
   static const bool supported = __builtin_cpu_supports("avx512f");
   return supported;
 }
+
+// The same loops on 8-float AVX2 vectors, for CPUs without AVX-512 (AMD EPYC before Zen 4, older
+// Xeons): each output element is the same chain of fused multiply-adds, so the same bits. The last
+// vector's valid lanes: `tail` (1 to 8).
+constexpr int MAX_VECTORS_AVX2 = 13;  // 104 columns per pass: a 100-row batch in one; 13 + 1 of 16 registers
+
+template <int NV, bool PERMUTED>
+__attribute__((target("avx2,fma"))) void gather_rows_avx2(const int32_t* crow, const int32_t* col,
+                                                          const float* values, const int64_t* perm, const float* x,
+                                                          int64_t ldx, float* out, int64_t ldo,
+                                                          const Epilogue& epilogue, int64_t rows, int tail) {
+  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t r = 0; r < rows; ++r) {
+    __m256 acc[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = _mm256_setzero_ps();
+    }
+    for (int32_t k = crow[r]; k < crow[r + 1]; ++k) {
+      const __m256 w = _mm256_set1_ps(values[PERMUTED ? perm[k] : k]);
+      const float* p = x + static_cast<int64_t>(col[k]) * ldx;
+#pragma GCC unroll 16
+      for (int v = 0; v < NV - 1; ++v) {
+        acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[v]);
+      }
+      acc[NV - 1] = _mm256_fmadd_ps(w, _mm256_maskload_ps(p + 8 * (NV - 1), last), acc[NV - 1]);
+    }
+    float* o = out + r * ldo;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      __m256 y = acc[v];
+      if (epilogue.bias != nullptr) {
+        y = _mm256_add_ps(y, _mm256_set1_ps(epilogue.bias[r]));
+      }
+      if (epilogue.relu) {
+        y = _mm256_max_ps(_mm256_setzero_ps(), y);  // as torch's clamp_min: NaN and -0.0 kept
+      }
+      if (epilogue.gate != nullptr) {  // threshold_backward(y, gate, 0): 0 where gate <= 0 (not NaN)
+        const float* g = epilogue.gate + r * epilogue.ld_gate + 8 * v;
+        const __m256 gate = v < NV - 1 ? _mm256_loadu_ps(g) : _mm256_maskload_ps(g, last);
+        y = _mm256_and_ps(_mm256_cmp_ps(gate, _mm256_setzero_ps(), _CMP_NLE_UQ), y);
+      }
+      if (v < NV - 1) {
+        _mm256_storeu_ps(o + 8 * v, y);
+      } else {
+        _mm256_maskstore_ps(o + 8 * v, last, y);
+      }
+    }
+  }
+}
+
+using GatherRowsAvx2 = void (*)(const int32_t*, const int32_t*, const float*, const int64_t*, const float*, int64_t,
+                                float*, int64_t, const Epilogue&, int64_t, int);
+template <bool PERMUTED, size_t... N>
+constexpr std::array<GatherRowsAvx2, sizeof...(N)> avx2_kernels(std::index_sequence<N...>) {
+  return {gather_rows_avx2<static_cast<int>(N) + 1, PERMUTED>...};
+}
+constexpr std::array<GatherRowsAvx2, MAX_VECTORS_AVX2> GATHER_ROWS_AVX2[2] = {
+    avx2_kernels<false>(std::make_index_sequence<MAX_VECTORS_AVX2>()),
+    avx2_kernels<true>(std::make_index_sequence<MAX_VECTORS_AVX2>())};
+
+bool has_avx2_fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
 #else
 bool has_avx512() { return false; }
+bool has_avx2_fma() { return false; }
 #endif
+
+// Which loops compute CSR products: 2 the AVX-512 ones, 1 the AVX2 ones, 0 none (torch's embedding
+// bag): the best this CPU has, at most `gather_isa_wanted` (set_gather_isa: the tests run the AVX2
+// loops on AVX-512 machines too).
+std::atomic<int> gather_isa_wanted{2};
+
+int gather_isa() {
+  const int wanted = gather_isa_wanted.load(std::memory_order_relaxed);
+  return wanted >= 2 && has_avx512() ? 2 : wanted >= 1 && has_avx2_fma() ? 1 : 0;
+}
 
 // Column blocks: a batch of more than UNPACKED_MAX columns is copied PACK_WIDTH columns at a time
 // to an aligned buffer and multiplied from there, a narrower one whose rows do not start on cache
@@ -505,6 +584,21 @@ constexpr int64_t UNPACKED_MAX = 128;
 void gather_block(const int32_t* crow, const int32_t* col, const float* values, const int64_t* perm,
                   const float* x, int64_t ldx, float* out, int64_t ldo, const Epilogue& epilogue, int64_t rows,
                   int64_t width) {
+  if (gather_isa() == 1) {  // passes of equal whole vectors (128 columns: two of 64)
+    const int64_t passes = (width + 8 * MAX_VECTORS_AVX2 - 1) / (8 * MAX_VECTORS_AVX2);
+    const int64_t per_pass = ((width + passes - 1) / passes + 7) / 8 * 8;
+    for (int64_t done = 0; done < width; done += per_pass) {
+      const int64_t part = std::min(per_pass, width - done);
+      const int vectors = static_cast<int>((part + 7) / 8);
+      Epilogue shifted = epilogue;
+      if (shifted.gate != nullptr) {
+        shifted.gate += done;
+      }
+      GATHER_ROWS_AVX2[perm != nullptr][vectors - 1](crow, col, values, perm, x + done, ldx, out + done, ldo, shifted,
+                                                     rows, static_cast<int>(part - 8 * (vectors - 1)));
+    }
+    return;
+  }
   for (int64_t done = 0; done < width; done += 16 * MAX_VECTORS) {
     const int64_t part = std::min<int64_t>(16 * MAX_VECTORS, width - done);
     const int vectors = static_cast<int>((part + 15) / 16);
@@ -559,7 +653,7 @@ void gather_columns(const int32_t* crow, const int32_t* col, const float* values
   }
 }
 
-Tensor gather_avx512(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
+Tensor gather_own(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,
                      const Tensor* perm, const Tensor* bias, bool relu, const Tensor* gate, bool padded) {
   const int64_t batch = x_t.size(1), out_rows = crow.size(0) - 1, in_rows = x_t.size(0);
   Tensor out = padded && batch % 16 != 0 && batch <= UNPACKED_MAX
@@ -632,14 +726,14 @@ Tensor gather(const Tensor& x_t, const Tensor& crow, const Tensor& col, const Te
   // stride other than 1; the bag then takes another path with other rounding, so it keeps the bag.
   const Tensor x = x_t.is_contiguous() || padded_rows(x_t) ? x_t : x_t.contiguous();
 #if OFFPRUNE_X86
-  if (has_avx512() && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.size(1) > 0 && x.stride(1) == 1 &&
+  if (gather_isa() > 0 && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.size(1) > 0 && x.stride(1) == 1 &&
       values.device().is_cpu() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
       crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt &&
       (perm == nullptr || (perm->scalar_type() == at::kLong && perm->is_contiguous())) &&
       (bias == nullptr || bias->scalar_type() == at::kFloat) &&
       (gate == nullptr || (gate->scalar_type() == at::kFloat && gate->stride(1) == 1 &&
                            gate->size(0) == crow.size(0) - 1 && gate->size(1) == x.size(1)))) {
-    return gather_avx512(x, crow, col, values, perm, bias, relu, gate, padded);
+    return gather_own(x, crow, col, values, perm, bias, relu, gate, padded);
   }
 #endif
   Tensor y = bag(x.is_contiguous() ? x : x.contiguous(), col, crow, perm != nullptr ? values.index_select(0, *perm) : values);
@@ -1717,6 +1811,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   });
   m.def("use_sampled_dots", [](bool use) { use_own_sampled_dots = use; });
+  // The CSR products' loops: 2 AVX-512, 1 AVX2, 0 the embedding bag, capped at `isa`; returns the
+  // cap before.
+  m.def("set_gather_isa", [](int isa) { return gather_isa_wanted.exchange(isa); });
+  m.def("gather_isa", &gather_isa);
   m.def("set_threads", [](int threads) { helper_threads_wanted.store(std::max(1, threads)); });
   m.def("helper_parts_run", &Helpers::parts_run);
   m.def("gather", [](const Tensor& x_t, const Tensor& crow, const Tensor& col, const Tensor& values,

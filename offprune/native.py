@@ -10,8 +10,8 @@ float lanes, then its lane tree; `sampled_dots_match` checks this against torch 
 it fails the loop keeps torch's operator). It is faster because of no interpreter or binding cost
 per operator (a training chain is an autograd node written in C++, `chains_apply`); wide
 graph-free passes in row blocks inside one call; products that align wide batches and apply the
-bias, ReLU and ReLU's gradient in registers (on CPUs with AVX-512; elsewhere the embedding bag); dense products that fill
-their bias rows themselves; the GIL released for the whole pass; and, under
+bias, ReLU and ReLU's gradient in registers (on CPUs with AVX-512 or AVX2 and FMA; elsewhere the
+embedding bag); dense products that fill their bias rows themselves; the GIL released for the whole pass; and, under
 `offprune.sparse.sparse_threads(n)`, large products shared with n - 1 helper threads that keep
 polling for work between products (waking a sleeping thread took ~150 us on the machines measured).
 

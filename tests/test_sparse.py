@@ -154,8 +154,8 @@ def test_sparse_threads_share_a_wide_chains_row_blocks_with_bit_identical_result
 
 
 @pytest.mark.parametrize("batch", [16, 100, 128, 300, 1000])
-def test_compiled_products_shared_over_threads_give_the_one_thread_bits(batch):
-    ext = compiled_chain_loops()
+def test_compiled_products_shared_over_threads_give_the_one_thread_bits(batch, gather_loops):
+    ext = gather_loops
     layer = random_csr(300, 400, 0.2, batch)
     values, bias = layer.values.detach(), layer.bias.detach()
     x_t = torch.randn(400, batch)
@@ -693,6 +693,20 @@ def compiled_chain_loops():
     return ext
 
 
+@pytest.fixture(params=[2, 1], ids=["avx512", "avx2"])
+def gather_loops(request):
+    """The compiled CSR products on each instruction set this CPU has (the AVX2 loops run on
+    AVX-512 machines too): the same bits on each."""
+    ext = compiled_chain_loops()
+    previous = ext.set_gather_isa(request.param)
+    try:
+        if ext.gather_isa() != request.param:
+            pytest.skip(f"this CPU has no {['', 'AVX2', 'AVX-512'][request.param]} loops")
+        yield ext
+    finally:
+        ext.set_gather_isa(previous)
+
+
 def random_csr(out_f, in_f, density, seed):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(out_f, in_f, generator=g) < density
@@ -702,8 +716,8 @@ def random_csr(out_f, in_f, density, seed):
 
 
 @pytest.mark.parametrize("batch", [1, 5, 16, 100, 128, 129, 300, 1000])
-def test_the_compiled_csr_product_is_bit_identical_to_the_embedding_bag(batch):
-    ext = compiled_chain_loops()
+def test_the_compiled_csr_product_is_bit_identical_to_the_embedding_bag(batch, gather_loops):
+    ext = gather_loops
     layer = random_csr(70, 90, 0.1, batch)
     values, bias = layer.values.detach(), layer.bias.detach()
     x_t = torch.randn(90, batch)
@@ -717,8 +731,8 @@ def test_the_compiled_csr_product_is_bit_identical_to_the_embedding_bag(batch):
         assert (fused[3] == bias[3].clamp_min(0)).all()  # the empty row: bias only
 
 
-def test_the_compiled_relu_keeps_nans_as_torchs_does():
-    ext = compiled_chain_loops()
+def test_the_compiled_relu_keeps_nans_as_torchs_does(gather_loops):
+    ext = gather_loops
     layer = random_csr(70, 90, 0.1, 0)
     values, bias = layer.values.detach(), layer.bias.detach()
     x_t = torch.randn(90, 100)
@@ -762,10 +776,9 @@ def chain_results(net, x, grad):
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.ELU])
 @pytest.mark.parametrize("kernel", [None, "csr-addmm", "csr"])
 @pytest.mark.parametrize("rows", [1, 10, 100, 1000])
-def test_compiled_and_python_chain_loops_compute_the_same_bits(activation, kernel, rows):
+def test_compiled_and_python_chain_loops_compute_the_same_bits(activation, kernel, rows, gather_loops):
     from offprune.prune import PrunableNetwork
 
-    compiled_chain_loops()
     net, masks = masked_mlp(activation, widths=(14, 200, 150, 3))
     convert_to_sparse({"net": PrunableNetwork(net, lambda b: None)}, {"net": masks}, [], kernel=kernel)
     assert net.sparse_chain
@@ -830,10 +843,9 @@ def test_twin_chains_run_as_one_node_with_the_bits_of_two(threads):
         assert same_bits(t, p) and same_bits(t, s)
 
 
-def test_compiled_and_python_loops_train_bcq_to_the_same_bits():
+def test_compiled_and_python_loops_train_bcq_to_the_same_bits(gather_loops):
     from offprune.speed import algo_config, build, update_batches
 
-    compiled_chain_loops()
     config = algo_config("bcq")
     batches = update_batches("bcq", config, 11, 3, 5)
     trained = []
