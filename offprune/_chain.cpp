@@ -1719,6 +1719,109 @@ void fused_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   });
 }
 
+// --- BCQ's whole update in one call (offprune/algos/bcq.py `Agent.update`: the same steps) ------
+//
+// The VAE's step, the critic target with the actor loss's decoded actions, the critic's step, the
+// actor's step with the critic frozen and the soft target updates, each piece the node or call the
+// Python update takes (VAELossFunction, bcq_target, ChainsFunction, PerturbedQLossFunction,
+// fused_adam) and the small ops between them the ones it takes, in the same order on the same
+// random stream: the same bits. What goes is the Python between the pieces, which at 98 % was a
+// fifth of the update and all of it serial on any thread count.
+
+// An optimizer step as FusedAdam's plan holds it (offprune/nets.py).
+struct AdamPlan {
+  std::vector<Tensor> params, exp_avgs, exp_avg_sqs, steps;
+  double lr, beta1, beta2, weight_decay, eps;
+};
+
+// zero_grad(set_to_none), loss.backward(), step: torch's Adam steps only the parameters that got a
+// gradient (their step counts alone raised).
+void adam_update(const AdamPlan& plan, const Tensor& loss) {
+  for (const Tensor& p : plan.params) {
+    p.mutable_grad().reset();
+  }
+  torch::autograd::backward({loss});
+  std::vector<Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+  for (size_t i = 0; i < plan.params.size(); ++i) {
+    const Tensor& g = plan.params[i].grad();
+    if (g.defined()) {
+      params.push_back(plan.params[i]), grads.push_back(g), exp_avgs.push_back(plan.exp_avgs[i]);
+      exp_avg_sqs.push_back(plan.exp_avg_sqs[i]), steps.push_back(plan.steps[i]);
+    }
+  }
+  at::NoGradGuard no_grad;
+  fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, plan.lr, plan.beta1, plan.beta2, plan.weight_decay,
+             plan.eps);
+}
+
+// The pieces of a BCQ agent as the update takes them (offprune.sparse.fused_bcq_update).
+struct BCQUpdate {
+  Chains vae, target, critic, actor;  // VAE (encoder, heads, decoder); decoder, target actor, Q1', Q2'; Q1, Q2; actor, Q1
+  std::vector<Tensor> vae_params, target_params, critic_params, actor_params;
+  double vae_max_action, perturb_scale, actor_max_action, tau;
+  int64_t latent, block_rows, target_work;
+  TargetSettings settings;
+  AdamPlan vae_adam, critic_adam, actor_adam;
+  std::vector<Tensor> critic_targets, critic_sources, actor_targets, actor_sources;  // the soft updates' pairs
+};
+
+// {vae_loss, vae_recon, vae_kl, critic_loss, q1_mean, actor_loss}, as Agent.update's info.
+std::vector<double> bcq_update(const BCQUpdate& u, const Tensor& obs, const Tensor& action, const Tensor& reward,
+                               const Tensor& next_obs, const Tensor& not_done) {
+  TORCH_CHECK(at::GradMode::is_enabled(), "BCQ's fused update builds graphs: grad must be enabled");
+  std::vector<double> info;
+  // the VAE (VAE.loss: its latent noise drawn as the forward draws it)
+  const Tensor noise = at::randn({obs.size(0), u.latent}, obs.options());
+  const torch::autograd::variable_list vae = VAELossFunction::apply(obs, action, noise, u.vae,
+                                                                    at::TensorList(u.vae_params), u.vae_max_action);
+  const double recon = vae[1].item<float>(), kl = vae[2].item<float>();
+  adam_update(u.vae_adam, vae[0]);
+  info.insert(info.end(), {vae[0].item<float>(), recon, kl});
+  // the target and the actor's candidates (Agent.target_and_candidates: the prior's clipped draws)
+  Tensor target, decoded;
+  {
+    at::NoGradGuard no_grad;
+    const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+    const Tensor z = at::randn({next_obs.size(0) * u.settings.candidates, u.latent}, options).clamp(-0.5, 0.5);
+    const Tensor decode_z = at::randn({obs.size(0), u.latent}, options).clamp(-0.5, 0.5);
+    const std::vector<Tensor> result = bcq_target(next_obs, z, reward, not_done, obs, decode_z, u.target,
+                                                  at::TensorList(u.target_params), u.settings, u.block_rows,
+                                                  u.target_work);
+    target = result[0], decoded = result[1];
+  }
+  // the critic (Agent.critic_loss)
+  const torch::autograd::variable_list q =
+      ChainsFunction::apply(at::cat({obs, action}, 1), u.critic, at::TensorList(u.critic_params));
+  const Tensor critic_loss = at::add(at::mse_loss(q[0], target), at::mse_loss(q[1], target));
+  info.insert(info.end(), {critic_loss.item<float>(), q[0].mean().item<float>()});
+  adam_update(u.critic_adam, critic_loss);
+  // the actor, the critic frozen (Agent.update_actor)
+  std::vector<Tensor> frozen;
+  for (const Tensor& p : u.critic_adam.params) {
+    if (p.requires_grad()) {
+      frozen.push_back(p);
+      p.set_requires_grad(false);
+    }
+  }
+  try {
+    const Tensor actor_loss = PerturbedQLossFunction::apply(obs, decoded, u.actor, at::TensorList(u.actor_params),
+                                                            u.perturb_scale, u.actor_max_action);
+    info.push_back(actor_loss.item<float>());
+    adam_update(u.actor_adam, actor_loss);
+  } catch (...) {
+    for (const Tensor& p : frozen) p.set_requires_grad(true);
+    throw;
+  }
+  for (const Tensor& p : frozen) {
+    p.set_requires_grad(true);
+  }
+  // the soft target updates
+  at::NoGradGuard no_grad;
+  at::_foreach_lerp_(u.critic_targets, u.critic_sources, u.tau);
+  at::_foreach_lerp_(u.actor_targets, u.actor_sources, u.tau);
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1809,6 +1912,38 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          double eps) {
     pybind11::gil_scoped_release no_gil;
     fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  });
+  pybind11::class_<AdamPlan, std::shared_ptr<AdamPlan>>(m, "AdamPlan")
+      .def(pybind11::init([](std::vector<Tensor> params, std::vector<Tensor> exp_avgs, std::vector<Tensor> exp_avg_sqs,
+                             std::vector<Tensor> steps, double lr, double beta1, double beta2, double weight_decay,
+                             double eps) {
+        return std::make_shared<AdamPlan>(AdamPlan{std::move(params), std::move(exp_avgs), std::move(exp_avg_sqs),
+                                                   std::move(steps), lr, beta1, beta2, weight_decay, eps});
+      }));
+  // BCQ's whole update (offprune.sparse.fused_bcq_update); returns its info's six numbers.
+  m.def("bcq_update", [](const Tensor& obs, const Tensor& action, const Tensor& reward, const Tensor& next_obs,
+                         const Tensor& not_done, const std::vector<std::shared_ptr<Chain>>& vae,
+                         const std::vector<Tensor>& vae_params, double vae_max_action, int64_t latent,
+                         const std::vector<std::shared_ptr<Chain>>& target, const std::vector<Tensor>& target_params,
+                         int64_t candidates, double decoder_scale, double perturb_scale, double max_action,
+                         double lmbda, double discount, int64_t block_rows, int64_t target_work,
+                         const std::vector<std::shared_ptr<Chain>>& critic, const std::vector<Tensor>& critic_params,
+                         const std::vector<std::shared_ptr<Chain>>& actor, const std::vector<Tensor>& actor_params,
+                         double actor_perturb_scale, double actor_max_action, const AdamPlan& vae_adam,
+                         const AdamPlan& critic_adam, const AdamPlan& actor_adam,
+                         const std::vector<Tensor>& critic_targets, const std::vector<Tensor>& critic_sources,
+                         const std::vector<Tensor>& actor_targets, const std::vector<Tensor>& actor_sources,
+                         double tau) {
+    pybind11::gil_scoped_release no_gil;
+    const TargetSettings settings{candidates, static_cast<float>(decoder_scale), static_cast<float>(perturb_scale),
+                                  static_cast<float>(max_action), static_cast<float>(lmbda),
+                                  static_cast<float>(1.0 - lmbda), static_cast<float>(discount)};
+    BCQUpdate u{Chains(vae.begin(), vae.end()), Chains(target.begin(), target.end()),
+                Chains(critic.begin(), critic.end()), Chains(actor.begin(), actor.end()),
+                vae_params, target_params, critic_params, actor_params,
+                vae_max_action, actor_perturb_scale, actor_max_action, tau, latent, block_rows, target_work, settings,
+                vae_adam, critic_adam, actor_adam, critic_targets, critic_sources, actor_targets, actor_sources};
+    return bcq_update(u, obs, action, reward, next_obs, not_done);
   });
   m.def("use_sampled_dots", [](bool use) { use_own_sampled_dots = use; });
   // The CSR products' loops: 2 AVX-512, 1 AVX2, 0 the embedding bag, capped at `isa`; returns the

@@ -185,6 +185,7 @@ class FusedAdam(torch.optim.Adam):
     def __init__(self, params, lr: float):
         super().__init__(params, lr=lr, fused=True)
         self._plan: tuple | None = None
+        self._compiled: tuple | None = None  # (plan, library, its AdamPlan)
 
     def _current_plan(self) -> tuple | None:
         """(params, exp_avgs, exp_avg_sqs, steps, flat steps, kernel options), or None where the
@@ -248,6 +249,23 @@ class FusedAdam(torch.optim.Adam):
         return None
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_unhooked_step)
+
+    def compiled_plan(self, ext) -> object | None:
+        """The step as the compiled library's `AdamPlan` (for a whole update run in one call), or
+        None where that would not be this step: torch's own step applies, or the wrapper has hooks
+        to run or a profiler range to open."""
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+                or _global_optimizer_post_hooks or torch.autograd._profiler_enabled()):
+            return None
+        plan = self._current_plan()
+        if plan is None:
+            return None
+        if self._compiled is None or self._compiled[0] is not plan or self._compiled[1] is not ext:
+            params, exp_avgs, exp_avg_sqs, steps, _, options = plan
+            self._compiled = (plan, ext, ext.AdamPlan(params, exp_avgs, exp_avg_sqs, steps, options["lr"],
+                                                      options["beta1"], options["beta2"], options["weight_decay"],
+                                                      options["eps"]))
+        return self._compiled[2]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none:

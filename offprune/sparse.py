@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offprune import native
-from offprune.nets import MLP, VAE
+from offprune.nets import MLP, VAE, module_parameters
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
 from offprune.sparse_vae import VAELoss
@@ -760,6 +760,49 @@ def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tenso
                                      numbers.candidates, numbers.decoder_scale, numbers.perturb_scale,
                                      numbers.max_action, numbers.lmbda, numbers.discount, block_rows, rows * cost)
     return target, decoded
+
+
+def fused_bcq_update(vae: VAE, actor: nn.Module, actor_target: nn.Module, critic: nn.Module,
+                     critic_target: nn.Module, optimizers: Sequence[torch.optim.Optimizer], numbers: CandidateTarget,
+                     tau: float, batch) -> dict[str, float] | None:
+    """BCQ's whole update (`offprune.algos.bcq.Agent.update`: VAE step, critic target with the actor
+    loss's decoded actions, critic step, actor step with the critic frozen, soft updates) in one
+    compiled call (`bcq_update` in offprune/_chain.cpp): each piece the node or call the Python
+    steps take, the ops between them the same, the same random draws in the same order: the same
+    bits, without the Python between the pieces. `optimizers`: the VAE's, the critic's, the
+    actor's. Its info, or None where any piece would not take the compiled path (then the caller
+    takes the Python steps)."""
+    obs, actions, rewards, next_obs, not_done = (batch.observations, batch.actions, batch.rewards,
+                                                 batch.next_observations, batch.not_done)
+    if (not torch.is_grad_enabled() or torch.is_inference_mode_enabled() or vae.fused_loss is None
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (obs, actions, rewards, next_obs, not_done))
+            or obs.requires_grad or rewards.shape != (obs.shape[0], 1) or not_done.shape != (obs.shape[0], 1)):
+        return None
+    nets = (vae.decoder, actor_target.net, critic_target.q1, critic_target.q2, critic.q1, critic.q2, actor.net)
+    if not all(m.sparse_chain and len(chain_parts(m)[0]) >= 2 for m in nets):
+        return None
+    ext = _native(obs)
+    if ext is None or not all(hasattr(o, "compiled_plan") for o in optimizers):
+        return None
+    plans = [o.compiled_plan(ext) for o in optimizers]
+    calls = [_chains_call(_vae_chains(vae), obs),
+             _chains_call([chain_parts(m) for m in nets[:4]], next_obs),
+             _chains_call([chain_parts(critic.q1), chain_parts(critic.q2)], obs),
+             _chains_call([chain_parts(actor.net), chain_parts(critic.q1)], obs)]
+    if None in plans or any(call.ext is None for call in calls):
+        return None
+    rows = next_obs.shape[0] * numbers.candidates
+    block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
+    vae_call, target_call, critic_call, actor_call = calls
+    values = ext.bcq_update(
+        obs, actions, rewards, next_obs, not_done, vae_call.compiled, list(vae_call.params), float(vae.max_action),
+        vae.latent_dim, target_call.compiled, list(target_call.params), numbers.candidates, numbers.decoder_scale,
+        numbers.perturb_scale, numbers.max_action, numbers.lmbda, numbers.discount, block_rows, rows * target_call.cost,
+        critic_call.compiled, list(critic_call.params), actor_call.compiled, list(actor_call.params),
+        actor.phi * actor.max_action, float(actor.max_action), *plans,
+        module_parameters(critic_target), module_parameters(critic), module_parameters(actor_target),
+        module_parameters(actor), tau)
+    return dict(zip(("vae_loss", "vae_recon", "vae_kl", "critic_loss", "q1_mean", "actor_loss"), values))
 
 
 def fused_perturbed_q_loss(actor: MLP, q1: MLP, obs: Tensor, sampled: Tensor, perturb_scale: float,

@@ -861,6 +861,66 @@ def test_compiled_and_python_loops_train_bcq_to_the_same_bits(gather_loops):
     assert all(torch.equal(trained[0][1][k], trained[1][1][k]) for k in trained[0][1])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bcq_update_in_one_compiled_call_gives_the_python_steps_bits(monkeypatch, threads):
+    import offprune.algos.bcq as bcq
+    from offprune.speed import algo_config, build, update_batches
+
+    compiled_chain_loops()
+    config = algo_config("bcq")
+    batches = update_batches("bcq", config, 11, 3, 6)
+    taken = []
+    fused_update = bcq.fused_bcq_update
+
+    def spy(*args):
+        info = fused_update(*args)
+        taken.append(info is not None)
+        return info
+
+    monkeypatch.setattr(bcq, "fused_bcq_update", spy)
+    trained = []
+    for fused in (True, False):
+        if not fused:  # the Python steps, each piece still compiled
+            monkeypatch.setattr(bcq, "fused_bcq_update", lambda *a: None)
+        agent = build("bcq", "sparse", 0.95, 11, 3, config=config)
+        torch.manual_seed(5)
+        with sparse_module.sparse_threads(threads):
+            infos = [agent.update(batch) for batch in batches]
+        trained.append((infos, {f"{m}.{k}": v for m, module in agent.modules.items()
+                                for k, v in module.state_dict().items()},
+                        [o.state_dict() for o in agent.optimizers.values()]))
+    assert taken == [False] + [True] * 5  # the first update creates Adam's state with torch's own step
+    (fused_infos, fused_state, fused_optim), (python_infos, python_state, python_optim) = trained
+    assert fused_infos == python_infos  # the info dicts, key order and values
+    assert all(torch.equal(fused_state[k], python_state[k]) and same_bits(fused_state[k], python_state[k])
+               for k in fused_state if fused_state[k].is_floating_point())
+    for a, b in zip(fused_optim, python_optim):  # Adam's moments and step counts
+        assert all(torch.equal(x, y) for i in a["state"] for x, y in zip(a["state"][i].values(), b["state"][i].values()))
+
+
+def test_bcq_update_takes_the_python_steps_where_a_step_hook_must_run(monkeypatch):
+    from offprune.nets import steps_taken
+    from offprune.speed import algo_config, build, update_batches
+
+    ext = compiled_chain_loops()
+    config = algo_config("bcq")
+    batches = update_batches("bcq", config, 11, 3, 3)
+    agent = build("bcq", "sparse", 0.95, 11, 3, config=config)
+    compiled = []
+    update = ext.bcq_update
+    monkeypatch.setattr(ext, "bcq_update", lambda *a: compiled.append(1) or update(*a))
+    agent.update(batches[0])  # the first step creates Adam's state (torch's own step)
+    agent.update(batches[1])
+    assert compiled == [1]
+    seen = []
+    handle = agent.critic_optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(steps_taken(opt)))
+    try:
+        agent.update(batches[2])
+    finally:
+        handle.remove()
+    assert seen == [3] and compiled == [1]  # the hook ran: the update took the Python steps
+
+
 def test_a_failed_build_falls_back_to_the_python_loops(tmp_path, monkeypatch, capfd):
     broken = tmp_path / "_chain.cpp"
     broken.write_text("this is not C++\n")

@@ -20,7 +20,7 @@ from offprune.algos.base import AgentBase
 from offprune.data import Batch
 from offprune.nets import VAE, TwinCritic, adam, frozen, mlp, ones_output, optimizer_step, soft_update
 from offprune.prune import PrunableNetwork
-from offprune.sparse import CandidateTarget, fused_bcq_target, fused_perturbed_q_loss
+from offprune.sparse import CandidateTarget, fused_bcq_target, fused_bcq_update, fused_perturbed_q_loss
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,11 @@ class Agent(AgentBase):
     def vae_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         return self.vae.loss(batch.observations, batch.actions)
 
+    def target_numbers(self) -> CandidateTarget:
+        return CandidateTarget(self.config.target_candidates, float(self.vae.max_action),
+                               self.actor_target.phi * self.actor_target.max_action,
+                               float(self.actor_target.max_action), self.config.lmbda, self.config.discount)
+
     def td_target(self, batch: Batch) -> Tensor:
         """reward + not_done * discount * (the best of `target_candidates` decoded, perturbed next
         actions by lmbda * min(Q1', Q2') + (1 - lmbda) * max(Q1', Q2')); graph-free."""
@@ -112,8 +117,7 @@ class Agent(AgentBase):
         n, lm = self.config.target_candidates, self.config.lmbda
         z = self.vae.prior_latent(batch.next_observations.shape[0] * n, self.device)
         decode_z = self.vae.prior_latent(batch.observations.shape[0], self.device) if decode else None
-        numbers = CandidateTarget(n, float(self.vae.max_action), self.actor_target.phi * self.actor_target.max_action,
-                                  float(self.actor_target.max_action), lm, self.config.discount)
+        numbers = self.target_numbers()
         fused = fused_bcq_target(self.vae.decoder, self.actor_target.net, self.critic_target.q1,
                                  self.critic_target.q2, batch.next_observations, z, batch.rewards, batch.not_done,
                                  numbers, batch.observations if decode else None, decode_z)
@@ -169,6 +173,12 @@ class Agent(AgentBase):
         return info
 
     def update(self, batch: Batch) -> dict[str, float]:
+        # with sparse networks and the compiled library, the steps below in one call (the same bits)
+        fused = fused_bcq_update(self.vae, self.actor, self.actor_target, self.critic, self.critic_target,
+                                 (self.vae_optimizer, self.critic_optimizer, self.actor_optimizer),
+                                 self.target_numbers(), self.config.tau, batch)
+        if fused is not None:
+            return fused
         info = self.update_vae(batch)
         with torch.no_grad():  # both use the VAE just updated
             target_q, decoded = self.target_and_candidates(batch)
