@@ -33,8 +33,10 @@ chain is then an autograd node of the library's own (`chains_apply`; twin critic
 one node, computed side by side on helper threads), so no Python runs per call. BCQ's critic
 target (decoder, target actor and target critics on 1,000 candidates, graph-free, with the actor
 loss's decoded actions) and its actor loss are one compiled call each (`fused_bcq_target`,
-`fused_perturbed_q_loss`), taking the ops BCQ's Python steps take. The results are bit-identical to the Python loops below
-(`_SparseChainFunction`) and steps, which run wherever the library is not there.
+`fused_perturbed_q_loss`), taking the ops BCQ's Python steps take, and BCQ's whole update strings
+these pieces together in one call (`fused_bcq_update`), without Python between them. The results
+are bit-identical to the Python loops below (`_SparseChainFunction`) and steps, which run wherever
+the library is not there.
 
 Conversion (`convert_to_sparse`) and the way back (`convert_to_dense`) are exact: a converted
 agent turned back gives dense masked modules with bit-identical weights.
