@@ -1584,6 +1584,16 @@ struct TargetSettings {
   float decoder_scale, perturb_scale, max_action, lmbda, other, discount;
 };
 
+// decoder_scale * t for the decoder's tanh output t [act_dim, rows] (feature-major), batch-major
+// [rows, act_dim] into `out`: the decoded actions.
+void decoded_actions(const Tensor& t, float decoder_scale, float* out) {
+  const int64_t act_dim = t.size(0), rows = t.size(1);
+  const float* tp = t.data_ptr<float>();
+  for (int64_t j = 0; j < act_dim; ++j) {
+    for (int64_t r = 0; r < rows; ++r) out[r * act_dim + j] = decoder_scale * tp[j * rows + r];
+  }
+}
+
 // Rows [start, start + rows) of [repeat_interleave(next_obs, candidates); extra], batch-major.
 Tensor candidate_input(const Tensor& next_obs, int64_t candidates, int64_t start, int64_t rows, const float* extra,
                        int64_t extra_dim) {
@@ -1622,25 +1632,16 @@ std::vector<Tensor> bcq_target(const Tensor& next_obs, const Tensor& z, const Te
   Tensor decoded;
   for_each_block(blocks + (decode_obs.defined() ? 1 : 0), work, [&](int64_t b) {
     if (b == blocks) {  // the decoded actions: chain_pass on [decode_obs; decode_z], as VAE.decode
-      const Tensor t = at::tanh(output(0, at::cat({decode_obs, decode_z}, 1)));  // [act_dim, rows]
-      const int64_t count = t.size(1);
-      Tensor out = at::empty({count, act_dim}, next_obs.options());
-      const float* tp = t.data_ptr<float>();
-      float* op = out.data_ptr<float>();
-      for (int64_t j = 0; j < act_dim; ++j) {
-        for (int64_t r = 0; r < count; ++r) op[r * act_dim + j] = settings.decoder_scale * tp[j * count + r];
-      }
-      decoded = out;
+      const Tensor t = at::tanh(output(0, at::cat({decode_obs, decode_z}, 1)));
+      decoded = at::empty({t.size(1), act_dim}, next_obs.options());
+      decoded_actions(t, settings.decoder_scale, decoded.data_ptr<float>());
       return;
     }
     const int64_t start = b * block_rows, count = std::min(block_rows, rows - start);
     const Tensor t = at::tanh(output(0, candidate_input(s_c, n, start, count, z_c.data_ptr<float>() + start * latent,
                                                         latent)));
     std::vector<float> action(count * act_dim);  // batch-major
-    const float* tp = t.data_ptr<float>();
-    for (int64_t j = 0; j < act_dim; ++j) {
-      for (int64_t r = 0; r < count; ++r) action[r * act_dim + j] = settings.decoder_scale * tp[j * count + r];
-    }
+    decoded_actions(t, settings.decoder_scale, action.data());
     const Tensor u = at::tanh(output(1, candidate_input(s_c, n, start, count, action.data(), act_dim)));
     const float* up = u.data_ptr<float>();
     for (int64_t j = 0; j < act_dim; ++j) {
@@ -1754,11 +1755,34 @@ void adam_update(const AdamPlan& plan, const Tensor& loss) {
              plan.eps);
 }
 
+// Parameters that take no gradient while this lives (offprune.nets.frozen): those that wanted one.
+class Frozen {
+ public:
+  explicit Frozen(const std::vector<Tensor>& params) {
+    for (const Tensor& p : params) {
+      if (p.requires_grad()) {
+        params_.push_back(p);
+        p.set_requires_grad(false);
+      }
+    }
+  }
+  Frozen(const Frozen&) = delete;
+  Frozen& operator=(const Frozen&) = delete;
+  ~Frozen() {
+    for (const Tensor& p : params_) {
+      p.set_requires_grad(true);
+    }
+  }
+
+ private:
+  std::vector<Tensor> params_;
+};
+
 // The pieces of a BCQ agent as the update takes them (offprune.sparse.fused_bcq_update).
 struct BCQUpdate {
   Chains vae, target, critic, actor;  // VAE (encoder, heads, decoder); decoder, target actor, Q1', Q2'; Q1, Q2; actor, Q1
   std::vector<Tensor> vae_params, target_params, critic_params, actor_params;
-  double vae_max_action, perturb_scale, actor_max_action, tau;
+  double vae_max_action, prior_clip, perturb_scale, actor_max_action, tau;
   int64_t latent, block_rows, target_work;
   TargetSettings settings;
   AdamPlan vae_adam, critic_adam, actor_adam;
@@ -1782,8 +1806,9 @@ std::vector<double> bcq_update(const BCQUpdate& u, const Tensor& obs, const Tens
   {
     at::NoGradGuard no_grad;
     const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
-    const Tensor z = at::randn({next_obs.size(0) * u.settings.candidates, u.latent}, options).clamp(-0.5, 0.5);
-    const Tensor decode_z = at::randn({obs.size(0), u.latent}, options).clamp(-0.5, 0.5);
+    const Tensor z = at::randn({next_obs.size(0) * u.settings.candidates, u.latent}, options)
+                         .clamp(-u.prior_clip, u.prior_clip);
+    const Tensor decode_z = at::randn({obs.size(0), u.latent}, options).clamp(-u.prior_clip, u.prior_clip);
     const std::vector<Tensor> result = bcq_target(next_obs, z, reward, not_done, obs, decode_z, u.target,
                                                   at::TensorList(u.target_params), u.settings, u.block_rows,
                                                   u.target_work);
@@ -1795,25 +1820,12 @@ std::vector<double> bcq_update(const BCQUpdate& u, const Tensor& obs, const Tens
   const Tensor critic_loss = at::add(at::mse_loss(q[0], target), at::mse_loss(q[1], target));
   info.insert(info.end(), {critic_loss.item<float>(), q[0].mean().item<float>()});
   adam_update(u.critic_adam, critic_loss);
-  // the actor, the critic frozen (Agent.update_actor)
-  std::vector<Tensor> frozen;
-  for (const Tensor& p : u.critic_adam.params) {
-    if (p.requires_grad()) {
-      frozen.push_back(p);
-      p.set_requires_grad(false);
-    }
-  }
-  try {
+  {  // the actor, the critic frozen (Agent.update_actor)
+    const Frozen critic(u.critic_adam.params);
     const Tensor actor_loss = PerturbedQLossFunction::apply(obs, decoded, u.actor, at::TensorList(u.actor_params),
                                                             u.perturb_scale, u.actor_max_action);
     info.push_back(actor_loss.item<float>());
     adam_update(u.actor_adam, actor_loss);
-  } catch (...) {
-    for (const Tensor& p : frozen) p.set_requires_grad(true);
-    throw;
-  }
-  for (const Tensor& p : frozen) {
-    p.set_requires_grad(true);
   }
   // the soft target updates
   at::NoGradGuard no_grad;
@@ -1924,7 +1936,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bcq_update", [](const Tensor& obs, const Tensor& action, const Tensor& reward, const Tensor& next_obs,
                          const Tensor& not_done, const std::vector<std::shared_ptr<Chain>>& vae,
                          const std::vector<Tensor>& vae_params, double vae_max_action, int64_t latent,
-                         const std::vector<std::shared_ptr<Chain>>& target, const std::vector<Tensor>& target_params,
+                         double prior_clip, const std::vector<std::shared_ptr<Chain>>& target,
+                         const std::vector<Tensor>& target_params,
                          int64_t candidates, double decoder_scale, double perturb_scale, double max_action,
                          double lmbda, double discount, int64_t block_rows, int64_t target_work,
                          const std::vector<std::shared_ptr<Chain>>& critic, const std::vector<Tensor>& critic_params,
@@ -1941,7 +1954,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     BCQUpdate u{Chains(vae.begin(), vae.end()), Chains(target.begin(), target.end()),
                 Chains(critic.begin(), critic.end()), Chains(actor.begin(), actor.end()),
                 vae_params, target_params, critic_params, actor_params,
-                vae_max_action, actor_perturb_scale, actor_max_action, tau, latent, block_rows, target_work, settings,
+                vae_max_action, prior_clip, actor_perturb_scale, actor_max_action, tau, latent, block_rows,
+                target_work, settings,
                 vae_adam, critic_adam, actor_adam, critic_targets, critic_sources, actor_targets, actor_sources};
     return bcq_update(u, obs, action, reward, next_obs, not_done);
   });

@@ -62,6 +62,9 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Mo
     return MLP(*layers)
 
 
+PRIOR_CLIP = 0.5  # BCQ's clip of the prior's latent draws when decoding without an encoder
+
+
 class VAE(nn.Module):
     """BCQ's conditional VAE over actions (Fujimoto et al.): encoder, mean / log-std heads, decoder.
 
@@ -90,11 +93,11 @@ class VAE(nn.Module):
         z = mean + std * torch.randn(std.shape, device=std.device, dtype=std.dtype)
         return self.decode(obs, z), mean, std
 
-    def prior_latent(self, rows: int, device: torch.device, clip: float = 0.5) -> Tensor:
+    def prior_latent(self, rows: int, device: torch.device, clip: float = PRIOR_CLIP) -> Tensor:
         """A draw from the prior for `rows` decodes, clipped so decoded actions stay near the data."""
         return torch.randn(rows, self.latent_dim, device=device).clamp(-clip, clip)
 
-    def decode(self, obs: Tensor, z: Tensor | None = None, clip: float = 0.5) -> Tensor:
+    def decode(self, obs: Tensor, z: Tensor | None = None, clip: float = PRIOR_CLIP) -> Tensor:
         if z is None:
             z = self.prior_latent(obs.shape[0], obs.device, clip)
         return self.max_action * torch.tanh(self.decoder(torch.cat([obs, z], 1)))
@@ -224,12 +227,14 @@ class FusedAdam(torch.optim.Adam):
         """One Adam step; through torch's wrapper (which runs the step hooks and opens a profiler
         range) only when it has something to do: a hook registered or the profiler on. On a
         sparse network the wrapper cost as much as the fused kernel."""
-        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
-                or _global_optimizer_post_hooks or torch.autograd._profiler_enabled()):
-            return self._hooked_step(closure)
-        return self._unhooked_step(closure)
+        return self._hooked_step(closure) if self._wrapper_has_work() else self._unhooked_step(closure)
 
     step.hooked = True  # torch's Optimizer wraps a step without this mark in its wrapper on every call
+
+    def _wrapper_has_work(self) -> bool:
+        """A step hook (this optimizer's or a global one) to run, or the profiler's range to open."""
+        return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+                    or _global_optimizer_post_hooks or torch.autograd._profiler_enabled())
 
     @torch.no_grad()
     def _unhooked_step(self, closure=None):
@@ -254,8 +259,7 @@ class FusedAdam(torch.optim.Adam):
         """The step as the compiled library's `AdamPlan` (for a whole update run in one call), or
         None where that would not be this step: torch's own step applies, or the wrapper has hooks
         to run or a profiler range to open."""
-        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
-                or _global_optimizer_post_hooks or torch.autograd._profiler_enabled()):
+        if self._wrapper_has_work():
             return None
         plan = self._current_plan()
         if plan is None:

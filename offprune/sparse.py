@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offprune import native
-from offprune.nets import MLP, VAE, module_parameters
+from offprune.nets import MLP, PRIOR_CLIP, VAE, FusedAdam, module_parameters
 from offprune.prune.enforce import MaskEnforcer
 from offprune.prune.networks import PrunableNetwork
 from offprune.sparse_vae import VAELoss
@@ -99,6 +99,12 @@ def _feature_major(t: Tensor) -> Tensor:
 # whole chain instead (`_wide_chain_pass`), which pays for every chain once compiled.
 BLOCK_COLUMNS = 128
 BLOCK_MIN_REUSE = 24  # kept weights per input feature from which wide products are blocked
+
+
+def _block_rows(rows: int) -> int:
+    """The rows per block a graph-free pass of `rows` rows takes (`_wide_chain_pass`): all of a
+    narrow batch, BLOCK_COLUMNS of a wide one. Compiled calls that block a pass keep to it."""
+    return rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
 
 
 def _bag(x_t: Tensor, col: Tensor, crow: Tensor, values: Tensor) -> Tensor:
@@ -449,7 +455,7 @@ def _wide_chain_pass(layers: Sequence[ChainLayer], act: nn.Module | None, x: Ten
     product's rounding can depend on how many rows it gets)."""
     rows = x.shape[0]
     weights = _product_weights(layers, params)
-    if rows <= 2 * BLOCK_COLUMNS or len(layers) < 2:
+    if _block_rows(rows) == rows or len(layers) < 2:
         return _chain_pass(layers, act, x, weights)[0]
     ext = _native(x)
     if ext is not None:
@@ -756,11 +762,10 @@ def fused_bcq_target(decoder: MLP, actor: MLP, q1: MLP, q2: MLP, next_obs: Tenso
     ext, compiled, params, cost = _chains_call(chains, next_obs)
     if ext is None:
         return None
-    # the blocks `_wide_chain_pass` gives each network's pass (a narrow batch: one)
-    block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
     target, decoded = ext.bcq_target(next_obs, z, rewards, not_done, decode_obs, decode_z, compiled, params,
                                      numbers.candidates, numbers.decoder_scale, numbers.perturb_scale,
-                                     numbers.max_action, numbers.lmbda, numbers.discount, block_rows, rows * cost)
+                                     numbers.max_action, numbers.lmbda, numbers.discount, _block_rows(rows),
+                                     rows * cost)
     return target, decoded
 
 
@@ -784,7 +789,7 @@ def fused_bcq_update(vae: VAE, actor: nn.Module, actor_target: nn.Module, critic
     if not all(m.sparse_chain and len(chain_parts(m)[0]) >= 2 for m in nets):
         return None
     ext = _native(obs)
-    if ext is None or not all(hasattr(o, "compiled_plan") for o in optimizers):
+    if ext is None or not all(isinstance(o, FusedAdam) for o in optimizers):
         return None
     plans = [o.compiled_plan(ext) for o in optimizers]
     calls = [_chains_call(_vae_chains(vae), obs),
@@ -794,12 +799,12 @@ def fused_bcq_update(vae: VAE, actor: nn.Module, actor_target: nn.Module, critic
     if None in plans or any(call.ext is None for call in calls):
         return None
     rows = next_obs.shape[0] * numbers.candidates
-    block_rows = rows if rows <= 2 * BLOCK_COLUMNS else BLOCK_COLUMNS
     vae_call, target_call, critic_call, actor_call = calls
     values = ext.bcq_update(
         obs, actions, rewards, next_obs, not_done, vae_call.compiled, list(vae_call.params), float(vae.max_action),
-        vae.latent_dim, target_call.compiled, list(target_call.params), numbers.candidates, numbers.decoder_scale,
-        numbers.perturb_scale, numbers.max_action, numbers.lmbda, numbers.discount, block_rows, rows * target_call.cost,
+        vae.latent_dim, PRIOR_CLIP, target_call.compiled, list(target_call.params), numbers.candidates,
+        numbers.decoder_scale, numbers.perturb_scale, numbers.max_action, numbers.lmbda, numbers.discount,
+        _block_rows(rows), rows * target_call.cost,
         critic_call.compiled, list(critic_call.params), actor_call.compiled, list(actor_call.params),
         actor.phi * actor.max_action, float(actor.max_action), *plans,
         module_parameters(critic_target), module_parameters(critic), module_parameters(actor_target),
